@@ -1,0 +1,42 @@
+"""The single `requant` console script.
+
+Each component owns its sub-commands in `<component>/cli.py` through a
+`register(subparsers)` function; this module only wires them together, importing
+lazily so `requant --help` stays fast and one broken optional dependency does not
+take down every command.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Order is the order shown in --help.
+COMMAND_MODULES = [
+    "requant.quantizer.cli",
+    "requant.storage.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="requant",
+        description="Capture DeepSeek MTP-layer inputs from live servers and GPTQ the MTP experts.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
