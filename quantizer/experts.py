@@ -1,0 +1,156 @@
+"""GPTQ for a set of routed MoE experts (w1/w3 share the expert-input Hessian, w2 uses
+the intermediate's), producing compressed-tensors tensors and one record per tensor.
+
+Policy for experts that saw no calibration tokens: their Hessian is zero, which the
+reference algorithm would turn into an all-zero expert (every column "dead"). Here they
+are quantised with RTN and flagged ``rtn_zero_tokens`` — never silently skipped.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .gptq import GPTQConfig, gptq_batched, relative_output_error
+from .hessian import HessianSet
+from .pack import packed_tensors
+from .quant import dequantize, rtn
+
+PATH_ZERO_TOKENS = "rtn_zero_tokens"
+
+
+@dataclass
+class TensorRecord:
+    """Plain data for the manifest and the report."""
+
+    name: str
+    expert: int
+    proj: str
+    shape: list[int]
+    tokens: int
+    path: str                      # gptq | gptq_damp_retry | rtn_fallback | rtn_zero_tokens
+    damp: float | None             # relative damp used (None when GPTQ did not run)
+    dead_columns: int
+    err_gptq: float | None         # tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) of what is written
+    err_rtn: float | None          # same for plain RTN (baseline)
+    seconds: float                 # this tensor's share of its batch's wall time
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExpertQuantConfig:
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    name_format: str = "mtp.0.ffn.experts.{expert}.{proj}"
+    batch_size: int | None = None   # experts per GPTQ batch; None = from free memory
+    device: str | None = None       # None = cuda if available else cpu
+
+
+def _batch_size(rows: int, cols: int, device: torch.device, requested: int | None) -> int:
+    if requested:
+        return requested
+    if device.type != "cuda":
+        return 4
+    free, _ = torch.cuda.mem_get_info(device)
+    # fp32 working set per entry: weights, integers, per-column scales, block errors,
+    # error metric buffers (~6 R×C) plus H, U and factorisation scratch (~4 C×C).
+    per_entry = 4 * (6 * rows * cols + 4 * cols * cols)
+    return max(1, int(0.6 * free // per_entry))
+
+
+def _check_weights(name: str, w: torch.Tensor, experts: int) -> None:
+    if w.ndim != 3 or w.shape[0] != experts:
+        raise ValueError(f"{name}: expected [experts={experts}, out, in], got {tuple(w.shape)}")
+    if not w.dtype.is_floating_point:
+        raise ValueError(f"{name}: expected floating-point weights, got {w.dtype}")
+
+
+def quantize_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                     h_in: HessianSet, h_mid: HessianSet,
+                     cfg: ExpertQuantConfig = ExpertQuantConfig(),
+                     progress=None) -> tuple[dict[str, torch.Tensor], list[TensorRecord]]:
+    """Quantise experts ``h_in.experts`` of stacked weights ``w1, w3`` [E, I, D], ``w2`` [E, D, I].
+
+    ``h_in`` holds the Hessians of the expert inputs (dim D), ``h_mid`` of the
+    intermediates (dim I), both over the same experts. Returns packed tensors (CPU) keyed
+    by checkpoint name and a record per tensor, in expert order (w1, w2, w3).
+    """
+    n_exp = w1.shape[0]
+    for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
+        _check_weights(name, w, n_exp)
+    inter, dim = w1.shape[1], w1.shape[2]
+    if w3.shape != w1.shape or w2.shape[1:] != (dim, inter):
+        raise ValueError(f"expert shapes disagree: w1 {tuple(w1.shape)}, w3 {tuple(w3.shape)}, w2 {tuple(w2.shape)}")
+    if h_in.dim != dim or h_mid.dim != inter:
+        raise ValueError(f"Hessian dims ({h_in.dim}, {h_mid.dim}) do not match expert dims ({dim}, {inter})")
+    if not torch.equal(h_in.experts, h_mid.experts):
+        raise ValueError("input and intermediate Hessians cover different experts")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = cfg.gptq.spec
+    spec.check_columns(dim)
+    spec.check_columns(inter)
+
+    out: dict[str, torch.Tensor] = {}
+    records: dict[tuple[int, str], TensorRecord] = {}
+    experts = h_in.experts.tolist()
+    # w1+w3 as one entry (rows concatenated, one factorisation), then w2.
+    jobs = [(("w1", "w3"), h_in, lambda e: torch.cat([w1[e], w3[e]], 0)),
+            (("w2",), h_mid, lambda e: w2[e])]
+    for projs, hs, weight_of in jobs:
+        mean_h = hs.mean()
+        rows = inter * len(projs) if projs != ("w2",) else dim
+        cols = hs.dim
+        bs = _batch_size(rows, cols, device, cfg.batch_size)
+        for start in range(0, len(experts), bs):
+            t0 = time.perf_counter()
+            local = list(range(start, min(start + bs, len(experts))))
+            ids = [experts[i] for i in local]
+            w = torch.stack([weight_of(e) for e in ids]).to(device, torch.float32)
+            if not torch.isfinite(w).all():
+                bad = [e for e, x in zip(ids, w) if not torch.isfinite(x).all()]
+                raise ValueError(f"non-finite weights in {'/'.join(projs)} of experts {bad[:8]}")
+            h = mean_h[local].to(device)
+            counts = hs.count[local]
+            res = gptq_batched(w, h, cfg.gptq)
+            q, scale = res.q, res.scale
+            paths = list(res.path)
+            zero = (counts == 0).nonzero().flatten().tolist()
+            if zero:  # zero-token policy: RTN, flagged
+                zq, zs = rtn(w[zero], spec)
+                q[zero], scale[zero] = zq, zs
+                for i in zero:
+                    paths[i] = PATH_ZERO_TOKENS
+            q_rtn, s_rtn = rtn(w, spec)
+            wq = dequantize(q, scale, spec)
+            wr = dequantize(q_rtn, s_rtn, spec)
+            per_proj_rows = rows // len(projs)
+            errs_g, errs_r = [], []
+            for k in range(len(projs)):
+                sl = slice(k * per_proj_rows, (k + 1) * per_proj_rows)
+                errs_g.append(relative_output_error(w[:, sl], wq[:, sl], h))
+                errs_r.append(relative_output_error(w[:, sl], wr[:, sl], h))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            share = (time.perf_counter() - t0) / (len(local) * len(projs))
+            for j, e in enumerate(ids):
+                zero_tok = int(counts[j]) == 0
+                for k, proj in enumerate(projs):
+                    sl = slice(k * per_proj_rows, (k + 1) * per_proj_rows)
+                    name = cfg.name_format.format(expert=e, proj=proj)
+                    for key, t in packed_tensors(name, q[j, sl], scale[j, sl], spec).items():
+                        out[key] = t.cpu()
+                    eg, er = float(errs_g[k][j]), float(errs_r[k][j])
+                    records[(e, proj)] = TensorRecord(
+                        name=name, expert=e, proj=proj, shape=[per_proj_rows, cols],
+                        tokens=int(counts[j]), path=paths[j],
+                        damp=None if zero_tok or paths[j] == "rtn_fallback" else float(res.damp[j]),
+                        dead_columns=0 if zero_tok else int(res.dead[j]),
+                        err_gptq=None if zero_tok or eg != eg else eg,
+                        err_rtn=None if zero_tok or er != er else er,
+                        seconds=share)
+            if progress is not None:
+                progress(len(local) * len(projs))
+    order = [records[(e, p)] for e in experts for p in ("w1", "w2", "w3")]
+    return out, order

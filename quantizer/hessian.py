@@ -1,0 +1,121 @@
+"""Per-expert GPTQ Hessians H_e = Σ xᵀx over the tokens routed to expert e.
+
+Tokens arrive batch by batch with their top-k expert ids. Pairs (token, expert) are sorted
+by expert once per batch, so each expert's rows are one contiguous segment and its
+Hessian update is a single GEMM (no Python loop over tokens). On CUDA the GEMM takes the
+captured bf16 activations as they are and accumulates in fp32 on tensor cores
+(``out_dtype=float32``): the inputs are bf16 already, so this is exact up to summation
+order. Elsewhere inputs are upcast to fp32.
+
+Partial sets from several workers merge by addition and round-trip through safetensors.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def swiglu_intermediate(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """``silu(clamp(x w1ᵀ, max=L)) · clamp(x w3ᵀ, −L, L)`` — the w2 input (DSV4 clamps; None = no clamp)."""
+    gate = x @ w1.T.to(x.dtype)
+    up = x @ w3.T.to(x.dtype)
+    if limit is not None:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(-limit, limit)
+    return torch.nn.functional.silu(gate) * up
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx accumulated in fp32."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(x.T, x, out_dtype=torch.float32)
+    x = x.float()
+    return x.T @ x
+
+
+class HessianSet:
+    """Hessians ``h`` [E, d, d] fp32 (unnormalised sums) and token counts ``count`` [E]."""
+
+    def __init__(self, num_experts: int, dim: int, device: str | torch.device = "cpu",
+                 experts: torch.Tensor | None = None):
+        # `experts` restricts which global expert ids this set owns (expert-parallel workers).
+        self.experts = (torch.arange(num_experts) if experts is None else experts.cpu().long())
+        self.num_experts = num_experts
+        self.dim = dim
+        self.h = torch.zeros(len(self.experts), dim, dim, dtype=torch.float32, device=device)
+        self.count = torch.zeros(len(self.experts), dtype=torch.int64)
+        self._local = torch.full((num_experts,), -1, dtype=torch.long)
+        self._local[self.experts] = torch.arange(len(self.experts))
+
+    @property
+    def device(self) -> torch.device:
+        return self.h.device
+
+    def add(self, x: torch.Tensor, expert_ids: torch.Tensor) -> None:
+        """Accumulate tokens ``x`` [T, d] routed to ``expert_ids`` [T] or [T, k] (global ids)."""
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"activations must be [tokens, {self.dim}], got {tuple(x.shape)}")
+        ids = expert_ids if expert_ids.ndim == 2 else expert_ids[:, None]
+        if ids.shape[0] != x.shape[0]:
+            raise ValueError(f"{x.shape[0]} tokens but {ids.shape[0]} rows of expert ids")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_experts):
+            raise ValueError(f"expert id outside [0, {self.num_experts})")
+        if not torch.isfinite(x).all():
+            raise ValueError("non-finite activations in Hessian input")
+        x = x.to(self.device)
+        tok = torch.arange(x.shape[0], device=ids.device).repeat_interleave(ids.shape[1])
+        local = self._local.to(ids.device)[ids.reshape(-1)]
+        keep = local >= 0
+        tok, local = tok[keep], local[keep]
+        order = torch.argsort(local, stable=True)
+        tok, local = tok[order], local[order]
+        counts = torch.bincount(local, minlength=len(self.experts)).cpu()
+        self.count += counts
+        xs = x.index_select(0, tok.to(self.device))
+        start = 0
+        for e, n in enumerate(counts.tolist()):  # one GEMM per expert segment
+            if n:
+                self.h[e] += _gram(xs[start:start + n])
+                start += n
+
+    def add_segments(self, xs: torch.Tensor, counts: torch.Tensor) -> None:
+        """Accumulate rows already grouped by local expert: ``xs`` [Σcounts, d], ``counts`` [E_local]."""
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                self.h[e] += _gram(xs[start:start + n])
+                start += n
+        self.count += counts.cpu()
+
+    def merge_(self, other: "HessianSet") -> "HessianSet":
+        if not torch.equal(self.experts, other.experts) or self.dim != other.dim:
+            raise ValueError("cannot merge Hessian sets over different experts or dimensions")
+        self.h += other.h.to(self.device)
+        self.count += other.count
+        return self
+
+    def mean(self) -> torch.Tensor:
+        """H / n per expert (zero-token experts stay all-zero)."""
+        return self.h / self.count.clamp(min=1).to(self.device, torch.float32)[:, None, None]
+
+    def save(self, path: str | Path) -> None:
+        meta = {"num_experts": str(self.num_experts), "dim": str(self.dim), "format": "requant.hessians/1"}
+        save_file({"h": self.h.cpu().contiguous(), "count": self.count, "experts": self.experts},
+                  str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "HessianSet":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != "requant.hessians/1":
+            raise ValueError(f"{path}: not a requant Hessian file (metadata {json.dumps(meta)})")
+        t = load_file(str(path))
+        hs = cls(int(meta["num_experts"]), int(meta["dim"]), device="meta", experts=t["experts"])
+        hs.h = t["h"].to(device)
+        hs.count = t["count"]
+        return hs
