@@ -4,15 +4,19 @@ Each batch entry is one weight W [R, C] with its Hessian H [C, C]. Rows are inde
 given H, so an expert's w1 and w3 (which share the Hessian of the expert input) are
 quantised as ONE entry with their rows concatenated: H is factored once for both.
 
-Per entry, as in the reference implementation:
-  dead columns (H_ii = 0) → H_ii = 1, W[:, i] = 0;  H += damp·mean(diag H)·I;
-  U = upper Cholesky factor of H⁻¹;  columns in blocks of 128: quantise column i,
-  spread its error e_i = (w_i − q_i)/U_ii over the rest of the block, then over all
-  later columns with one GEMM per block (lazy batch update).
-U is obtained with one Cholesky and one triangular inverse: for J the reversal
-permutation, J·H·J = L·Lᵀ gives H⁻¹ = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is upper
-triangular with a positive diagonal — hence the upper Cholesky factor itself
-(the reference needs Cholesky, cholesky_inverse and a second Cholesky).
+Per entry, as in the reference implementation: dead columns (H_ii = 0) → H_ii = 1,
+W[:, i] = 0; H += damp·mean(diag H)·I; columns in blocks of 128, each quantised in order
+with its error fed forward to the later columns, block-wise lazily through one GEMM.
+
+Without any inverse. The reference forms U = chol(H⁻¹) (upper; Cholesky, cholesky_inverse
+and a second Cholesky) and feeds errors e_j = (w̃_j − q_j)/U_jj forward through U. With
+D = W − Q, GPTQ's recurrence is D = E·U, i.e. E = D·V for V = U⁻¹ — the upper factor of
+H = V·Vᵀ, which is ONE Cholesky of the reversed matrix (J·H·J = L·Lᵀ ⇒ V = J·L·J).
+Substituting gives the same algorithm in terms of V:
+    w̃_j = W_j + Σ_{i<j} D_i·V_ij / V_jj,   q_j = quant(w̃_j),   D_j = W_j − q_j,
+and the loss e_j = (w̃_j − q_j)·V_jj. Identical in exact arithmetic (tests check the
+integers against a float64 reference); ~4× fewer factorisation FLOPs and no inverse of an
+ill-conditioned matrix.
 
 A factorisation that fails is retried with damp ×10 up to ``damp_max``; only then the
 entry falls back to RTN. The path taken is returned per entry.
@@ -25,6 +29,7 @@ pack-quantized layout without ``g_idx`` assumes groups of consecutive input colu
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +51,9 @@ class GPTQConfig:
     act_order: bool = False
     dynamic_groups: bool = False
     use_triton: bool = True     # fused in-block kernel on CUDA when Triton is importable
+    triton_rows: int = 16       # rows per Triton program (tuning knob)
+    triton_warps: int = 4
+    tf32_update: bool = True    # CUDA: lazy block update in TF32 (see benchmarks/README.md)
 
     def __post_init__(self) -> None:
         if self.block_size % self.spec.group_size and self.dynamic_groups:
@@ -65,10 +73,11 @@ class GPTQResult:
 
 
 def _prepare(h: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Dead-column fix, damping with retries and U = chol(H⁻¹)ᵀ for a batch [B, C, C].
+    """Dead-column fix, damping with retries and the factor for a batch [B, C, C].
 
-    Returns U (zeros for entries that failed at every damp), dead mask [B, C], relative
-    damp [B] (nan where failed) and paths. Peak memory ≈ 4 × the batch of Hessians.
+    Returns Ṽ = V·diag(V)⁻¹ with diag(Ṽ) replaced by diag(V) (upper, H = V·Vᵀ; zeros for
+    entries that failed at every damp), dead mask [B, C], relative damp [B] (nan where
+    failed) and paths. Peak memory ≈ 3 × the batch of Hessians.
     """
     b, c, _ = h.shape
     hr = h.float().flip(-1, -2)  # J·H·J (a copy: `h` stays the caller's)
@@ -76,60 +85,60 @@ def _prepare(h: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tens
     dead = (diag == 0).flip(-1)
     diag[diag == 0] = 1.0
     mean_diag = diag.mean(-1)
-    u = torch.zeros_like(hr)
+    v = torch.zeros_like(hr)
     rel = torch.full((b,), float("nan"), dtype=torch.float64)
     paths = [PATH_RTN_FALLBACK] * b
     todo = torch.arange(b)
     damp, first = cfg.damp, True
-    eye = torch.eye(c, dtype=hr.dtype, device=hr.device)
     while len(todo) and damp <= cfg.damp_max * (1 + 1e-9):
         idx = todo.to(hr.device)
-        hd = hr[idx]  # advanced indexing copies: `hr` stays undamped for retries
-        hd.diagonal(dim1=-2, dim2=-1).add_((damp * mean_diag[idx])[:, None])
-        low, info = torch.linalg.cholesky_ex(hd)
-        del hd
-        linv = torch.linalg.solve_triangular(low, eye.expand_as(low), upper=False)
-        del low
-        ok = (info == 0) & torch.isfinite(linv).all(-1).all(-1) & (linv.diagonal(dim1=-2, dim2=-1) > 0).all(-1)
+        low = hr[idx]  # advanced indexing copies: `hr` stays undamped for retries
+        low.diagonal(dim1=-2, dim2=-1).add_((damp * mean_diag[idx])[:, None])
+        low, info = torch.linalg.cholesky_ex(low)
+        dv = low.diagonal(dim1=-2, dim2=-1).clone()
+        ok = (info == 0) & torch.isfinite(low).all(-1).all(-1) & (dv > 0).all(-1)
+        # Column j of V is column c−1−j of L: scale it by 1/V_jj, keep V_jj on the diagonal.
+        low.div_(dv[:, None, :])
+        low.diagonal(dim1=-2, dim2=-1).copy_(dv)
         ok_cpu = ok.cpu()
         ok_idx = todo[ok_cpu]
-        u[ok_idx.to(hr.device)] = linv[ok].flip(-1, -2)
-        del linv
+        v[ok_idx.to(hr.device)] = low[ok].flip(-1, -2)
+        del low
         rel[ok_idx] = damp
         for i in ok_idx.tolist():
             paths[i] = PATH_GPTQ if first else PATH_DAMP_RETRY
         todo = todo[~ok_cpu]
         damp *= cfg.damp_growth
         first = False
-    return u, dead, rel, paths
+    return v, dead, rel, paths
 
 
-def _block_torch(w: torch.Tensor, u: torch.Tensor, s_cols: torch.Tensor, b0: int, b1: int,
-                 cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Column loop inside one block (reference order). Updates ``w[..., b0:b1]`` and
-    ``s_cols`` (dynamic groups) in place; returns (q, err, loss) for the block."""
+def _block_torch(w: torch.Tensor, w0: torch.Tensor, v: torch.Tensor, s_cols: torch.Tensor,
+                 b0: int, b1: int, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Column loop inside one block. ``w`` holds w̃ (updated in place), ``w0`` the original
+    weights. Updates ``s_cols`` in place for dynamic groups; returns (q, D, loss)."""
     spec = cfg.spec
     w1 = w[:, :, b0:b1]
     q1 = torch.zeros_like(w1)
-    err1 = torch.zeros_like(w1)
+    d1 = torch.zeros_like(w1)
     loss = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
-    hinv = u[:, b0:b1, b0:b1]
+    vb = v[:, b0:b1, b0:b1]
     for i in range(b1 - b0):
         col = b0 + i
         if cfg.dynamic_groups and col % spec.group_size == 0:
             s = group_scales(w1[:, :, i:i + spec.group_size], spec)
             s_cols[:, :, col:col + spec.group_size] = s.expand(-1, -1, spec.group_size)
         wi = w1[:, :, i]
-        d = hinv[:, i, i][:, None]
         s = s_cols[:, :, col]
         qi = torch.clamp(wi / s, spec.qmin, spec.qmax).round()
         dq = qi * s
-        e = (wi - dq) / d
+        e = (wi - dq) * vb[:, i, i][:, None]
         loss += (e * e).sum(-1).double()
-        w1[:, :, i:] -= e[:, :, None] * hinv[:, None, i, i:]
+        di = w0[:, :, col] - dq
+        w1[:, :, i + 1:] += di[:, :, None] * vb[:, None, i, i + 1:]
         q1[:, :, i] = qi
-        err1[:, :, i] = e
-    return q1, err1, loss
+        d1[:, :, i] = di
+    return q1, d1, loss
 
 
 def gptq_batched(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig()) -> GPTQResult:
@@ -153,24 +162,26 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig(
         s_cols = _permute_cols(s_cols, perm)
         h = torch.gather(h, 1, perm[:, :, None].expand(-1, -1, cols))
         h = torch.gather(h, 2, perm[:, None, :].expand(-1, cols, -1))
-    u, dead, rel, paths = _prepare(h, cfg)
+    v, dead, rel, paths = _prepare(h, cfg)
     w.masked_fill_(dead[:, None, :], 0.0)
-    # Entries whose factorisation failed at every damp get U = I: no error feedback, so
+    w0 = w.clone()  # original (dead-zeroed) weights: D = W − Q is taken against these
+    # Entries whose factorisation failed at every damp get V = I: no error feedback, so
     # the loop below degenerates to exactly RTN with the same scales (the fallback).
     failed = torch.tensor([p == PATH_RTN_FALLBACK for p in paths], device=w.device)
     if failed.any():
-        u[failed] = torch.eye(cols, device=w.device)
+        v[failed] = torch.eye(cols, device=w.device)
 
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     loss = torch.zeros(bsz, dtype=torch.float64, device=w.device)
     kernel = _triton_block() if (cfg.use_triton and w.is_cuda) else None
     for b0 in range(0, cols, cfg.block_size):
         b1 = min(b0 + cfg.block_size, cols)
-        q1, err1, l1 = (kernel or _block_torch)(w, u, s_cols, b0, b1, cfg)
+        q1, d1, l1 = (kernel or _block_torch)(w, w0, v, s_cols, b0, b1, cfg)
         q[:, :, b0:b1] = q1
         loss += l1
         if b1 < cols:  # lazy batch update of all later columns: one batched GEMM
-            w[:, :, b1:].baddbmm_(err1, u[:, b0:b1, b1:], alpha=-1.0)
+            with _tf32(cfg.tf32_update and w.is_cuda):
+                w[:, :, b1:].baddbmm_(d1, v[:, b0:b1, b1:])
 
     if perm is not None:
         q = _permute_cols(q, torch.argsort(perm, dim=-1))
@@ -178,6 +189,16 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig(
         scale = s_cols[:, :, ::spec.group_size].contiguous()
     return GPTQResult(q=q, scale=scale, damp=rel, path=paths,
                       dead=dead.sum(-1).cpu(), loss=loss.cpu())
+
+
+@contextmanager
+def _tf32(enabled: bool):
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 def _permute_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -202,11 +223,7 @@ def relative_output_error(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor) ->
     w = w.float()
     dw = w - wq.float()
     hf = h.float()
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    with _tf32(True):
         num = (torch.bmm(dw, hf) * dw).sum((-1, -2)).double()
         den = (torch.bmm(w, hf) * w).sum((-1, -2)).double()
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
     return torch.where(den > 0, num / den.clamp(min=1e-300), torch.full_like(den, float("nan"))).cpu()

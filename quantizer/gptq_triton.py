@@ -1,10 +1,10 @@
 """Fused GPTQ in-block column loop for CUDA (Triton).
 
 One program owns a tile of BR rows × one 128-column block of one batch entry and keeps it
-in registers for the whole block: each of the 128 steps quantises a column, and spreads
-its error over the tile's later columns — the tile is read from and written to global
-memory once per block instead of once per column. Same arithmetic and order as
-``gptq._block_torch``; used only when block_size == group_size (one scale per row per
+in registers for the whole block: each of the 128 steps quantises a column of w̃ and feeds
+D_j = W_j − q_j forward to the tile's later columns through Ṽ (see ``gptq``) — the tile
+is read from and written to global memory once per block instead of once per column.
+Same arithmetic and order as ``gptq._block_torch``; used only when block_size == group_size (one scale per row per
 block), which is the W4A16 g128 case.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from triton.language.extra import libdevice
 
 
 @triton.jit
-def _gptq_block_kernel(W, S, U, Q, E, LOSS, R, C, b0, ncols,
+def _gptq_block_kernel(W, W0, S, V, Q, D, LOSS, R, C, b0, ncols,
                        QMIN: tl.constexpr, QMAX: tl.constexpr, HALF: tl.constexpr,
                        SCALE_EPS: tl.constexpr, BLOCK: tl.constexpr, BR: tl.constexpr,
                        DYNAMIC: tl.constexpr, PER_COL_SCALE: tl.constexpr):
@@ -39,46 +39,49 @@ def _gptq_block_kernel(W, S, U, Q, E, LOSS, R, C, b0, ncols,
         s_tile = tl.load(S + base, mask=tile, other=1.0)
     s = tl.sum(tl.where(cols[None, :] == 0, s_tile, 0.0), axis=1)
     q_t = tl.zeros((BR, BLOCK), dtype=tl.float32)
-    e_t = tl.zeros((BR, BLOCK), dtype=tl.float32)
+    d_t = tl.zeros((BR, BLOCK), dtype=tl.float32)
     loss = tl.zeros((BR,), dtype=tl.float32)
-    ubase = U + b * C * C + b0 * C + b0
+    vbase = V + b * C * C + b0 * C + b0
+    w0row = W0 + b * R * C + rows.to(tl.int64) * C + b0
     for i in range(0, ncols):
         sel = cols[None, :] == i
         wi = tl.sum(tl.where(sel, w, 0.0), axis=1)
         if PER_COL_SCALE:
             s = tl.sum(tl.where(sel, s_tile, 0.0), axis=1)
-        d = tl.load(ubase + i * C + i)
-        urow = tl.load(ubase + i * C + cols, mask=(cols > i) & cmask, other=0.0)
+        vii = tl.load(vbase + i * C + i)
+        vrow = tl.load(vbase + i * C + cols, mask=(cols > i) & cmask, other=0.0)
         qi = tl.minimum(tl.maximum(libdevice.rint(wi / s), QMIN), QMAX)
-        ei = (wi - qi * s) / d
+        dq = qi * s
+        ei = (wi - dq) * vii
         loss += ei * ei
-        w = w - ei[:, None] * urow[None, :]
+        di = tl.load(w0row + i, mask=rmask, other=0.0) - dq  # L1-resident after the first column
+        w = w + di[:, None] * vrow[None, :]
         q_t = tl.where(sel, qi[:, None], q_t)
-        e_t = tl.where(sel, ei[:, None], e_t)
+        d_t = tl.where(sel, di[:, None], d_t)
     qbase = b * R * BLOCK + rows[:, None].to(tl.int64) * BLOCK + cols[None, :]
     tl.store(Q + qbase, q_t.to(tl.int8), mask=tile)
-    tl.store(E + qbase, e_t, mask=tile)
+    tl.store(D + qbase, d_t, mask=tile)
     tl.atomic_add(LOSS + b, tl.sum(tl.where(rmask, loss, 0.0), axis=0))
 
 
-def block_kernel(w: torch.Tensor, u: torch.Tensor, s_cols: torch.Tensor, b0: int, b1: int, cfg,
-                 rows_per_program: int = 16):
+def block_kernel(w: torch.Tensor, w0: torch.Tensor, v: torch.Tensor, s_cols: torch.Tensor,
+                 b0: int, b1: int, cfg):
     """Drop-in for ``gptq._block_torch`` (returns q float, err, loss) on CUDA tensors."""
     spec = cfg.spec
     if cfg.block_size != spec.group_size:
         from .gptq import _block_torch
-        return _block_torch(w, u, s_cols, b0, b1, cfg)
+        return _block_torch(w, w0, v, s_cols, b0, b1, cfg)
     bsz, rows, cols = w.shape
     block = cfg.block_size
     q = torch.empty(bsz, rows, block, dtype=torch.int8, device=w.device)
-    err = torch.zeros(bsz, rows, block, dtype=torch.float32, device=w.device)
+    dd = torch.zeros(bsz, rows, block, dtype=torch.float32, device=w.device)
     loss = torch.zeros(bsz, dtype=torch.float32, device=w.device)
-    grid = (triton.cdiv(rows, rows_per_program), bsz)
+    grid = (triton.cdiv(rows, cfg.triton_rows), bsz)
     _gptq_block_kernel[grid](
-        w, s_cols, u, q, err, loss, rows, cols, b0, b1 - b0,
+        w, w0, s_cols, v, q, dd, loss, rows, cols, b0, b1 - b0,
         QMIN=float(spec.qmin), QMAX=float(spec.qmax), HALF=spec.half_range,
-        SCALE_EPS=torch.finfo(spec.scale_dtype).eps, BLOCK=block, BR=rows_per_program,
-        DYNAMIC=cfg.dynamic_groups, PER_COL_SCALE=cfg.act_order, num_warps=4)
+        SCALE_EPS=torch.finfo(spec.scale_dtype).eps, BLOCK=block, BR=cfg.triton_rows,
+        DYNAMIC=cfg.dynamic_groups, PER_COL_SCALE=cfg.act_order, num_warps=cfg.triton_warps)
     # The kernel keeps the updated block in registers only; GPTQ never reads it again.
     n = b1 - b0
-    return q[:, :, :n], err[:, :, :n], loss.double()
+    return q[:, :, :n], dd[:, :, :n], loss.double()

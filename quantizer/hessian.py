@@ -28,12 +28,13 @@ def swiglu_intermediate(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, lim
     return torch.nn.functional.silu(gate) * up
 
 
-def _gram(x: torch.Tensor) -> torch.Tensor:
-    """xᵀx accumulated in fp32."""
+def _add_gram(h: torch.Tensor, x: torch.Tensor) -> None:
+    """h += xᵀx with fp32 accumulation (tensor cores for bf16/fp16 rows on CUDA)."""
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(x.T, x, out_dtype=torch.float32)
-    x = x.float()
-    return x.T @ x
+        h += torch.mm(x.T, x, out_dtype=torch.float32)
+    else:
+        xf = x.float()
+        h.addmm_(xf.T, xf)
 
 
 class HessianSet:
@@ -78,15 +79,17 @@ class HessianSet:
         start = 0
         for e, n in enumerate(counts.tolist()):  # one GEMM per expert segment
             if n:
-                self.h[e] += _gram(xs[start:start + n])
+                _add_gram(self.h[e], xs[start:start + n])
                 start += n
 
     def add_segments(self, xs: torch.Tensor, counts: torch.Tensor) -> None:
         """Accumulate rows already grouped by local expert: ``xs`` [Σcounts, d], ``counts`` [E_local]."""
+        if xs.ndim != 2 or xs.shape[1] != self.dim or xs.shape[0] != int(counts.sum()):
+            raise ValueError(f"segments must be [{int(counts.sum())}, {self.dim}], got {tuple(xs.shape)}")
         start = 0
         for e, n in enumerate(counts.tolist()):
             if n:
-                self.h[e] += _gram(xs[start:start + n])
+                _add_gram(self.h[e], xs[start:start + n])
                 start += n
         self.count += counts.cpu()
 
