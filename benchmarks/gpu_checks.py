@@ -30,6 +30,17 @@ def main():
     print("hessian add() vs fp32 recipe max rel diff",
           max(float((hs.h[i] - ref[i]).norm() / ref[i].norm()) for i in range(B)))
     h = hs.mean()
+    # Accuracy at a large token count (one expert, 120k tokens, d=4096) against float64.
+    xb = (torch.randn(120_000, 4096, device="cuda", generator=g) @ (torch.randn(4096, 4096, device="cuda", generator=g)
+          / 64 * torch.logspace(0, -3, 4096, device="cuda"))).bfloat16()
+    h64 = xb.double().T @ xb.double()
+    for backend in ("triton", "cublas"):
+        big = HessianSet(1, 4096, device="cuda", backend=backend)
+        big.add_segments(xb, torch.tensor([xb.shape[0]]))
+        print(f"hessian {backend} 120k tokens vs fp64: {float((big.h[0].double() - h64).norm() / h64.norm()):.2e}")
+    xf = xb.float()
+    print(f"hessian fp32 recipe 120k tokens vs fp64: {float((xf.T @ xf - h64).norm() / h64.norm()):.2e}")
+    del xb, h64, xf, big
     w = torch.randn(B, R, C, device="cuda", generator=g) * 0.02
     ok = True
     for name, kw in (("static", {}), ("dynamic", {"dynamic_groups": True}), ("actorder", {"act_order": True})):

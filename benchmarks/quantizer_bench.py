@@ -83,7 +83,7 @@ def expert_inputs(n, basis, outl, scale_in, g, dev):
 def bench_hessians(a, dev, counts, basis, outl, scale_in, w1, w3, g):
     E, D, I = a.experts, a.dim, a.inter
     h_in, h_mid = HessianSet(E, D, device=dev), HessianSet(E, I, device=dev)
-    t_ours = t_ref = 0.0
+    t_ours = t_ref = t_halves = 0.0
     max_rel = 0.0
     chunk = a.hessian_chunk
     for s in range(0, E, chunk):
@@ -100,6 +100,10 @@ def bench_hessians(a, dev, counts, basis, outl, scale_in, w1, w3, g):
         sub_mid = HessianSet(E, I, device=dev, experts=torch.tensor(ids))
         _, t = timed(lambda: (sub_in.add_segments(xs, n), sub_mid.add_segments(mid, n)))
         t_ours += t
+        half_in = HessianSet(E, D, device=dev, experts=torch.tensor(ids), backend="cublas")
+        half_mid = HessianSet(E, I, device=dev, experts=torch.tensor(ids), backend="cublas")
+        _, t = timed(lambda: (half_in.add_segments(xs, n), half_mid.add_segments(mid, n)))
+        t_halves += t
 
         def ref():
             out, off = [], 0
@@ -121,7 +125,8 @@ def bench_hessians(a, dev, counts, basis, outl, scale_in, w1, w3, g):
             h64 = x64.T @ x64
             acc = {"tokens": int(n[j]),
                    "ours_vs_fp64": float((sub_in.h[j].double() - h64).norm() / h64.norm()),
-                   "fp32_recipe_vs_fp64": float((ref_h[j][0].double() - h64).norm() / h64.norm())}
+                   "fp32_recipe_vs_fp64": float((ref_h[j][0].double() - h64).norm() / h64.norm()),
+                   "cublas_bf16_vs_fp64": float((half_in.h[j].double() - h64).norm() / h64.norm())}
             del x64, h64
         for j, (hi, hm) in enumerate(ref_h):
             max_rel = max(max_rel, float((sub_in.h[j] - hi).norm() / hi.norm()),
@@ -130,8 +135,8 @@ def bench_hessians(a, dev, counts, basis, outl, scale_in, w1, w3, g):
         h_mid.h[ids] = sub_mid.h
         h_in.count[ids] = n
         h_mid.count[ids] = n
-        del xs, mid, ref_h, sub_in, sub_mid
-    return h_in, h_mid, {"ours_s": t_ours, "fp32_recipe_s": t_ref, "max_rel_diff": max_rel, "vs_fp64": acc,
+        del xs, mid, ref_h, sub_in, sub_mid, half_in, half_mid
+    return h_in, h_mid, {"cublas_bf16_s": t_halves, "ours_s": t_ours, "fp32_recipe_s": t_ref, "max_rel_diff": max_rel, "vs_fp64": acc,
                          "routed_tokens": int(counts.sum()), "speedup": t_ref / t_ours}
 
 
@@ -219,7 +224,8 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--small", action="store_true", help="tiny shapes, for a CPU smoke test")
     p.add_argument("--skip-anchor", action="store_true")
-    p.add_argument("--variants", default="fp32update,dynamic,actorder,rows32,rows8,warps8", help="extra GPTQ variants to time")
+    p.add_argument("--variants", default="fp32update,dynamic,actorder,streams4,streams8,rows32s4", help="extra GPTQ variants to time")
+    p.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of one w1/w3 batch")
     p.add_argument("--out", default="benchmarks/results/quantizer.json")
     a = p.parse_args()
     if a.small:
@@ -235,7 +241,7 @@ def main():
                                    "max": int(counts.max())}
     h_in, h_mid, hres = bench_hessians(a, dev, counts, basis, outl, scale_in, w1, w3, g)
     result["hessians"] = hres
-    print(f"[hessians] ours {hres['ours_s']:.3f}s  fp32 recipe {hres['fp32_recipe_s']:.3f}s  "
+    print(f"[hessians] ours {hres['ours_s']:.3f}s (cuBLAS bf16 per expert {hres['cublas_bf16_s']:.3f}s)  fp32 recipe {hres['fp32_recipe_s']:.3f}s  "
           f"({hres['speedup']:.1f}x)  max rel diff {hres['max_rel_diff']:.2e}  "
           f"routed tokens {hres['routed_tokens']:,}  vs fp64: {hres['vs_fp64']}", flush=True)
     del basis
@@ -244,13 +250,22 @@ def main():
         batch = a.batch
     elif dev == "cuda":
         free, _ = torch.cuda.mem_get_info()
-        per = 4 * (8 * 2 * a.inter * a.dim + 5 * a.dim * a.dim)
+        per = 8 * 2 * a.inter * a.dim + 14 * a.dim * a.dim  # bytes per w1+w3 entry (gptq.py)
         batch = max(1, min(a.experts, int(0.8 * free // per)))
     else:
         batch = 4
     result["gptq_batch"] = batch
     cfg = GPTQConfig(spec=spec)
     run_ours(w1[:1], w2[:1], w3[:1], _sub(h_in, 1), _sub(h_mid, 1), cfg, 1)  # warm-up (Triton JIT)
+    if a.profile and dev == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+        hi = h_in.mean()[:batch]
+        w13 = torch.cat([w1[:batch], w3[:batch]], 1).float()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            gptq_batched(w13, hi, cfg)
+            sync()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        del hi, w13
     res, t = timed(lambda: run_ours(w1, w2, w3, h_in, h_mid, cfg, batch))
     err, err_rtn, fb = errors_ours(res, w1, w2, w3, h_in, h_mid, batch, spec)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
@@ -278,7 +293,9 @@ def main():
         variants = {"dynamic": dict(dynamic_groups=True), "actorder": dict(act_order=True),
                     "fp32update": dict(tf32_update=False), "rows32": dict(triton_rows=32),
                     "rows8": dict(triton_rows=8), "warps8": dict(triton_warps=8),
-                    "rows32w8": dict(triton_rows=32, triton_warps=8)}
+                    "rows32w8": dict(triton_rows=32, triton_warps=8),
+                    "streams4": dict(streams=4), "streams8": dict(streams=8),
+                    "rows32s4": dict(triton_rows=32, streams=4)}
         if v not in variants:
             continue
         vcfg = GPTQConfig(spec=spec, **variants[v])

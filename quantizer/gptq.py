@@ -22,10 +22,12 @@ A factorisation that fails is retried with damp ×10 up to ``damp_max``; only th
 entry falls back to RTN. The path taken is returned per entry.
 
 Group scales are *static* by default (from the original weights, before any error
-feedback — llm-compressor's choice); ``dynamic_groups`` recomputes each group's scale
-from the updated weights when the column loop reaches it (the reference's choice).
-``benchmarks/README.md`` compares both; act-order requires static groups because the
-pack-quantized layout without ``g_idx`` assumes groups of consecutive input columns.
+feedback — llm-compressor's choice, and measurably better here: benchmarks/README.md);
+``dynamic_groups`` recomputes a group's scale from w̃ when the column loop reaches it.
+(In this formulation w̃ at a group's start holds the feedback of earlier *blocks* only,
+so dynamic scales differ slightly from the reference's; the resulting error agrees with
+it within 0.1% in tests.) Act-order requires static groups: the pack-quantized layout
+without ``g_idx`` assumes groups of consecutive input columns.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .quant import QuantSpec, expand_groups, group_scales
+from .quant import QuantSpec, group_scales
 
 PATH_GPTQ = "gptq"
 PATH_DAMP_RETRY = "gptq_damp_retry"
@@ -56,8 +58,8 @@ class GPTQConfig:
     tf32_update: bool = True    # CUDA: lazy block update in TF32 (see benchmarks/README.md)
 
     def __post_init__(self) -> None:
-        if self.block_size % self.spec.group_size and self.dynamic_groups:
-            raise ValueError("dynamic group scales need block_size to be a multiple of group_size")
+        if self.block_size % self.spec.group_size:
+            raise ValueError("block_size must be a multiple of group_size")
         if self.act_order and self.dynamic_groups:
             raise ValueError("act-order needs static group scales (pack-quantized has no g_idx here)")
 
@@ -69,54 +71,68 @@ class GPTQResult:
     damp: torch.Tensor         # float64 [B] relative damp used (nan for RTN fallback)
     path: list[str]            # per entry: gptq | gptq_damp_retry | rtn_fallback
     dead: torch.Tensor         # int64 [B] number of dead columns
-    loss: torch.Tensor         # float64 [B] Σ (w−q)²/U_ii² — the damped-H output error
+    loss: torch.Tensor         # float64 [B] Σ e_j² = tr(ΔW H_damped ΔWᵀ)
+
+
+def _factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ṽ for a batch of Hessians: V·Vᵀ = H + damp·mean(diag)·I (dead diagonals set to 1),
+    columns scaled by 1/V_jj with V_jj kept on the diagonal. Returns (Ṽ, ok [B], dead [B, C]).
+    Peak memory ≈ 2 × the batch of Hessians (+ cuSOLVER workspace)."""
+    hr = h.to(torch.float32, copy=True).flip(-1, -2)  # J·H·J
+    diag = hr.diagonal(dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)
+    diag.add_(damp * diag.mean(-1, keepdim=True))
+    low, info = torch.linalg.cholesky_ex(hr)
+    dv = low.diagonal(dim1=-2, dim2=-1).clone()
+    ok = (info == 0) & (dv > 0).all(-1) & torch.isfinite(dv).all(-1)
+    low.div_(dv[:, None, :])  # column j of V is column c−1−j of L
+    low.diagonal(dim1=-2, dim2=-1).copy_(dv)
+    del hr
+    v = low.flip(-1, -2)
+    del low
+    return v, ok & torch.isfinite(v).flatten(1).all(-1), dead.flip(-1)
 
 
 def _prepare(h: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Dead-column fix, damping with retries and the factor for a batch [B, C, C].
-
-    Returns Ṽ = V·diag(V)⁻¹ with diag(Ṽ) replaced by diag(V) (upper, H = V·Vᵀ; zeros for
-    entries that failed at every damp), dead mask [B, C], relative damp [B] (nan where
-    failed) and paths. Peak memory ≈ 3 × the batch of Hessians.
-    """
-    b, c, _ = h.shape
-    hr = h.float().flip(-1, -2)  # J·H·J (a copy: `h` stays the caller's)
-    diag = hr.diagonal(dim1=-2, dim2=-1)
-    dead = (diag == 0).flip(-1)
-    diag[diag == 0] = 1.0
-    mean_diag = diag.mean(-1)
-    v = torch.zeros_like(hr)
+    """Factor with damp retries (×growth up to damp_max, failing entries only).
+    Returns Ṽ (identity for entries that failed at every damp → exact RTN), dead mask,
+    relative damp [B] (nan where failed) and paths."""
+    b = h.shape[0]
+    v, ok, dead = _factor(h, cfg.damp)
     rel = torch.full((b,), float("nan"), dtype=torch.float64)
-    paths = [PATH_RTN_FALLBACK] * b
-    todo = torch.arange(b)
-    damp, first = cfg.damp, True
+    ok_cpu = ok.cpu()
+    rel[ok_cpu] = cfg.damp
+    paths = [PATH_GPTQ if o else PATH_RTN_FALLBACK for o in ok_cpu.tolist()]
+    todo = (~ok_cpu).nonzero().flatten()
+    damp = cfg.damp * cfg.damp_growth
     while len(todo) and damp <= cfg.damp_max * (1 + 1e-9):
-        idx = todo.to(hr.device)
-        low = hr[idx]  # advanced indexing copies: `hr` stays undamped for retries
-        low.diagonal(dim1=-2, dim2=-1).add_((damp * mean_diag[idx])[:, None])
-        low, info = torch.linalg.cholesky_ex(low)
-        dv = low.diagonal(dim1=-2, dim2=-1).clone()
-        ok = (info == 0) & torch.isfinite(low).all(-1).all(-1) & (dv > 0).all(-1)
-        # Column j of V is column c−1−j of L: scale it by 1/V_jj, keep V_jj on the diagonal.
-        low.div_(dv[:, None, :])
-        low.diagonal(dim1=-2, dim2=-1).copy_(dv)
-        ok_cpu = ok.cpu()
-        ok_idx = todo[ok_cpu]
-        v[ok_idx.to(hr.device)] = low[ok].flip(-1, -2)
-        del low
-        rel[ok_idx] = damp
-        for i in ok_idx.tolist():
-            paths[i] = PATH_GPTQ if first else PATH_DAMP_RETRY
-        todo = todo[~ok_cpu]
+        vs, oks, _ = _factor(h[todo.to(h.device)], damp)
+        oks = oks.cpu()
+        good = todo[oks]
+        v[good.to(v.device)] = vs[oks.to(vs.device)]
+        rel[good] = damp
+        for i in good.tolist():
+            paths[i] = PATH_DAMP_RETRY
+        todo = todo[~oks]
         damp *= cfg.damp_growth
-        first = False
+    if len(todo):
+        v[todo.to(v.device)] = torch.eye(h.shape[-1], device=v.device)
     return v, dead, rel, paths
 
 
-def _block_torch(w: torch.Tensor, w0: torch.Tensor, v: torch.Tensor, s_cols: torch.Tensor,
-                 b0: int, b1: int, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _column_scale(scale: torch.Tensor, gidx: torch.Tensor | None, col: int, group: int) -> torch.Tensor:
+    if gidx is None:
+        return scale[:, :, col // group]
+    return scale.gather(2, gidx[:, None, col:col + 1].expand(-1, scale.shape[1], 1)).squeeze(-1)
+
+
+def _block_torch(w: torch.Tensor, w0: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
+                 gidx: torch.Tensor | None, b0: int, b1: int, cfg: GPTQConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Column loop inside one block. ``w`` holds w̃ (updated in place), ``w0`` the original
-    weights. Updates ``s_cols`` in place for dynamic groups; returns (q, D, loss)."""
+    weights, ``gidx`` the group of each (permuted) column for act-order. Writes dynamic
+    group scales into ``scale``. Returns (q, D, loss) for the block."""
     spec = cfg.spec
     w1 = w[:, :, b0:b1]
     q1 = torch.zeros_like(w1)
@@ -126,10 +142,9 @@ def _block_torch(w: torch.Tensor, w0: torch.Tensor, v: torch.Tensor, s_cols: tor
     for i in range(b1 - b0):
         col = b0 + i
         if cfg.dynamic_groups and col % spec.group_size == 0:
-            s = group_scales(w1[:, :, i:i + spec.group_size], spec)
-            s_cols[:, :, col:col + spec.group_size] = s.expand(-1, -1, spec.group_size)
+            scale[:, :, col // spec.group_size] = group_scales(w1[:, :, i:i + spec.group_size], spec)[..., 0]
+        s = _column_scale(scale, gidx, col, spec.group_size)
         wi = w1[:, :, i]
-        s = s_cols[:, :, col]
         qi = torch.clamp(wi / s, spec.qmin, spec.qmax).round()
         dq = qi * s
         e = (wi - dq) * vb[:, i, i][:, None]
@@ -152,31 +167,24 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig(
     if not torch.isfinite(h).all():
         raise ValueError("non-finite Hessian")
     bsz, rows, cols = w.shape
-    w = w.float().clone()
     scale = group_scales(w, spec)  # static groups, from the original weights (= RTN scales)
-    s_cols = expand_groups(scale, spec)
-    perm = None
+    w0, gidx, perm = w, None, None
     if cfg.act_order:  # process columns by decreasing H_ii; groups stay on original columns
         perm = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
-        w = _permute_cols(w, perm)
-        s_cols = _permute_cols(s_cols, perm)
+        w0 = _permute_cols(w, perm)
+        gidx = (perm // spec.group_size).contiguous()
         h = torch.gather(h, 1, perm[:, :, None].expand(-1, -1, cols))
         h = torch.gather(h, 2, perm[:, None, :].expand(-1, cols, -1))
     v, dead, rel, paths = _prepare(h, cfg)
+    w = w0.to(torch.float32, copy=True)  # w̃, updated in place; w0 stays the original
     w.masked_fill_(dead[:, None, :], 0.0)
-    w0 = w.clone()  # original (dead-zeroed) weights: D = W − Q is taken against these
-    # Entries whose factorisation failed at every damp get V = I: no error feedback, so
-    # the loop below degenerates to exactly RTN with the same scales (the fallback).
-    failed = torch.tensor([p == PATH_RTN_FALLBACK for p in paths], device=w.device)
-    if failed.any():
-        v[failed] = torch.eye(cols, device=w.device)
 
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     loss = torch.zeros(bsz, dtype=torch.float64, device=w.device)
     kernel = _triton_block() if (cfg.use_triton and w.is_cuda) else None
     for b0 in range(0, cols, cfg.block_size):
         b1 = min(b0 + cfg.block_size, cols)
-        q1, d1, l1 = (kernel or _block_torch)(w, w0, v, s_cols, b0, b1, cfg)
+        q1, d1, l1 = (kernel or _block_torch)(w, w0, v, scale, gidx, b0, b1, cfg)
         q[:, :, b0:b1] = q1
         loss += l1
         if b1 < cols:  # lazy batch update of all later columns: one batched GEMM
@@ -185,8 +193,6 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig(
 
     if perm is not None:
         q = _permute_cols(q, torch.argsort(perm, dim=-1))
-    elif cfg.dynamic_groups:
-        scale = s_cols[:, :, ::spec.group_size].contiguous()
     return GPTQResult(q=q, scale=scale, damp=rel, path=paths,
                       dead=dead.sum(-1).cpu(), loss=loss.cpu())
 

@@ -16,7 +16,7 @@ from triton.language.extra import libdevice
 
 
 @triton.jit
-def _gptq_block_kernel(W, W0, S, V, Q, D, LOSS, R, C, b0, ncols,
+def _gptq_block_kernel(W, W0, SC, GIDX, V, Q, D, LOSS, R, C, G, b0, ncols,
                        QMIN: tl.constexpr, QMAX: tl.constexpr, HALF: tl.constexpr,
                        SCALE_EPS: tl.constexpr, BLOCK: tl.constexpr, BR: tl.constexpr,
                        DYNAMIC: tl.constexpr, PER_COL_SCALE: tl.constexpr):
@@ -27,61 +27,60 @@ def _gptq_block_kernel(W, W0, S, V, Q, D, LOSS, R, C, b0, ncols,
     rmask = rows < R
     cmask = cols < ncols
     tile = rmask[:, None] & cmask[None, :]
-    base = b * R * C + rows[:, None].to(tl.int64) * C + (b0 + cols)[None, :]
-    w = tl.load(W + base, mask=tile, other=0.0)
-    if DYNAMIC:
-        absmax = tl.max(tl.abs(w), axis=1)
-        s = (absmax / HALF).to(tl.bfloat16).to(tl.float32)
+    row64 = rows.to(tl.int64)
+    w = tl.load(W + b * R * C + row64[:, None] * C + (b0 + cols)[None, :], mask=tile, other=0.0)
+    sc_rows = SC + b * R * G + row64 * G
+    if DYNAMIC:  # the group's scale from w̃ at its first column (block == group)
+        s = (tl.max(tl.abs(w), axis=1) / HALF).to(tl.bfloat16).to(tl.float32)
         s = tl.where(s == 0.0, SCALE_EPS, s)
-        tl.store(S + base, tl.broadcast_to(s[:, None], (BR, BLOCK)), mask=tile)
-        s_tile = tl.broadcast_to(s[:, None], (BR, BLOCK))
-    else:
-        s_tile = tl.load(S + base, mask=tile, other=1.0)
-    s = tl.sum(tl.where(cols[None, :] == 0, s_tile, 0.0), axis=1)
+        tl.store(sc_rows + b0 // BLOCK, s, mask=rmask)
+    elif not PER_COL_SCALE:
+        s = tl.load(sc_rows + b0 // BLOCK, mask=rmask, other=1.0)
     q_t = tl.zeros((BR, BLOCK), dtype=tl.float32)
     d_t = tl.zeros((BR, BLOCK), dtype=tl.float32)
     loss = tl.zeros((BR,), dtype=tl.float32)
     vbase = V + b * C * C + b0 * C + b0
-    w0row = W0 + b * R * C + rows.to(tl.int64) * C + b0
+    w0row = W0 + b * R * C + row64 * C + b0
     for i in range(0, ncols):
         sel = cols[None, :] == i
         wi = tl.sum(tl.where(sel, w, 0.0), axis=1)
         if PER_COL_SCALE:
-            s = tl.sum(tl.where(sel, s_tile, 0.0), axis=1)
+            gi = tl.load(GIDX + b * C + b0 + i)
+            s = tl.load(sc_rows + gi, mask=rmask, other=1.0)
         vii = tl.load(vbase + i * C + i)
         vrow = tl.load(vbase + i * C + cols, mask=(cols > i) & cmask, other=0.0)
         qi = tl.minimum(tl.maximum(libdevice.rint(wi / s), QMIN), QMAX)
         dq = qi * s
         ei = (wi - dq) * vii
         loss += ei * ei
-        di = tl.load(w0row + i, mask=rmask, other=0.0) - dq  # L1-resident after the first column
+        # Original weight of this column: L1-resident after the first column's load.
+        di = tl.load(w0row + i, mask=rmask, other=0.0).to(tl.float32) - dq
         w = w + di[:, None] * vrow[None, :]
         q_t = tl.where(sel, qi[:, None], q_t)
         d_t = tl.where(sel, di[:, None], d_t)
-    qbase = b * R * BLOCK + rows[:, None].to(tl.int64) * BLOCK + cols[None, :]
+    qbase = b * R * BLOCK + row64[:, None] * BLOCK + cols[None, :]
     tl.store(Q + qbase, q_t.to(tl.int8), mask=tile)
     tl.store(D + qbase, d_t, mask=tile)
     tl.atomic_add(LOSS + b, tl.sum(tl.where(rmask, loss, 0.0), axis=0))
 
 
-def block_kernel(w: torch.Tensor, w0: torch.Tensor, v: torch.Tensor, s_cols: torch.Tensor,
-                 b0: int, b1: int, cfg):
-    """Drop-in for ``gptq._block_torch`` (returns q float, err, loss) on CUDA tensors."""
+def block_kernel(w: torch.Tensor, w0: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
+                 gidx: torch.Tensor | None, b0: int, b1: int, cfg):
+    """Drop-in for ``gptq._block_torch`` (returns q int8, D, loss) on CUDA tensors."""
     spec = cfg.spec
     if cfg.block_size != spec.group_size:
         from .gptq import _block_torch
-        return _block_torch(w, w0, v, s_cols, b0, b1, cfg)
+        return _block_torch(w, w0, v, scale, gidx, b0, b1, cfg)
     bsz, rows, cols = w.shape
     block = cfg.block_size
     q = torch.empty(bsz, rows, block, dtype=torch.int8, device=w.device)
-    dd = torch.zeros(bsz, rows, block, dtype=torch.float32, device=w.device)
+    dd = torch.empty(bsz, rows, block, dtype=torch.float32, device=w.device)
     loss = torch.zeros(bsz, dtype=torch.float32, device=w.device)
     grid = (triton.cdiv(rows, cfg.triton_rows), bsz)
     _gptq_block_kernel[grid](
-        w, w0, s_cols, v, q, dd, loss, rows, cols, b0, b1 - b0,
+        w, w0.contiguous(), scale, gidx if gidx is not None else q, v, q, dd, loss,
+        rows, cols, scale.shape[-1], b0, b1 - b0,
         QMIN=float(spec.qmin), QMAX=float(spec.qmax), HALF=spec.half_range,
         SCALE_EPS=torch.finfo(spec.scale_dtype).eps, BLOCK=block, BR=cfg.triton_rows,
         DYNAMIC=cfg.dynamic_groups, PER_COL_SCALE=cfg.act_order, num_warps=cfg.triton_warps)
-    # The kernel keeps the updated block in registers only; GPTQ never reads it again.
-    n = b1 - b0
-    return q[:, :, :n], dd[:, :, :n], loss.double()
+    return q, dd, loss.double()

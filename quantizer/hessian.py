@@ -1,11 +1,11 @@
 """Per-expert GPTQ Hessians H_e = Σ xᵀx over the tokens routed to expert e.
 
 Tokens arrive batch by batch with their top-k expert ids. Pairs (token, expert) are sorted
-by expert once per batch, so each expert's rows are one contiguous segment and its
-Hessian update is a single GEMM (no Python loop over tokens). On CUDA the GEMM takes the
-captured bf16 activations as they are and accumulates in fp32 on tensor cores
-(``out_dtype=float32``): the inputs are bf16 already, so this is exact up to summation
-order. Elsewhere inputs are upcast to fp32.
+by expert once per batch, so each expert's rows are one contiguous segment. On CUDA one
+grouped Triton kernel updates every expert's H from the captured bf16 rows on tensor
+cores, promoting partial sums to fp32 every 512 tokens and computing only the upper
+triangle (``hessian_triton``); the inputs are bf16 already, so this is exact up to
+summation order. Elsewhere: one fp32 GEMM per expert segment (no loop over tokens).
 
 Partial sets from several workers merge by addition and round-trip through safetensors.
 """
@@ -29,7 +29,7 @@ def swiglu_intermediate(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, lim
 
 
 def _add_gram(h: torch.Tensor, x: torch.Tensor) -> None:
-    """h += xᵀx with fp32 accumulation (tensor cores for bf16/fp16 rows on CUDA)."""
+    """h += xᵀx with fp32 accumulation (cuBLAS tensor cores for bf16/fp16 rows on CUDA)."""
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         h += torch.mm(x.T, x, out_dtype=torch.float32)
     else:
@@ -37,11 +37,22 @@ def _add_gram(h: torch.Tensor, x: torch.Tensor) -> None:
         h.addmm_(xf.T, xf)
 
 
+def _grouped_kernel():
+    try:
+        from .hessian_triton import grouped_syrk_
+    except Exception:  # no Triton (CPU builds): per-expert GEMMs
+        return None
+    return grouped_syrk_
+
+
 class HessianSet:
     """Hessians ``h`` [E, d, d] fp32 (unnormalised sums) and token counts ``count`` [E]."""
 
     def __init__(self, num_experts: int, dim: int, device: str | torch.device = "cpu",
-                 experts: torch.Tensor | None = None):
+                 experts: torch.Tensor | None = None, backend: str = "auto"):
+        if backend not in ("auto", "cublas", "triton"):
+            raise ValueError(f"unknown Hessian backend {backend!r}")
+        self.backend = backend
         # `experts` restricts which global expert ids this set owns (expert-parallel workers).
         self.experts = (torch.arange(num_experts) if experts is None else experts.cpu().long())
         self.num_experts = num_experts
@@ -75,23 +86,29 @@ class HessianSet:
         tok, local = tok[order], local[order]
         counts = torch.bincount(local, minlength=len(self.experts)).cpu()
         self.count += counts
-        xs = x.index_select(0, tok.to(self.device))
-        start = 0
-        for e, n in enumerate(counts.tolist()):  # one GEMM per expert segment
-            if n:
-                _add_gram(self.h[e], xs[start:start + n])
-                start += n
+        self._accumulate(x.index_select(0, tok.to(self.device)), counts)
 
     def add_segments(self, xs: torch.Tensor, counts: torch.Tensor) -> None:
         """Accumulate rows already grouped by local expert: ``xs`` [Σcounts, d], ``counts`` [E_local]."""
         if xs.ndim != 2 or xs.shape[1] != self.dim or xs.shape[0] != int(counts.sum()):
             raise ValueError(f"segments must be [{int(counts.sum())}, {self.dim}], got {tuple(xs.shape)}")
+        self._accumulate(xs, counts.cpu())
+        self.count += counts.cpu()
+
+    def _accumulate(self, xs: torch.Tensor, counts: torch.Tensor) -> None:
+        fused = (self.backend != "cublas" and xs.is_cuda and xs.dtype in (torch.bfloat16, torch.float16)
+                 and self.dim % 128 == 0 and xs.stride(-1) == 1)
+        kernel = _grouped_kernel() if fused else None
+        if kernel is not None:
+            kernel(self.h, xs, counts)
+            return
+        if self.backend == "triton" and xs.is_cuda:
+            raise RuntimeError("Triton Hessian kernel unavailable for these inputs")
         start = 0
-        for e, n in enumerate(counts.tolist()):
+        for e, n in enumerate(counts.tolist()):  # one GEMM per expert segment
             if n:
                 _add_gram(self.h[e], xs[start:start + n])
                 start += n
-        self.count += counts.cpu()
 
     def merge_(self, other: "HessianSet") -> "HessianSet":
         if not torch.equal(self.experts, other.experts) or self.dim != other.dim:
