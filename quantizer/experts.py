@@ -99,7 +99,6 @@ def quantize_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
     jobs = [(("w1", "w3"), h_in, lambda e: torch.cat([w1[e], w3[e]], 0)),
             (("w2",), h_mid, lambda e: w2[e])]
     for projs, hs, weight_of in jobs:
-        mean_h = hs.mean()
         rows = inter * len(projs) if projs != ("w2",) else dim
         cols = hs.dim
         bs = _batch_size(rows, cols, device, cfg.batch_size)
@@ -111,7 +110,7 @@ def quantize_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
             if not torch.isfinite(w).all():
                 bad = [e for e, x in zip(ids, w) if not torch.isfinite(x).all()]
                 raise ValueError(f"non-finite weights in {'/'.join(projs)} of experts {bad[:8]}")
-            h = mean_h[local].to(device)
+            h = hs.mean(local).to(device)
             counts = hs.count[local]
             res = gptq_batched(w, h, cfg.gptq)
             q, scale = res.q, res.scale

@@ -89,7 +89,7 @@ def _factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, t
     low.div_(dv[:, None, :])  # column j of V is column c−1−j of L
     low.diagonal(dim1=-2, dim2=-1).copy_(dv)
     del hr
-    v = low.flip(-1, -2)
+    v = low.flip(-1, -2).contiguous()  # cuSOLVER returns column-major; kernels want rows
     del low
     return v, ok & torch.isfinite(v).flatten(1).all(-1), dead.flip(-1)
 

@@ -12,7 +12,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 → nearest bf16 (ties to even), kept in fp32; explicit bit arithmetic so the
+    interpreter and every GPU agree (scales are finite and non-negative)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -31,7 +39,7 @@ def _gptq_block_kernel(W, W0, SC, GIDX, V, Q, D, LOSS, R, C, G, b0, ncols,
     w = tl.load(W + b * R * C + row64[:, None] * C + (b0 + cols)[None, :], mask=tile, other=0.0)
     sc_rows = SC + b * R * G + row64 * G
     if DYNAMIC:  # the group's scale from w̃ at its first column (block == group)
-        s = (tl.max(tl.abs(w), axis=1) / HALF).to(tl.bfloat16).to(tl.float32)
+        s = _round_bf16(tl.max(tl.abs(w), axis=1) / HALF)
         s = tl.where(s == 0.0, SCALE_EPS, s)
         tl.store(sc_rows + b0 // BLOCK, s, mask=rmask)
     elif not PER_COL_SCALE:
@@ -49,7 +57,9 @@ def _gptq_block_kernel(W, W0, SC, GIDX, V, Q, D, LOSS, R, C, G, b0, ncols,
             s = tl.load(sc_rows + gi, mask=rmask, other=1.0)
         vii = tl.load(vbase + i * C + i)
         vrow = tl.load(vbase + i * C + cols, mask=(cols > i) & cmask, other=0.0)
-        qi = tl.minimum(tl.maximum(libdevice.rint(wi / s), QMIN), QMAX)
+        x = tl.minimum(tl.maximum(wi / s, QMIN), QMAX)
+        qi = tl.floor(x + 0.5)  # round half to even, as torch.round does:
+        qi = tl.where(((qi - x) == 0.5) & (qi - 2.0 * tl.floor(qi * 0.5) != 0.0), qi - 1.0, qi)
         dq = qi * s
         ei = (wi - dq) * vii
         loss += ei * ei
@@ -77,10 +87,13 @@ def block_kernel(w: torch.Tensor, w0: torch.Tensor, v: torch.Tensor, scale: torc
     dd = torch.empty(bsz, rows, block, dtype=torch.float32, device=w.device)
     loss = torch.zeros(bsz, dtype=torch.float32, device=w.device)
     grid = (triton.cdiv(rows, cfg.triton_rows), bsz)
+    if not (v.is_contiguous() and scale.is_contiguous() and w.is_contiguous()):
+        raise ValueError("GPTQ kernel needs contiguous weights, factors and scales")
     _gptq_block_kernel[grid](
         w, w0.contiguous(), scale, gidx if gidx is not None else q, v, q, dd, loss,
         rows, cols, scale.shape[-1], b0, b1 - b0,
         QMIN=float(spec.qmin), QMAX=float(spec.qmax), HALF=spec.half_range,
         SCALE_EPS=torch.finfo(spec.scale_dtype).eps, BLOCK=block, BR=cfg.triton_rows,
         DYNAMIC=cfg.dynamic_groups, PER_COL_SCALE=cfg.act_order, num_warps=cfg.triton_warps)
-    return q, dd, loss.double()
+    n = b1 - b0
+    return q[:, :, :n], dd[:, :, :n], loss.double()

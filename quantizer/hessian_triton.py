@@ -17,7 +17,8 @@ import triton.language as tl
 
 @triton.jit
 def _grouped_syrk_kernel(X, H, OFFS, TI, TJ, D, stride_x,
-                         BM: tl.constexpr, BK: tl.constexpr, PROMOTE: tl.constexpr):
+                         BM: tl.constexpr, BK: tl.constexpr, PROMOTE: tl.constexpr,
+                         FLAT: tl.constexpr):
     t = tl.program_id(0)
     e = tl.program_id(1)
     ti = tl.load(TI + t)
@@ -28,15 +29,28 @@ def _grouped_syrk_kernel(X, H, OFFS, TI, TJ, D, stride_x,
     rj = tj * BM + tl.arange(0, BM)
     kk = tl.arange(0, BK)
     acc = tl.zeros((BM, BM), dtype=tl.float32)
-    for k0 in range(start, end, BK * PROMOTE):
+    if FLAT:  # one pipelined loop; the partial is folded into acc every PROMOTE steps
         part = tl.zeros((BM, BM), dtype=tl.float32)
-        for k1 in range(k0, tl.minimum(k0 + BK * PROMOTE, end), BK):
+        for k1 in range(start, end, BK):
             ks = k1 + kk
             m = ks < end
             a = tl.load(X + ks[:, None].to(tl.int64) * stride_x + ri[None, :], mask=m[:, None], other=0.0)
             b = tl.load(X + ks[:, None].to(tl.int64) * stride_x + rj[None, :], mask=m[:, None], other=0.0)
             part = tl.dot(tl.trans(a), b, part)
+            fold = (((k1 - start) // BK) % PROMOTE == PROMOTE - 1).to(tl.float32)
+            acc += part * fold
+            part = part * (1.0 - fold)
         acc += part
+    else:
+        for k0 in range(start, end, BK * PROMOTE):
+            part = tl.zeros((BM, BM), dtype=tl.float32)
+            for k1 in range(k0, tl.minimum(k0 + BK * PROMOTE, end), BK):
+                ks = k1 + kk
+                m = ks < end
+                a = tl.load(X + ks[:, None].to(tl.int64) * stride_x + ri[None, :], mask=m[:, None], other=0.0)
+                b = tl.load(X + ks[:, None].to(tl.int64) * stride_x + rj[None, :], mask=m[:, None], other=0.0)
+                part = tl.dot(tl.trans(a), b, part)
+            acc += part
     hbase = H + e.to(tl.int64) * D * D
     p = hbase + ri[:, None] * D + rj[None, :]
     tl.store(p, tl.load(p) + acc)
@@ -49,7 +63,8 @@ _TILES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def grouped_syrk_(h: torch.Tensor, xs: torch.Tensor, counts: torch.Tensor,
-                  bm: int = 128, bk: int = 64, promote: int = 8) -> None:
+                  bm: int = 128, bk: int = 64, promote: int = 8, flat: bool = False,
+                  num_warps: int = 8, num_stages: int = 3) -> None:
     """h [E, d, d] fp32 += per-expert xᵀx for rows ``xs`` [Σcounts, d] grouped by expert."""
     e, d, _ = h.shape
     if d % bm:
@@ -65,4 +80,5 @@ def grouped_syrk_(h: torch.Tensor, xs: torch.Tensor, counts: torch.Tensor,
     offs[1:] = torch.cumsum(counts.cpu(), 0)
     offs = offs.to(h.device)
     _grouped_syrk_kernel[(len(ti), e)](xs, h, offs, ti, tj, d, xs.stride(0),
-                                       BM=bm, BK=bk, PROMOTE=promote, num_warps=8, num_stages=3)
+                                       BM=bm, BK=bk, PROMOTE=promote, FLAT=flat,
+                                       num_warps=num_warps, num_stages=num_stages)
