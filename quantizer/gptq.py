@@ -31,7 +31,7 @@ without ``g_idx`` assumes groups of consecutive input columns.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -56,10 +56,14 @@ class GPTQConfig:
     triton_rows: int = 16       # rows per Triton program (tuning knob)
     triton_warps: int = 4
     tf32_update: bool = True    # CUDA: lazy block update in TF32 (see benchmarks/README.md)
+    lazy_block: int = 512       # columns per outer lazy update (multiple of block_size)
+    pipeline: int = 4           # sub-batches; on CUDA their factorisation overlaps quantisation
 
     def __post_init__(self) -> None:
         if self.block_size % self.spec.group_size:
             raise ValueError("block_size must be a multiple of group_size")
+        if self.lazy_block % self.block_size:
+            raise ValueError("lazy_block must be a multiple of block_size")
         if self.act_order and self.dynamic_groups:
             raise ValueError("act-order needs static group scales (pack-quantized has no g_idx here)")
 
@@ -166,35 +170,83 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig(
         raise ValueError("non-finite weights")
     if not torch.isfinite(h).all():
         raise ValueError("non-finite Hessian")
-    bsz, rows, cols = w.shape
-    scale = group_scales(w, spec)  # static groups, from the original weights (= RTN scales)
-    w0, gidx, perm = w, None, None
+    parts = max(1, min(cfg.pipeline, w.shape[0]))
+    # Software pipeline over sub-batches: on CUDA, cuSOLVER factors sub-batch i+1 on a side
+    # stream (it runs far below the GPU's throughput) while sub-batch i is quantised on the
+    # main stream; only the first factorisation is exposed. On CPU: plain sub-batches.
+    cuda = w.is_cuda
+    main = torch.cuda.current_stream() if cuda else None
+    side = torch.cuda.Stream() if cuda else None
+    if cuda:
+        side.wait_stream(main)  # inputs are ready
+    bounds = torch.linspace(0, w.shape[0], parts + 1).round().long().tolist()
+    chunks = [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+    def factor(i: int) -> dict:
+        with torch.cuda.stream(side) if cuda else nullcontext():
+            return _factor_stage(w[chunks[i]], h[chunks[i]], cfg)
+
+    results, nxt = [], factor(0)
+    for i in range(parts):
+        st = nxt
+        if cuda:
+            main.wait_stream(side)
+            for t in st.values():
+                if isinstance(t, torch.Tensor):
+                    t.record_stream(main)
+        results.append(_quantize_stage(w[chunks[i]], st, cfg))
+        if i + 1 < parts:
+            nxt = factor(i + 1)
+    return GPTQResult(q=torch.cat([r.q for r in results]), scale=torch.cat([r.scale for r in results]),
+                      damp=torch.cat([r.damp for r in results]), path=sum((r.path for r in results), []),
+                      dead=torch.cat([r.dead for r in results]), loss=torch.cat([r.loss for r in results]))
+
+
+def _factor_stage(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig) -> dict:
+    """Scales, act-order permutation and the factorisation of one (sub-)batch."""
+    spec = cfg.spec
+    cols = w.shape[-1]
+    st: dict = {"scale": group_scales(w, spec), "w0": w, "gidx": None, "perm": None}
     if cfg.act_order:  # process columns by decreasing H_ii; groups stay on original columns
         perm = torch.argsort(h.diagonal(dim1=-2, dim2=-1), dim=-1, descending=True)
-        w0 = _permute_cols(w, perm)
-        gidx = (perm // spec.group_size).contiguous()
+        st.update(perm=perm, w0=_permute_cols(w, perm), gidx=(perm // spec.group_size).contiguous())
         h = torch.gather(h, 1, perm[:, :, None].expand(-1, -1, cols))
         h = torch.gather(h, 2, perm[:, None, :].expand(-1, cols, -1))
-    v, dead, rel, paths = _prepare(h, cfg)
-    w = w0.to(torch.float32, copy=True)  # w̃, updated in place; w0 stays the original
-    w.masked_fill_(dead[:, None, :], 0.0)
+    st["v"], st["dead"], st["rel"], st["paths"] = _prepare(h, cfg)
+    return st
 
+
+def _quantize_stage(w_in: torch.Tensor, st: dict, cfg: GPTQConfig) -> GPTQResult:
+    """The column loop with two-level lazy updates, given the factor stage's outputs."""
+    w0, v, scale, gidx, perm = st["w0"], st["v"], st["scale"], st["gidx"], st["perm"]
+    bsz, rows, cols = w0.shape
+    w = w0.to(torch.float32, copy=True)  # w̃, updated in place; w0 stays the original
+    w.masked_fill_(st["dead"][:, None, :], 0.0)
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     loss = torch.zeros(bsz, dtype=torch.float64, device=w.device)
     kernel = _triton_block() if (cfg.use_triton and w.is_cuda) else None
-    for b0 in range(0, cols, cfg.block_size):
-        b1 = min(b0 + cfg.block_size, cols)
-        q1, d1, l1 = (kernel or _block_torch)(w, w0, v, scale, gidx, b0, b1, cfg)
-        q[:, :, b0:b1] = q1
-        loss += l1
-        if b1 < cols:  # lazy batch update of all later columns: one batched GEMM
-            with _tf32(cfg.tf32_update and w.is_cuda):
-                w[:, :, b1:].baddbmm_(d1, v[:, b0:b1, b1:])
-
+    # Two-level lazy updates: after each 128-column block only the rest of its super-block
+    # is updated; the columns beyond get one GEMM per super-block (K = lazy_block), which
+    # cuts the memory traffic of re-writing W̃'s tail by lazy_block/block_size.
+    sb = max(cfg.lazy_block, cfg.block_size)
+    with _tf32(cfg.tf32_update and w.is_cuda):
+        for s0 in range(0, cols, sb):
+            s1 = min(s0 + sb, cols)
+            d_sb = torch.empty(bsz, rows, s1 - s0, dtype=torch.float32, device=w.device)
+            for b0 in range(s0, s1, cfg.block_size):
+                b1 = min(b0 + cfg.block_size, s1)
+                q1, d1, l1 = (kernel or _block_torch)(w, w0, v, scale, gidx, b0, b1, cfg)
+                q[:, :, b0:b1] = q1
+                d_sb[:, :, b0 - s0:b1 - s0] = d1
+                loss += l1
+                if b1 < s1:
+                    w[:, :, b1:s1].baddbmm_(d1, v[:, b0:b1, b1:s1])
+            if s1 < cols:
+                w[:, :, s1:].baddbmm_(d_sb, v[:, s0:s1, s1:])
     if perm is not None:
         q = _permute_cols(q, torch.argsort(perm, dim=-1))
-    return GPTQResult(q=q, scale=scale, damp=rel, path=paths,
-                      dead=dead.sum(-1).cpu(), loss=loss.cpu())
+    return GPTQResult(q=q, scale=scale, damp=st["rel"], path=st["paths"],
+                      dead=st["dead"].sum(-1).cpu(), loss=loss.cpu())
 
 
 @contextmanager
