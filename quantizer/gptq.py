@@ -192,7 +192,7 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig(
         if cuda:
             main.wait_stream(side)
             for t in st.values():
-                if isinstance(t, torch.Tensor):
+                if isinstance(t, torch.Tensor) and t.is_cuda:
                     t.record_stream(main)
         results.append(_quantize_stage(w[chunks[i]], st, cfg))
         if i + 1 < parts:
