@@ -57,7 +57,9 @@ class GPTQConfig:
     triton_warps: int = 4
     tf32_update: bool = True    # CUDA: lazy block update in TF32 (see benchmarks/README.md)
     lazy_block: int = 512       # columns per outer lazy update (multiple of block_size)
-    pipeline: int = 4           # sub-batches; on CUDA their factorisation overlaps quantisation
+    pipeline: int = 1           # sub-batches; on CUDA their factorisation overlaps quantisation
+    cholesky_block: int = 0     # >0: blocked Cholesky with batched-GEMM trailing updates
+    cholesky_tf32: bool = False
 
     def __post_init__(self) -> None:
         if self.block_size % self.spec.group_size:
@@ -78,7 +80,30 @@ class GPTQResult:
     loss: torch.Tensor         # float64 [B] Σ e_j² = tr(ΔW H_damped ΔWᵀ)
 
 
-def _factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cholesky(a: torch.Tensor, block: int = 0, tf32: bool = False,
+             inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched lower Cholesky → (L, info). ``block`` > 0: right-looking blocked algorithm
+    whose trailing updates are large batched GEMMs (cuSOLVER factors big matrices one by
+    one far below the GPU's throughput; only the diagonal blocks go to it here)."""
+    n = a.shape[-1]
+    if block <= 0 or block >= n:
+        return torch.linalg.cholesky_ex(a)
+    a = a if inplace else a.clone()
+    info = torch.zeros(a.shape[0], dtype=torch.int32, device=a.device)
+    with _tf32(tf32 and a.is_cuda):
+        for k in range(0, n, block):
+            e = min(k + block, n)
+            lkk, inf = torch.linalg.cholesky_ex(a[:, k:e, k:e])
+            info = torch.where((info == 0) & (inf > 0), inf + k, info)
+            a[:, k:e, k:e] = lkk
+            if e < n:
+                lik = torch.linalg.solve_triangular(lkk.mT, a[:, e:, k:e], upper=True, left=False)
+                a[:, e:, k:e] = lik
+                a[:, e:, e:].baddbmm_(lik, lik.mT, alpha=-1.0)
+    return a.tril_(), info
+
+
+def _factor(h: torch.Tensor, damp: float, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ṽ for a batch of Hessians: V·Vᵀ = H + damp·mean(diag)·I (dead diagonals set to 1),
     columns scaled by 1/V_jj with V_jj kept on the diagonal. Returns (Ṽ, ok [B], dead [B, C]).
     Peak memory ≈ 2 × the batch of Hessians (+ cuSOLVER workspace)."""
@@ -87,7 +112,7 @@ def _factor(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor, t
     dead = diag == 0
     diag.masked_fill_(dead, 1.0)
     diag.add_(damp * diag.mean(-1, keepdim=True))
-    low, info = torch.linalg.cholesky_ex(hr)
+    low, info = cholesky(hr, cfg.cholesky_block, cfg.cholesky_tf32, inplace=True)
     dv = low.diagonal(dim1=-2, dim2=-1).clone()
     ok = (info == 0) & (dv > 0).all(-1) & torch.isfinite(dv).all(-1)
     low.div_(dv[:, None, :])  # column j of V is column c−1−j of L
@@ -103,7 +128,7 @@ def _prepare(h: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tens
     Returns Ṽ (identity for entries that failed at every damp → exact RTN), dead mask,
     relative damp [B] (nan where failed) and paths."""
     b = h.shape[0]
-    v, ok, dead = _factor(h, cfg.damp)
+    v, ok, dead = _factor(h, cfg.damp, cfg)
     rel = torch.full((b,), float("nan"), dtype=torch.float64)
     ok_cpu = ok.cpu()
     rel[ok_cpu] = cfg.damp
@@ -111,7 +136,7 @@ def _prepare(h: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tens
     todo = (~ok_cpu).nonzero().flatten()
     damp = cfg.damp * cfg.damp_growth
     while len(todo) and damp <= cfg.damp_max * (1 + 1e-9):
-        vs, oks, _ = _factor(h[todo.to(h.device)], damp)
+        vs, oks, _ = _factor(h[todo.to(h.device)], damp, cfg)
         oks = oks.cpu()
         good = todo[oks]
         v[good.to(v.device)] = vs[oks.to(vs.device)]

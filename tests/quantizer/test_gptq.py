@@ -97,3 +97,20 @@ def test_bad_input_is_refused(bad, msg):
     w, h = problem(8, b=1)
     with pytest.raises(ValueError, match=msg):
         gptq_batched(*bad(w, h))
+
+
+def test_blocked_cholesky_matches_lapack_and_reports_failure():
+    from requant.quantizer.gptq import cholesky
+    a = torch.randn(3, 300, 300, dtype=torch.float64)
+    h = a @ a.mT + torch.eye(300)
+    low, info = cholesky(h, 64)
+    assert torch.allclose(low, torch.linalg.cholesky(h)) and info.tolist() == [0, 0, 0]
+    h[1] = -torch.eye(300)
+    assert cholesky(h, 64)[1].tolist() == [0, 1, 0]
+
+
+def test_blocked_factorisation_gives_reference_integers():
+    w, h = problem(9)
+    res = gptq_batched(w, h, GPTQConfig(cholesky_block=128))
+    for b in range(w.shape[0]):
+        assert (res.q[b] == gptq_reference(w[b], h[b])[0]).float().mean() >= 0.999
