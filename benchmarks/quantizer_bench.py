@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # many batch shapes
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _path import ensure_requant  # noqa: E402
@@ -317,6 +318,7 @@ def main():
                     "rows8": dict(triton_rows=8), "warps8": dict(triton_warps=8),
                     "rows32w8": dict(triton_rows=32, triton_warps=8),
                     "pipe4": dict(pipeline=4), "chol512": dict(cholesky_block=512),
+                    "cusolver": dict(cholesky_block=0), "chol2048": dict(cholesky_block=2048),
                     "chol1024": dict(cholesky_block=1024), "chol1024tf32": dict(cholesky_block=1024, cholesky_tf32=True),
                     "chol512tf32": dict(cholesky_block=512, cholesky_tf32=True),
                     "lazy128": dict(lazy_block=128), "lazy1024": dict(lazy_block=1024)}

@@ -58,7 +58,7 @@ class GPTQConfig:
     tf32_update: bool = True    # CUDA: lazy block update in TF32 (see benchmarks/README.md)
     lazy_block: int = 512       # columns per outer lazy update (multiple of block_size)
     pipeline: int = 1           # sub-batches; on CUDA their factorisation overlaps quantisation
-    cholesky_block: int = 0     # >0: blocked Cholesky with batched-GEMM trailing updates
+    cholesky_block: int = 1024  # >0: blocked Cholesky with batched-GEMM trailing updates
     cholesky_tf32: bool = False
 
     def __post_init__(self) -> None:
@@ -107,20 +107,21 @@ def _factor(h: torch.Tensor, damp: float, cfg: GPTQConfig) -> tuple[torch.Tensor
     """Ṽ for a batch of Hessians: V·Vᵀ = H + damp·mean(diag)·I (dead diagonals set to 1),
     columns scaled by 1/V_jj with V_jj kept on the diagonal. Returns (Ṽ, ok [B], dead [B, C]).
     Peak memory ≈ 2 × the batch of Hessians (+ cuSOLVER workspace)."""
-    hr = h.to(torch.float32, copy=True).flip(-1, -2)  # J·H·J
+    hr = h.flip(-1, -2).float()  # J·H·J, a fresh copy (flip always copies)
     diag = hr.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
     diag.masked_fill_(dead, 1.0)
     diag.add_(damp * diag.mean(-1, keepdim=True))
     low, info = cholesky(hr, cfg.cholesky_block, cfg.cholesky_tf32, inplace=True)
     dv = low.diagonal(dim1=-2, dim2=-1).clone()
+    # H is checked finite, so a failed factorisation shows in info or in the diagonal.
     ok = (info == 0) & (dv > 0).all(-1) & torch.isfinite(dv).all(-1)
     low.div_(dv[:, None, :])  # column j of V is column c−1−j of L
     low.diagonal(dim1=-2, dim2=-1).copy_(dv)
     del hr
     v = low.flip(-1, -2).contiguous()  # cuSOLVER returns column-major; kernels want rows
     del low
-    return v, ok & torch.isfinite(v).flatten(1).all(-1), dead.flip(-1)
+    return v, ok, dead.flip(-1)
 
 
 def _prepare(h: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
@@ -246,7 +247,9 @@ def _quantize_stage(w_in: torch.Tensor, st: dict, cfg: GPTQConfig) -> GPTQResult
     w0, v, scale, gidx, perm = st["w0"], st["v"], st["scale"], st["gidx"], st["perm"]
     bsz, rows, cols = w0.shape
     w = w0.to(torch.float32, copy=True)  # w̃, updated in place; w0 stays the original
-    w.masked_fill_(st["dead"][:, None, :], 0.0)
+    ndead = st["dead"].sum(-1).cpu()
+    if ndead.any():
+        w.masked_fill_(st["dead"][:, None, :], 0.0)
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     loss = torch.zeros(bsz, dtype=torch.float64, device=w.device)
     kernel = _triton_block() if (cfg.use_triton and w.is_cuda) else None
@@ -271,7 +274,7 @@ def _quantize_stage(w_in: torch.Tensor, st: dict, cfg: GPTQConfig) -> GPTQResult
     if perm is not None:
         q = _permute_cols(q, torch.argsort(perm, dim=-1))
     return GPTQResult(q=q, scale=scale, damp=st["rel"], path=st["paths"],
-                      dead=st["dead"].sum(-1).cpu(), loss=loss.cpu())
+                      dead=ndead, loss=loss.cpu())
 
 
 @contextmanager
