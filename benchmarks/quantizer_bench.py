@@ -245,6 +245,7 @@ def main():
     p.add_argument("--small", action="store_true", help="tiny shapes, for a CPU smoke test")
     p.add_argument("--skip-anchor", action="store_true")
     p.add_argument("--variants", default="fp32update,dynamic,actorder,streams4,streams8,rows32s4", help="extra GPTQ variants to time")
+    p.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--syrk-configs", default="", help="';'-separated k=v,... Triton SYRK configs to time")
     p.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of one w1/w3 batch")
     p.add_argument("--out", default="benchmarks/results/quantizer.json")
@@ -280,19 +281,22 @@ def main():
     run_ours(w1[:1], w2[:1], w3[:1], _sub(h_in, 1), _sub(h_mid, 1), cfg, 1)  # warm-up (Triton JIT)
     if a.profile and dev == "cuda":
         from torch.profiler import ProfilerActivity, profile
-        hi = h_in.mean(slice(0, batch))
-        w13 = torch.cat([w1[:batch], w3[:batch]], 1)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            gptq_batched(w13, hi, cfg)
-            sync()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
-        del hi, w13
-    res, t = timed(lambda: run_ours(w1, w2, w3, h_in, h_mid, cfg, batch))
+            _, t_prof = timed(lambda: run_ours(w1, w2, w3, h_in, h_mid, cfg, batch))
+        ka = prof.key_averages()
+        busy = sum(e.self_device_time_total for e in ka) / 1e6
+        print(ka.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70))
+        print(f"[profile] wall {t_prof:.3f}s, summed kernel time {busy:.3f}s")
+    times = []
+    for _ in range(a.repeat):
+        res, t = timed(lambda: run_ours(w1, w2, w3, h_in, h_mid, cfg, batch))
+        times.append(t)
+    t = sorted(times)[len(times) // 2]
     err, err_rtn, fb = errors_ours(res, w1, w2, w3, h_in, h_mid, batch, spec)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
-    result["ours"] = {"seconds": t, "mean_rel_err": err, "mean_rel_err_rtn": err_rtn,
+    result["ours"] = {"seconds": t, "seconds_all": times, "mean_rel_err": err, "mean_rel_err_rtn": err_rtn,
                       "non_gptq_paths": fb, "peak_gpu_gib": peak}
-    print(f"[gptq ours static] {t:.3f}s for {3 * a.experts} tensors  err {err:.3e}  RTN {err_rtn:.3e}  "
+    print(f"[gptq ours static] {t:.3f}s (median of {times}) for {3 * a.experts} tensors  err {err:.3e}  RTN {err_rtn:.3e}  "
           f"fallbacks {fb}  peak {peak} GiB", flush=True)
     del res
 
@@ -326,9 +330,13 @@ def main():
             continue
         vcfg = GPTQConfig(spec=spec, **variants[v])
         run_ours(w1[:1], w2[:1], w3[:1], _sub(h_in, 1), _sub(h_mid, 1), vcfg, 1)  # JIT warm-up
-        res, t = timed(lambda: run_ours(w1, w2, w3, h_in, h_mid, vcfg, batch))
+        times = []
+        for _ in range(a.repeat):
+            res, t = timed(lambda: run_ours(w1, w2, w3, h_in, h_mid, vcfg, batch))
+            times.append(t)
+        t = sorted(times)[len(times) // 2]
         verr, _, vfb = errors_ours(res, w1, w2, w3, h_in, h_mid, batch, spec)
-        result[f"ours_{v}"] = {"seconds": t, "mean_rel_err": verr, "non_gptq_paths": vfb}
+        result[f"ours_{v}"] = {"seconds": t, "seconds_all": times, "mean_rel_err": verr, "non_gptq_paths": vfb}
         print(f"[gptq ours {v}] {t:.3f}s  err {verr:.3e}", flush=True)
         del res
 

@@ -99,7 +99,10 @@ def cholesky(a: torch.Tensor, block: int = 0, tf32: bool = False,
             if e < n:
                 lik = torch.linalg.solve_triangular(lkk.mT, a[:, e:, k:e], upper=True, left=False)
                 a[:, e:, k:e] = lik
-                a[:, e:, e:].baddbmm_(lik, lik.mT, alpha=-1.0)
+                lik_t = lik.mT.contiguous()
+                for j in range(e, n, block):  # lower triangle only, block column by column
+                    f = min(j + block, n)
+                    a[:, j:, j:f].baddbmm_(lik[:, j - e:], lik_t[:, :, j - e:f - e], alpha=-1.0)
     return a.tril_(), info
 
 
@@ -158,15 +161,14 @@ def _column_scale(scale: torch.Tensor, gidx: torch.Tensor | None, col: int, grou
 
 
 def _block_torch(w: torch.Tensor, w0: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
-                 gidx: torch.Tensor | None, b0: int, b1: int, cfg: GPTQConfig
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 gidx: torch.Tensor | None, b0: int, b1: int, cfg: GPTQConfig,
+                 q1: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
     """Column loop inside one block. ``w`` holds w̃ (updated in place), ``w0`` the original
-    weights, ``gidx`` the group of each (permuted) column for act-order. Writes dynamic
-    group scales into ``scale``. Returns (q, D, loss) for the block."""
+    weights, ``gidx`` the group of each (permuted) column for act-order. Writes the block's
+    integers into ``q1`` and D = W − Q into ``d1`` (views [B, R, b1−b0]) and dynamic group
+    scales into ``scale``. Returns the block's loss [B]."""
     spec = cfg.spec
     w1 = w[:, :, b0:b1]
-    q1 = torch.zeros_like(w1)
-    d1 = torch.zeros_like(w1)
     loss = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
     vb = v[:, b0:b1, b0:b1]
     for i in range(b1 - b0):
@@ -183,7 +185,7 @@ def _block_torch(w: torch.Tensor, w0: torch.Tensor, v: torch.Tensor, scale: torc
         w1[:, :, i + 1:] += di[:, :, None] * vb[:, None, i, i + 1:]
         q1[:, :, i] = qi
         d1[:, :, i] = di
-    return q1, d1, loss
+    return loss
 
 
 def gptq_batched(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig()) -> GPTQResult:
@@ -263,10 +265,8 @@ def _quantize_stage(w_in: torch.Tensor, st: dict, cfg: GPTQConfig) -> GPTQResult
             d_sb = torch.empty(bsz, rows, s1 - s0, dtype=torch.float32, device=w.device)
             for b0 in range(s0, s1, cfg.block_size):
                 b1 = min(b0 + cfg.block_size, s1)
-                q1, d1, l1 = (kernel or _block_torch)(w, w0, v, scale, gidx, b0, b1, cfg)
-                q[:, :, b0:b1] = q1
-                d_sb[:, :, b0 - s0:b1 - s0] = d1
-                loss += l1
+                d1 = d_sb[:, :, b0 - s0:b1 - s0]
+                loss += (kernel or _block_torch)(w, w0, v, scale, gidx, b0, b1, cfg, q[:, :, b0:b1], d1)
                 if b1 < s1:
                     w[:, :, b1:s1].baddbmm_(d1, v[:, b0:b1, b1:s1])
             if s1 < cols:

@@ -25,6 +25,7 @@ def _round_bf16(x):
 
 @triton.jit
 def _gptq_block_kernel(W, W0, SC, GIDX, V, Q, D, LOSS, R, C, G, b0, ncols,
+                       sqb, sqr, sdb, sdr,
                        QMIN: tl.constexpr, QMAX: tl.constexpr, HALF: tl.constexpr,
                        SCALE_EPS: tl.constexpr, BLOCK: tl.constexpr, BR: tl.constexpr,
                        DYNAMIC: tl.constexpr, PER_COL_SCALE: tl.constexpr):
@@ -68,32 +69,31 @@ def _gptq_block_kernel(W, W0, SC, GIDX, V, Q, D, LOSS, R, C, G, b0, ncols,
         w = w + di[:, None] * vrow[None, :]
         q_t = tl.where(sel, qi[:, None], q_t)
         d_t = tl.where(sel, di[:, None], d_t)
-    qbase = b * R * BLOCK + row64[:, None] * BLOCK + cols[None, :]
-    tl.store(Q + qbase, q_t.to(tl.int8), mask=tile)
-    tl.store(D + qbase, d_t, mask=tile)
+    tl.store(Q + b * sqb + row64[:, None] * sqr + cols[None, :], q_t.to(tl.int8), mask=tile)
+    tl.store(D + b * sdb + row64[:, None] * sdr + cols[None, :], d_t, mask=tile)
     tl.atomic_add(LOSS + b, tl.sum(tl.where(rmask, loss, 0.0), axis=0))
 
 
 def block_kernel(w: torch.Tensor, w0: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
-                 gidx: torch.Tensor | None, b0: int, b1: int, cfg):
-    """Drop-in for ``gptq._block_torch`` (returns q int8, D, loss) on CUDA tensors."""
+                 gidx: torch.Tensor | None, b0: int, b1: int, cfg,
+                 q1: torch.Tensor, d1: torch.Tensor) -> torch.Tensor:
+    """Drop-in for ``gptq._block_torch`` on CUDA tensors: writes ``q1``/``d1`` (column
+    slices of larger buffers, unit column stride), returns the block loss [B]."""
     spec = cfg.spec
     if cfg.block_size != spec.group_size:
         from .gptq import _block_torch
-        return _block_torch(w, w0, v, scale, gidx, b0, b1, cfg)
+        return _block_torch(w, w0, v, scale, gidx, b0, b1, cfg, q1, d1)
+    if not (v.is_contiguous() and scale.is_contiguous() and w.is_contiguous()
+            and q1.stride(-1) == 1 and d1.stride(-1) == 1):
+        raise ValueError("GPTQ kernel needs contiguous weights, factors, scales and unit column strides")
     bsz, rows, cols = w.shape
-    block = cfg.block_size
-    q = torch.empty(bsz, rows, block, dtype=torch.int8, device=w.device)
-    dd = torch.empty(bsz, rows, block, dtype=torch.float32, device=w.device)
     loss = torch.zeros(bsz, dtype=torch.float32, device=w.device)
     grid = (triton.cdiv(rows, cfg.triton_rows), bsz)
-    if not (v.is_contiguous() and scale.is_contiguous() and w.is_contiguous()):
-        raise ValueError("GPTQ kernel needs contiguous weights, factors and scales")
     _gptq_block_kernel[grid](
-        w, w0.contiguous(), scale, gidx if gidx is not None else q, v, q, dd, loss,
+        w, w0.contiguous(), scale, gidx if gidx is not None else q1, v, q1, d1, loss,
         rows, cols, scale.shape[-1], b0, b1 - b0,
+        q1.stride(0), q1.stride(1), d1.stride(0), d1.stride(1),
         QMIN=float(spec.qmin), QMAX=float(spec.qmax), HALF=spec.half_range,
-        SCALE_EPS=torch.finfo(spec.scale_dtype).eps, BLOCK=block, BR=cfg.triton_rows,
+        SCALE_EPS=torch.finfo(spec.scale_dtype).eps, BLOCK=cfg.block_size, BR=cfg.triton_rows,
         DYNAMIC=cfg.dynamic_groups, PER_COL_SCALE=cfg.act_order, num_warps=cfg.triton_warps)
-    n = b1 - b0
-    return q[:, :, :n], dd[:, :, :n], loss.double()
+    return loss.double()

@@ -23,9 +23,11 @@ for kw in ({}, {"dynamic_groups": True}, {"act_order": True}):
     sa, sb = group_scales(w, cfg.spec), group_scales(w, cfg.spec)
     wa, wb = w0.clone(), w0.clone()
     for b0 in (0, 128):
-        qa, da, la = _block_torch(wa, w0, v, sa, gidx, b0, b0 + 128, cfg)
-        qb, db, lb = block_kernel(wb, w0, v, sb, gidx, b0, b0 + 128, cfg)
-        assert torch.equal(qa.to(torch.int8), qb), (kw, b0, (qa.to(torch.int8) == qb).float().mean())
+        qa, da = torch.zeros(B, R, C, dtype=torch.int8), torch.zeros(B, R, 128)
+        qb, db = torch.zeros(B, R, C, dtype=torch.int8), torch.zeros(B, R, 128)
+        la = _block_torch(wa, w0, v, sa, gidx, b0, b0 + 128, cfg, qa[:, :, b0:b0 + 128], da)
+        lb = block_kernel(wb, w0, v, sb, gidx, b0, b0 + 128, cfg, qb[:, :, b0:b0 + 128], db)
+        assert torch.equal(qa, qb), (kw, b0, (qa == qb).float().mean())
         assert torch.allclose(da, db, atol=1e-6), kw
         assert torch.allclose(la, lb, rtol=1e-4), kw
         if b0 == 0:  # feed the next block exactly as gptq_batched does
