@@ -323,8 +323,7 @@ def main():
                     "rows32w8": dict(triton_rows=32, triton_warps=8),
                     "pipe4": dict(pipeline=4), "chol512": dict(cholesky_block=512),
                     "cusolver": dict(cholesky_block=0), "chol2048": dict(cholesky_block=2048),
-                    "chol1024": dict(cholesky_block=1024), "chol1024tf32": dict(cholesky_block=1024, cholesky_tf32=True),
-                    "chol512tf32": dict(cholesky_block=512, cholesky_tf32=True),
+                    "chol1024": dict(cholesky_block=1024),
                     "lazy128": dict(lazy_block=128), "lazy1024": dict(lazy_block=1024)}
         if v not in variants:
             continue

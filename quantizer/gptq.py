@@ -58,8 +58,7 @@ class GPTQConfig:
     tf32_update: bool = True    # CUDA: lazy block update in TF32 (see benchmarks/README.md)
     lazy_block: int = 512       # columns per outer lazy update (multiple of block_size)
     pipeline: int = 1           # sub-batches; on CUDA their factorisation overlaps quantisation
-    cholesky_block: int = 1024  # >0: blocked Cholesky with batched-GEMM trailing updates
-    cholesky_tf32: bool = False
+    cholesky_block: int = 1024  # >0: blocked factorisation, batched-GEMM updates (ul_cholesky)
 
     def __post_init__(self) -> None:
         if self.block_size % self.spec.group_size:
@@ -80,51 +79,53 @@ class GPTQResult:
     loss: torch.Tensor         # float64 [B] Σ e_j² = tr(ΔW H_damped ΔWᵀ)
 
 
-def cholesky(a: torch.Tensor, block: int = 0, tf32: bool = False,
-             inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched lower Cholesky → (L, info). ``block`` > 0: right-looking blocked algorithm
-    whose trailing updates are large batched GEMMs (cuSOLVER factors big matrices one by
-    one far below the GPU's throughput; only the diagonal blocks go to it here)."""
+def ul_cholesky(a: torch.Tensor, block: int = 0, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper-triangular V with V·Vᵀ = a, batched → (V, info; info ≠ 0 where a is not PD).
+
+    This is the Cholesky factorisation in reverse order (J·a·J = L·Lᵀ, V = J·L·J), run
+    blocked from the bottom-right corner so that no reversed copy is ever made. cuSOLVER
+    factors large matrices one by one far below the GPU's throughput; here it only sees
+    the diagonal blocks and the bulk of the work is large batched GEMMs. Only V's upper
+    triangle is written: its strict lower triangle is left as garbage (GPTQ never reads it).
+    """
     n = a.shape[-1]
     if block <= 0 or block >= n:
-        return torch.linalg.cholesky_ex(a)
+        low, info = torch.linalg.cholesky_ex(a.flip(-1, -2))
+        return low.flip(-1, -2).contiguous(), info  # cuSOLVER returns column-major
     a = a if inplace else a.clone()
     info = torch.zeros(a.shape[0], dtype=torch.int32, device=a.device)
-    with _tf32(tf32 and a.is_cuda):
-        for k in range(0, n, block):
-            e = min(k + block, n)
-            lkk, inf = torch.linalg.cholesky_ex(a[:, k:e, k:e])
-            info = torch.where((info == 0) & (inf > 0), inf + k, info)
-            a[:, k:e, k:e] = lkk
-            if e < n:
-                lik = torch.linalg.solve_triangular(lkk.mT, a[:, e:, k:e], upper=True, left=False)
-                a[:, e:, k:e] = lik
-                lik_t = lik.mT.contiguous()
-                for j in range(e, n, block):  # lower triangle only, block column by column
-                    f = min(j + block, n)
-                    a[:, j:, j:f].baddbmm_(lik[:, j - e:], lik_t[:, :, j - e:f - e], alpha=-1.0)
-    return a.tril_(), info
+    for k in reversed(range(0, n, block)):
+        e = min(k + block, n)
+        low, inf = torch.linalg.cholesky_ex(a[:, k:e, k:e].flip(-1, -2))
+        vkk = low.flip(-1, -2)
+        info = torch.where((info == 0) & (inf > 0), inf + (n - e), info)
+        a[:, k:e, k:e] = vkk
+        if k > 0:
+            vik = torch.linalg.solve_triangular(vkk.mT, a[:, :k, k:e], upper=False, left=False)
+            a[:, :k, k:e] = vik
+            vik_t = vik.mT.contiguous()
+            for j in range(0, k, block):  # upper triangle only, block column by block column
+                f = min(j + block, k)
+                a[:, :f, j:f].baddbmm_(vik[:, :f], vik_t[:, :, j:f], alpha=-1.0)
+    return a, info
 
 
 def _factor(h: torch.Tensor, damp: float, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ṽ for a batch of Hessians: V·Vᵀ = H + damp·mean(diag)·I (dead diagonals set to 1),
-    columns scaled by 1/V_jj with V_jj kept on the diagonal. Returns (Ṽ, ok [B], dead [B, C]).
-    Peak memory ≈ 2 × the batch of Hessians (+ cuSOLVER workspace)."""
-    hr = h.flip(-1, -2).float()  # J·H·J, a fresh copy (flip always copies)
-    diag = hr.diagonal(dim1=-2, dim2=-1)
+    V upper; columns scaled by 1/V_jj with V_jj kept on the diagonal.
+    Returns (Ṽ, ok [B], dead [B, C]). Peak memory ≈ 2 × the batch of Hessians."""
+    a = h.to(torch.float32, copy=True)
+    diag = a.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
     diag.masked_fill_(dead, 1.0)
     diag.add_(damp * diag.mean(-1, keepdim=True))
-    low, info = cholesky(hr, cfg.cholesky_block, cfg.cholesky_tf32, inplace=True)
-    dv = low.diagonal(dim1=-2, dim2=-1).clone()
+    v, info = ul_cholesky(a, cfg.cholesky_block, inplace=True)
+    dv = v.diagonal(dim1=-2, dim2=-1).clone()
     # H is checked finite, so a failed factorisation shows in info or in the diagonal.
     ok = (info == 0) & (dv > 0).all(-1) & torch.isfinite(dv).all(-1)
-    low.div_(dv[:, None, :])  # column j of V is column c−1−j of L
-    low.diagonal(dim1=-2, dim2=-1).copy_(dv)
-    del hr
-    v = low.flip(-1, -2).contiguous()  # cuSOLVER returns column-major; kernels want rows
-    del low
-    return v, ok, dead.flip(-1)
+    v.div_(dv[:, None, :])
+    v.diagonal(dim1=-2, dim2=-1).copy_(dv)
+    return v, ok, dead
 
 
 def _prepare(h: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
