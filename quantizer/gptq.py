@@ -58,7 +58,7 @@ class GPTQConfig:
     tf32_update: bool = True    # CUDA: lazy block update in TF32 (see benchmarks/README.md)
     lazy_block: int = 512       # columns per outer lazy update (multiple of block_size)
     pipeline: int = 1           # sub-batches; on CUDA their factorisation overlaps quantisation
-    cholesky_block: int = 1024  # >0: blocked factorisation, batched-GEMM updates (ul_cholesky)
+    cholesky_block: int = 512   # >0: blocked factorisation, batched-GEMM updates (ul_cholesky)
 
     def __post_init__(self) -> None:
         if self.block_size % self.spec.group_size:
