@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import os
 import sys
 
 # Order is the order shown in --help.
@@ -25,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is None:  # component not built yet
+            continue
         importlib.import_module(name).register(sub)
     return parser
 
@@ -35,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
+        # Bad input: one clear line, no traceback (set REQUANT_DEBUG=1 for the traceback).
+        if os.environ.get("REQUANT_DEBUG"):
+            raise
+        print(f"requant: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
