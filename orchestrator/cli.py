@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from requant.storage.schema import StoreError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
+    except (ValueError, OSError, StoreError) as e:
         # Bad input: one clear line, no traceback (set REQUANT_DEBUG=1 for the traceback).
         if os.environ.get("REQUANT_DEBUG"):
             raise

@@ -1,0 +1,115 @@
+"""What a capture store is: metadata, layout settings, array names, errors.
+
+Layout (Zarr v3)::
+
+    <root>/zarr.json                  attrs["requant_store"] = StoreMeta (format, model, ...)
+    <root>/writers/<writer>/zarr.json attrs["requant_commit"] = {"rows": N, "sequences": M}
+        hidden       uint16 [N, hc_mult*hidden]   bf16 bit patterns (bit-exact; see below)
+        next_token   int32  [N]   token that follows this row's position (MTP input pairing)
+        position     int32  [N]
+        seq          int64  [N]   sequence id of the row
+        index/seq, index/first_row, index/length, index/replica, index/prompt_id   [M]
+
+bf16: Zarr 3.1 (the newest release on PyPI) has no bfloat16 data type, so rows are stored
+as their uint16 bit patterns with ``attrs["dtype"] = "bfloat16"``; ``Batch.hidden_torch()``
+views them back without a copy. Rows of one sequence are contiguous and in position order.
+Only rows below the committed count are part of the store; a writer commits whole
+sequences after their data and index are written.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import asdict, dataclass, field
+
+FORMAT_VERSION = 1
+ROOT_ATTR = "requant_store"
+COMMIT_ATTR = "requant_commit"
+WRITERS = "writers"
+ROW_ARRAYS = ("hidden", "next_token", "position", "seq")
+INDEX_ARRAYS = ("seq", "first_row", "length", "replica", "prompt_id")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("requant")
+    except PackageNotFoundError:
+        return "dev"
+
+
+class StoreError(Exception):
+    """Base class: every storage error names the path it concerns."""
+
+
+class NotAStoreError(StoreError):
+    pass
+
+
+class IncompatibleStoreError(StoreError):
+    pass
+
+
+class CorruptStoreError(StoreError):
+    pass
+
+
+@dataclass
+class StoreMeta:
+    """Store-level metadata, fixed at creation."""
+
+    hidden_size: int
+    hc_mult: int = 1
+    model: str = ""
+    revision: str = ""
+    capture_point: str = "target_pre_head"
+    dtype: str = "bfloat16"
+    requant_version: str = field(default_factory=lambda: _version())
+    created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat())
+    provenance: dict = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    @property
+    def row_width(self) -> int:
+        return self.hidden_size * self.hc_mult
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict, path: str) -> "StoreMeta":
+        if data.get("format") != FORMAT_VERSION:
+            raise IncompatibleStoreError(
+                f"{path}: store format {data.get('format')!r}, this requant reads format {FORMAT_VERSION}")
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Chunking and compression (defaults chosen by benchmarks/storage_bench.py)."""
+
+    rows_per_chunk: int = 1024
+    chunks_per_shard: int = 8
+    compressor: str = "zstd"       # zstd | blosc-lz4 | blosc-zstd | none
+    level: int = 1
+    shuffle: str = "bitshuffle"    # for blosc: noshuffle | shuffle | bitshuffle
+    index_rows_per_chunk: int = 4096
+
+    @property
+    def rows_per_shard(self) -> int:
+        return self.rows_per_chunk * self.chunks_per_shard
+
+    def codecs(self) -> list:
+        import zarr.codecs as zc
+
+        if self.compressor == "zstd":
+            comp = [zc.ZstdCodec(level=self.level)]
+        elif self.compressor.startswith("blosc-"):
+            comp = [zc.BloscCodec(cname=self.compressor.split("-", 1)[1], clevel=self.level,
+                                  shuffle=self.shuffle, typesize=2)]
+        elif self.compressor == "none":
+            comp = []
+        else:
+            raise ValueError(f"unknown compressor {self.compressor!r}")
+        return comp + [zc.Crc32cCodec()]  # checksum every stored chunk

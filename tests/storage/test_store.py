@@ -1,0 +1,215 @@
+"""Round trips, resume, concurrency, memory bound, bad input and the CLI."""
+import json
+import subprocess
+import sys
+import threading
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from requant.storage import (CaptureStore, IncompatibleStoreError, Layout, NotAStoreError, StoreError,
+                             StoreMeta, StoreReader)
+
+META = StoreMeta(hidden_size=64, hc_mult=4, model="tiny-dsv4", capture_point="target_pre_head")
+LAYOUT = Layout(rows_per_chunk=64, chunks_per_shard=4)
+
+
+def make(tmp_path, name="s", layout=LAYOUT):
+    return CaptureStore.create(str(tmp_path / name), META, layout)
+
+
+def test_bf16_round_trip_is_bit_exact_for_every_pattern(tmp_path):
+    store = make(tmp_path)
+    bits = np.arange(65536, dtype=np.uint16).reshape(256, 256)  # every bf16 incl. NaNs, ±inf, -0
+    as_torch = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+    with store.writer("r0") as w:
+        w.append_sequence(0, as_torch[:100], np.arange(100), np.arange(100), prompt_id="a")
+        w.append_sequence(1, bits[100:].reshape(156, 4, 64), np.arange(156), np.arange(156), prompt_id="b")
+    batches = list(StoreReader(store.path).batches())
+    hidden = np.concatenate([b.hidden for b in batches])
+    assert np.array_equal(hidden, bits)
+    assert torch.equal(torch.cat([b.hidden_torch() for b in batches]).view(torch.int16),
+                       as_torch.view(torch.int16))
+
+
+def test_sequences_in_order_across_chunks_and_a_partial_last_chunk(tmp_path):
+    store = make(tmp_path)
+    rng = np.random.default_rng(0)
+    seqs = {s: rng.integers(0, 65536, (int(rng.integers(1, 150)), 256), dtype=np.uint16) for s in range(30)}
+    with store.writer("r0") as w:
+        for s, h in seqs.items():
+            w.append_sequence(s, h, np.full(len(h), s), np.arange(len(h)), prompt_id=f"p{s}", replica=2)
+    rows = sum(len(h) for h in seqs.values())
+    assert rows % LAYOUT.rows_per_chunk != 0  # the last chunk is partial
+    out = list(StoreReader(store.path).sequences(max_bytes=4 << 20))
+    assert [o.seq for o in out] == list(seqs)
+    for o in out:
+        assert np.array_equal(o.hidden, seqs[o.seq]) and (o.next_token == o.seq).all()
+        assert o.prompt_id == f"p{o.seq}" and o.replica == 2 and list(o.position) == list(range(len(o.hidden)))
+
+
+def test_reopen_resumes_after_last_commit(tmp_path):
+    store = make(tmp_path)
+    h = np.ones((10, 256), np.uint16)
+    with store.writer("r0") as w:
+        w.append_sequence(0, h, np.arange(10), np.arange(10))
+    store = CaptureStore.open(store.path, mode="r+")
+    with store.writer("r0") as w:
+        w.append_sequence(1, 2 * h, np.arange(10), np.arange(10))
+    assert store.committed("r0") == (20, 2)
+    assert [s.seq for s in StoreReader(store.path).sequences()] == [0, 1]
+    assert store.verify() == []
+
+
+def test_shuffle_is_seeded_permutation(tmp_path):
+    store = make(tmp_path)
+    with store.writer("r0") as w:
+        for s in range(20):
+            w.append_sequence(s, np.full((20, 256), s, np.uint16), np.arange(20), np.arange(20))
+    r = StoreReader(store.path)
+    a = np.concatenate([b.seq for b in r.batches(max_rows=64, shuffle=True, seed=7)])
+    b = np.concatenate([b.seq for b in r.batches(max_rows=64, shuffle=True, seed=7)])
+    c = np.concatenate([b.seq for b in r.batches(max_rows=64)])
+    assert np.array_equal(a, b) and not np.array_equal(a, c) and np.array_equal(np.sort(a), np.sort(c))
+
+
+def test_two_writers_in_separate_groups_concurrently(tmp_path):
+    store = make(tmp_path)
+
+    def write(name, base):
+        with store.writer(name, flush_rows=50) as w:
+            for s in range(40):
+                w.append_sequence(base + s, np.full((13, 256), s, np.uint16), np.arange(13), np.arange(13))
+
+    threads = [threading.Thread(target=write, args=(f"replica{i}", 1000 * i)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    info = store.info()
+    assert info.writers == {"replica0": (520, 40), "replica1": (520, 40)}
+    assert store.verify() == []
+    assert StoreReader([store.path]).rows == 1040
+
+
+def test_reading_under_a_memory_cap_stays_under_it(tmp_path):
+    store = CaptureStore.create(str(tmp_path / "m"), StoreMeta(hidden_size=256, hc_mult=4),
+                                Layout(rows_per_chunk=128, chunks_per_shard=4))
+    rng = np.random.default_rng(0)
+    with store.writer("a") as w:
+        for s in range(24):  # incompressible rows: the worst case for decode buffers
+            w.append_sequence(s, rng.integers(0, 65536, (128, 1024), dtype=np.uint16), np.arange(128), np.arange(128))
+    reader = StoreReader(store.path, threads=2)
+    for cap in (5 << 20, 12 << 20):
+        for it in (lambda: reader.batches(max_bytes=cap), lambda: reader.sequences(max_bytes=cap)):
+            tracemalloc.start()
+            n = sum(len(b.hidden) for b in it())
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            assert n == 24 * 128
+            assert peak <= cap, (cap, peak)
+    with pytest.raises(ValueError, match="below one chunk"):
+        next(reader.batches(max_bytes=1 << 20))
+
+
+def test_bad_appends_are_refused_with_the_path(tmp_path):
+    store = make(tmp_path)
+    with store.writer("r0") as w:
+        with pytest.raises(ValueError, match=r"r0 seq 5: hidden must be \[tokens, 256\]"):
+            w.append_sequence(5, np.zeros((3, 255), np.uint16), np.arange(3), np.arange(3))
+        with pytest.raises(ValueError, match="must be torch.bfloat16 or its uint16"):
+            w.append_sequence(5, np.zeros((3, 256), np.float32), np.arange(3), np.arange(3))
+        with pytest.raises(ValueError, match="hidden must be bfloat16"):
+            w.append_sequence(5, torch.zeros(3, 256), np.arange(3), np.arange(3))
+        with pytest.raises(ValueError, match="next_token must be 3 integers"):
+            w.append_sequence(5, np.zeros((3, 256), np.uint16), np.arange(2), np.arange(3))
+        w.append_sequence(6, np.zeros((3, 256), np.uint16), np.arange(3), np.arange(3))
+    assert store.committed("r0") == (3, 1)  # nothing lost to the refused appends
+
+
+def test_opening_things_that_are_not_stores(tmp_path):
+    with pytest.raises(NotAStoreError, match="no such directory"):
+        CaptureStore.open(str(tmp_path / "missing"))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "x.txt").write_text("hi")
+    with pytest.raises(NotAStoreError, match="plain"):
+        CaptureStore.open(str(tmp_path / "plain"))
+    import zarr
+    zarr.open_group(str(tmp_path / "zg"), mode="w")
+    with pytest.raises(NotAStoreError, match="not a requant capture store"):
+        CaptureStore.open(str(tmp_path / "zg"))
+    store = make(tmp_path)
+    with pytest.raises(FileExistsError, match="not empty"):
+        make(tmp_path)
+    with pytest.raises(ValueError, match="rows of 4×64"):
+        CaptureStore.create(store.path, StoreMeta(hidden_size=128, hc_mult=4), exist_ok=True)
+
+
+def test_incompatible_version_is_refused(tmp_path):
+    store = make(tmp_path)
+    meta = json.loads((Path(store.path) / "zarr.json").read_text())
+    meta["attributes"]["requant_store"]["format"] = 99
+    (Path(store.path) / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(IncompatibleStoreError, match="format 99"):
+        CaptureStore.open(store.path)
+
+
+def _filled(tmp_path):
+    store = make(tmp_path)
+    rng = np.random.default_rng(1)
+    with store.writer("r0") as w:
+        for s in range(12):
+            w.append_sequence(s, rng.integers(0, 65536, (40, 256), dtype=np.uint16), np.arange(40), np.arange(40))
+    return store
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "requant.orchestrator.cli", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_flipped_byte_is_caught_by_verify(tmp_path):
+    store = _filled(tmp_path)
+    assert _cli("store", "verify", store.path).returncode == 0
+    shard = Path(store.path) / "writers/r0/hidden/c/0/0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    shard.write_bytes(bytes(data))
+    problems = CaptureStore.open(store.path).verify()
+    assert problems and "writers/r0/hidden" in problems[0]
+    out = _cli("store", "verify", store.path)
+    assert out.returncode == 1 and "hidden" in out.stderr
+    with pytest.raises(StoreError, match="writers/r0: rows .* unreadable"):
+        list(StoreReader(store.path).batches())
+
+
+def test_truncated_chunk_and_missing_index_are_reported(tmp_path):
+    store = _filled(tmp_path)
+    shard = Path(store.path) / "writers/r0/next_token/c/1"
+    shard.write_bytes(shard.read_bytes()[:10])
+    assert any("next_token" in p for p in CaptureStore.open(store.path).verify())
+    import shutil
+    shutil.rmtree(Path(store.path) / "writers/r0/index/length")
+    problems = CaptureStore.open(store.path).verify()
+    assert any("missing index array 'length'" in p for p in problems)
+
+
+def test_info_cli_reports_counts_and_ratio(tmp_path):
+    store = _filled(tmp_path)
+    out = _cli("store", "info", store.path)
+    assert out.returncode == 0
+    assert "rows       480  sequences 12" in out.stdout and "tiny-dsv4" in out.stdout and "ratio" in out.stdout
+    bad = _cli("store", "info", str(tmp_path / "nope"))
+    assert bad.returncode == 2 and "no such directory" in bad.stderr
+
+
+def test_fsspec_url(tmp_path):
+    url = f"file://{tmp_path}/remote"
+    store = CaptureStore.create(url, META, LAYOUT)
+    with store.writer("r0") as w:
+        w.append_sequence(0, np.ones((5, 256), np.uint16), np.arange(5), np.arange(5), prompt_id="x")
+    assert [s.prompt_id for s in StoreReader(url).sequences()] == ["x"]
+    assert CaptureStore.open(url).verify() == []
