@@ -89,11 +89,11 @@ class StoreMeta:
 class Layout:
     """Chunking and compression (defaults chosen by benchmarks/storage_bench.py)."""
 
-    rows_per_chunk: int = 1024
-    chunks_per_shard: int = 8
+    rows_per_chunk: int = 512      # 16 MiB chunks of DSV4 rows (4×4096 bf16)
+    chunks_per_shard: int = 8      # 128 MiB shards: 100 GB ≈ 800 files per array
     compressor: str = "zstd"       # zstd | blosc-lz4 | blosc-zstd | none
     level: int = 1
-    shuffle: str = "bitshuffle"    # for blosc: noshuffle | shuffle | bitshuffle
+    shuffle: str = "shuffle"       # for blosc: noshuffle | shuffle | bitshuffle
     index_rows_per_chunk: int = 4096
 
     @property
