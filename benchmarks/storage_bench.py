@@ -96,6 +96,44 @@ def bench_loose_files(root: str, data: np.ndarray, seq_len: int) -> dict:
     return {"write_GBps": raw / t_write / 1e9, "read_GBps": raw / t_read / 1e9, "ratio": 1.0}
 
 
+def _proc_write(path: str, idx: int, rows: int, seq_len: int, hidden: int, hc: int, barrier, out) -> None:
+    data = activations(rows, hidden, hc, seed=100 + idx)
+    store = CaptureStore.open(path, mode="r+")
+    barrier.wait()
+    t0 = time.perf_counter()
+    with store.writer(f"replica{idx}") as w:
+        for s, r0 in enumerate(range(0, rows, seq_len)):
+            r1 = min(r0 + seq_len, rows)
+            w.append_sequence(s, data[r0:r1], np.arange(r1 - r0), np.arange(r1 - r0))
+    out.put((t0, time.perf_counter(), data.nbytes + rows * 16))
+
+
+def bench_parallel_writers(root: str, procs: int, rows: int, seq_len: int, hidden: int, hc: int) -> dict:
+    """Aggregate write throughput of `procs` writer processes, one group each (one per
+    replica/rank, as in production), into one store."""
+    import multiprocessing as mp
+
+    path = os.path.join(root, "par")
+    shutil.rmtree(path, ignore_errors=True)
+    CaptureStore.create(path, StoreMeta(hidden_size=hidden, hc_mult=hc), Layout())
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(procs), ctx.Queue()
+    ps = [ctx.Process(target=_proc_write, args=(path, i, rows // procs, seq_len, hidden, hc, barrier, out))
+          for i in range(procs)]
+    for p in ps:
+        p.start()
+    res = [out.get() for _ in ps]
+    for p in ps:
+        p.join()
+    t = max(r[1] for r in res) - min(r[0] for r in res)
+    raw = sum(r[2] for r in res)
+    store = CaptureStore.open(path)
+    assert store.verify() == [] and len(store.writer_names()) == procs
+    ratio = raw / store.stored_bytes()
+    shutil.rmtree(path)
+    return {"procs": procs, "write_GBps": raw / t / 1e9, "ratio": ratio}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=8192)
@@ -103,6 +141,7 @@ def main() -> None:
     p.add_argument("--hc", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256, help="rows per appended sequence")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="reader threads")
+    p.add_argument("--procs", default="", help="comma-separated writer-process counts to measure in aggregate")
     p.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     p.add_argument("--out", default="benchmarks/results/storage.json")
     a = p.parse_args()
@@ -118,21 +157,25 @@ def main() -> None:
               ("blosc-lz4", 5, "shuffle"), ("blosc-lz4", 5, "bitshuffle"),
               ("blosc-zstd", 1, "shuffle"), ("blosc-zstd", 1, "bitshuffle"), ("blosc-zstd", 3, "bitshuffle")]
     for comp, level, shuffle in codecs:
-        lay = Layout(rows_per_chunk=1024, chunks_per_shard=8, compressor=comp, level=level, shuffle=shuffle)
-        key = f"{comp}:{level}:{shuffle}:1024"
+        lay = Layout(compressor=comp, level=level, shuffle=shuffle)
+        key = f"{comp}:{level}:{shuffle}:{lay.rows_per_chunk}"
         r = res["configs"][key] = bench_store(root, data, a.seq_len, a.hidden, a.hc, lay, a.threads)
         print(f"{key:34s} write {r['write_GBps']:6.2f} GB/s  read {r['read_GBps']:6.2f} GB/s  ratio {r['ratio']:.3f}",
               flush=True)
     default = Layout()
-    for rpc in (256, 512, 2048):
+    for rpc in (128, 512, 1024):
         if rpc * 2 > a.rows:
             continue
-        lay = Layout(rows_per_chunk=rpc, chunks_per_shard=max(1, 8192 // rpc), compressor=default.compressor,
+        lay = Layout(rows_per_chunk=rpc, chunks_per_shard=max(1, 1024 // rpc), compressor=default.compressor,
                      level=default.level, shuffle=default.shuffle)
-        key = f"{default.compressor}:{default.level}:{default.shuffle}:{rpc}"
+        key = f"{default.compressor}:{default.level}:{default.shuffle}:{rpc}x{lay.chunks_per_shard}"
         r = res["configs"][key] = bench_store(root, data, a.seq_len, a.hidden, a.hc, lay, a.threads)
         print(f"{key:34s} write {r['write_GBps']:6.2f} GB/s  read {r['read_GBps']:6.2f} GB/s  ratio {r['ratio']:.3f}",
               flush=True)
+    for n in [int(x) for x in a.procs.split(",") if x]:
+        r = res["configs"][f"parallel:{n}"] = bench_parallel_writers(root, n, a.rows, a.seq_len, a.hidden, a.hc)
+        print(f"{'default, ' + str(n) + ' writer processes':34s} write {r['write_GBps']:6.2f} GB/s aggregate"
+              f"  ratio {r['ratio']:.3f}", flush=True)
     shutil.rmtree(root, ignore_errors=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))

@@ -10,15 +10,19 @@ batches.
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+import google_crc32c
 import numpy as np
+from numcodecs.zstd import Zstd
 
 from .schema import ROW_ARRAYS, StoreError
 
 DECODE_FACTOR = 4.5
+_ZSTD = Zstd()
 from .store import CaptureStore
 
 
@@ -112,12 +116,21 @@ class StoreReader:
         arrays = {a: g[a] for a in ROW_ARRAYS}
         cols = {a: np.empty((r1 - r0,) + arr.shape[1:], dtype=arr.dtype) for a, arr in arrays.items()}
         chunk = s.layout.rows_per_chunk
+        fast = _ShardFile.usable(s)
+        shards: dict[int, _ShardFile] = {}
 
         def fill(a: str, c0: int) -> None:
             c1 = min(c0 - c0 % chunk + chunk, r1)
-            cols[a][c0 - r0:c1 - r0] = arrays[a][c0:c1]
+            if fast and a == "hidden":
+                k = c0 // s.layout.rows_per_shard
+                shards[k].read_rows(c0, c1, cols[a][c0 - r0:c1 - r0])
+            else:
+                cols[a][c0 - r0:c1 - r0] = arrays[a][c0:c1]
 
         starts = [r0] + list(range(r0 - r0 % chunk + chunk, r1, chunk))
+        if fast:
+            for k in {c0 // s.layout.rows_per_shard for c0 in starts}:
+                shards[k] = _ShardFile(s, w, k)
         futs = [self._pool.submit(fill, a, c0) for a in ROW_ARRAYS for c0 in starts]
         try:
             for f in futs:
@@ -169,3 +182,52 @@ class StoreReader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+class _ShardFile:
+    """Direct reads of one local ``hidden`` shard, bypassing zarr-python's single event-loop
+    thread (which caps a process at ~0.7 GB/s): each chunk is pread, crc32c-checked and
+    zstd-decoded straight into the batch on a pool thread (both release the GIL). The bytes
+    are the Zarr v3 sharding layout zarr itself wrote — chunks, then an index of
+    (offset, nbytes) uint64 pairs + crc32c — and tests read every store both ways."""
+
+    def __init__(self, s: CaptureStore, w: str, k: int):
+        lay = s.layout
+        self.rows_per_chunk, self.first_row = lay.rows_per_chunk, k * lay.rows_per_shard
+        self.width = s.meta.row_width
+        self.path = f"{s.group_path(w).removeprefix('file://')}/hidden/c/{k}/0"
+        self.compressed = lay.compressor == "zstd"
+        n = lay.chunks_per_shard
+        with open(self.path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(size - (16 * n + 4))
+            tail = f.read()
+        if len(tail) != 16 * n + 4 or not _crc_ok(tail[:-4], tail[-4:]):
+            raise StoreError(f"{self.path}: shard index damaged (truncated file or checksum mismatch)")
+        self.index = np.frombuffer(tail[:-4], dtype="<u8").reshape(n, 2)
+
+    @staticmethod
+    def usable(s: CaptureStore) -> bool:
+        return s.is_local and s.layout.compressor in ("zstd", "none")
+
+    def read_rows(self, r0: int, r1: int, out: np.ndarray) -> None:
+        j = (r0 - self.first_row) // self.rows_per_chunk
+        off, nbytes = (int(v) for v in self.index[j])
+        if off == 2**64 - 1:
+            raise StoreError(f"{self.path}: chunk {j} missing")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            blob = os.pread(fd, nbytes, off)
+        finally:
+            os.close(fd)
+        if len(blob) != nbytes or not _crc_ok(memoryview(blob)[:-4], blob[-4:]):
+            raise StoreError(f"{self.path}: chunk {j} checksum mismatch (corrupted or truncated)")
+        body = memoryview(blob)[:-4]
+        raw = _ZSTD.decode(body) if self.compressed else body
+        chunk = np.frombuffer(raw, dtype="<u2").reshape(self.rows_per_chunk, self.width)
+        c0 = self.first_row + j * self.rows_per_chunk
+        out[...] = chunk[r0 - c0:r1 - c0]
+
+
+def _crc_ok(data, stored: bytes) -> bool:
+    return np.uint32(google_crc32c.value(bytes(data))).tobytes() == bytes(stored)

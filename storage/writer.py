@@ -10,9 +10,11 @@ that share a shard with new ones are never exposed to a torn write.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +59,7 @@ class GroupWriter:
     """Writes whole sequences into ``writers/<name>``; resumes after the last commit."""
 
     def __init__(self, store: CaptureStore, name: str, queue_size: int = 16, durable: bool = True,
-                 flush_rows: int | None = None):
+                 flush_rows: int | None = None, threads: int | None = None, flush_bytes: int = 512 << 20):
         self.store, self.name = store, name
         self.g = store._create_group(name)
         self.path = store.group_path(name)
@@ -65,7 +67,13 @@ class GroupWriter:
         self.stats = WriterStats(rows=rows, sequences=seqs)
         self.width = store.meta.row_width
         self.durable = durable and store.is_local
-        self.flush_rows = flush_rows or store.layout.rows_per_shard
+        # Compression runs on `threads` shards at once (codecs release the GIL), so a flush
+        # spans up to that many shards, within `flush_bytes` of buffered rows.
+        self.threads = threads or min(16, os.cpu_count() or 1)
+        shard = store.layout.rows_per_shard
+        self.flush_rows = flush_rows or max(shard, min(self.threads * shard,
+                                                       flush_bytes // (self.width * 2 + 16) // shard * shard))
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix=f"requant-encode-{name}")
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._buf: list[tuple] = []
         self._buf_rows = 0
@@ -107,6 +115,7 @@ class GroupWriter:
         self._put((_STOP, None))
         self._closed = True
         self._thread.join()
+        self._pool.shutdown()
         self._check()
 
     def __enter__(self) -> "GroupWriter":
@@ -163,11 +172,17 @@ class GroupWriter:
         }
         n = cols["seq"].shape[0]
         r1, m1 = r0 + n, m0 + len(self._buf)
-        for a in ROW_ARRAYS:  # data first, past the committed count
+        shard = self.store.layout.rows_per_shard
+        cuts = [r0] + list(range(r0 - r0 % shard + shard, r1, shard)) + [r1]
+        futs = []
+        for a in ROW_ARRAYS:  # data first, past the committed count; shards in parallel
             arr = g[a]
             if arr.shape[0] != r1:
                 arr.resize((r1,) + arr.shape[1:])
-            arr[r0:r1] = cols[a]
+            for p0, p1 in zip(cuts[:-1], cuts[1:]):
+                futs.append(self._pool.submit(arr.__setitem__, slice(p0, p1), cols[a][p0 - r0:p1 - r0]))
+        for f in futs:
+            f.result()
         lengths = np.array([b[1].shape[0] for b in self._buf], dtype=np.int64)
         index = {
             "seq": np.array([b[0] for b in self._buf], dtype=np.int64),

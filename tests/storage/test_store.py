@@ -213,3 +213,12 @@ def test_fsspec_url(tmp_path):
         w.append_sequence(0, np.ones((5, 256), np.uint16), np.arange(5), np.arange(5), prompt_id="x")
     assert [s.prompt_id for s in StoreReader(url).sequences()] == ["x"]
     assert CaptureStore.open(url).verify() == []
+
+
+def test_direct_shard_reads_equal_zarr_reads(tmp_path, monkeypatch):
+    from requant.storage import reader as reader_mod
+    store = _filled(tmp_path)
+    fast = [b.hidden for b in StoreReader(store.path).batches(max_rows=100)]
+    monkeypatch.setattr(reader_mod._ShardFile, "usable", staticmethod(lambda s: False))
+    slow = [b.hidden for b in StoreReader(store.path).batches(max_rows=100)]
+    assert len(fast) == len(slow) and all(np.array_equal(a, b) for a, b in zip(fast, slow))
