@@ -11,18 +11,20 @@ batches.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import google_crc32c
 import numpy as np
-from numcodecs.zstd import Zstd
+import zstandard
 
 from .schema import ROW_ARRAYS, StoreError
 
 DECODE_FACTOR = 4.5
-_ZSTD = Zstd()
+_ZSTD = threading.local()  # zstandard releases the GIL while decoding (numcodecs' decode
+                            # scales worse across threads: measured in benchmarks/README.md)
 from .store import CaptureStore
 
 
@@ -223,7 +225,12 @@ class _ShardFile:
         if len(blob) != nbytes or not _crc_ok(memoryview(blob)[:-4], blob[-4:]):
             raise StoreError(f"{self.path}: chunk {j} checksum mismatch (corrupted or truncated)")
         body = memoryview(blob)[:-4]
-        raw = _ZSTD.decode(body) if self.compressed else body
+        if self.compressed:
+            if not hasattr(_ZSTD, "d"):
+                _ZSTD.d = zstandard.ZstdDecompressor()
+            raw = _ZSTD.d.decompress(body)
+        else:
+            raw = body
         chunk = np.frombuffer(raw, dtype="<u2").reshape(self.rows_per_chunk, self.width)
         c0 = self.first_row + j * self.rows_per_chunk
         out[...] = chunk[r0 - c0:r1 - c0]
