@@ -163,10 +163,10 @@ def main() -> None:
         print(f"{key:34s} write {r['write_GBps']:6.2f} GB/s  read {r['read_GBps']:6.2f} GB/s  ratio {r['ratio']:.3f}",
               flush=True)
     default = Layout()
-    for rpc in (128, 512, 1024):
+    for rpc, per_shard in ((256, 4), (512, 2), (2048, 1)):
         if rpc * 2 > a.rows:
             continue
-        lay = Layout(rows_per_chunk=rpc, chunks_per_shard=max(1, 1024 // rpc), compressor=default.compressor,
+        lay = Layout(rows_per_chunk=rpc, chunks_per_shard=per_shard, compressor=default.compressor,
                      level=default.level, shuffle=default.shuffle)
         key = f"{default.compressor}:{default.level}:{default.shuffle}:{rpc}x{lay.chunks_per_shard}"
         r = res["configs"][key] = bench_store(root, data, a.seq_len, a.hidden, a.hc, lay, a.threads)
