@@ -287,11 +287,15 @@ def main():
         busy = sum(e.self_device_time_total for e in ka) / 1e6
         print(ka.table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70))
         print(f"[profile] wall {t_prof:.3f}s, summed kernel time {busy:.3f}s")
-    times = []
-    for _ in range(a.repeat):
-        res, t = timed(lambda: run_ours(w1, w2, w3, h_in, h_mid, cfg, batch))
-        times.append(t)
-    t = sorted(times)[len(times) // 2]
+    def median_run(c):
+        run_ours(w1[:1], w2[:1], w3[:1], _sub(h_in, 1), _sub(h_mid, 1), c, 1)  # warm-up (Triton JIT)
+        times = []
+        for _ in range(a.repeat):
+            res, t = timed(lambda: run_ours(w1, w2, w3, h_in, h_mid, c, batch))
+            times.append(t)
+        return res, sorted(times)[len(times) // 2], times
+
+    res, t, times = median_run(cfg)
     err, err_rtn, fb = errors_ours(res, w1, w2, w3, h_in, h_mid, batch, spec)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
     result["ours"] = {"seconds": t, "seconds_all": times, "mean_rel_err": err, "mean_rel_err_rtn": err_rtn,
@@ -321,19 +325,13 @@ def main():
                     "fp32update": dict(tf32_update=False), "rows32": dict(triton_rows=32),
                     "rows8": dict(triton_rows=8), "warps8": dict(triton_warps=8),
                     "rows32w8": dict(triton_rows=32, triton_warps=8),
-                    "pipe4": dict(pipeline=4), "chol512": dict(cholesky_block=512),
+                    "chol512": dict(cholesky_block=512),
                     "cusolver": dict(cholesky_block=0), "chol2048": dict(cholesky_block=2048),
                     "chol1024": dict(cholesky_block=1024),
                     "lazy128": dict(lazy_block=128), "lazy1024": dict(lazy_block=1024)}
         if v not in variants:
             continue
-        vcfg = GPTQConfig(spec=spec, **variants[v])
-        run_ours(w1[:1], w2[:1], w3[:1], _sub(h_in, 1), _sub(h_mid, 1), vcfg, 1)  # JIT warm-up
-        times = []
-        for _ in range(a.repeat):
-            res, t = timed(lambda: run_ours(w1, w2, w3, h_in, h_mid, vcfg, batch))
-            times.append(t)
-        t = sorted(times)[len(times) // 2]
+        res, t, times = median_run(GPTQConfig(spec=spec, **variants[v]))
         verr, _, vfb = errors_ours(res, w1, w2, w3, h_in, h_mid, batch, spec)
         result[f"ours_{v}"] = {"seconds": t, "seconds_all": times, "mean_rel_err": verr, "non_gptq_paths": vfb}
         print(f"[gptq ours {v}] {t:.3f}s  err {verr:.3e}", flush=True)

@@ -31,7 +31,7 @@ without ``g_idx`` assumes groups of consecutive input columns.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -57,7 +57,6 @@ class GPTQConfig:
     triton_warps: int = 4
     tf32_update: bool = True    # CUDA: lazy block update in TF32 (see benchmarks/README.md)
     lazy_block: int = 512       # columns per outer lazy update (multiple of block_size)
-    pipeline: int = 1           # sub-batches; on CUDA their factorisation overlaps quantisation
     cholesky_block: int = 512   # >0: blocked factorisation, batched-GEMM updates (ul_cholesky)
 
     def __post_init__(self) -> None:
@@ -199,36 +198,7 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig(
         raise ValueError("non-finite weights")
     if not torch.isfinite(h).all():
         raise ValueError("non-finite Hessian")
-    parts = max(1, min(cfg.pipeline, w.shape[0]))
-    # Software pipeline over sub-batches: on CUDA, cuSOLVER factors sub-batch i+1 on a side
-    # stream (it runs far below the GPU's throughput) while sub-batch i is quantised on the
-    # main stream; only the first factorisation is exposed. On CPU: plain sub-batches.
-    cuda = w.is_cuda
-    main = torch.cuda.current_stream() if cuda else None
-    side = torch.cuda.Stream() if cuda else None
-    if cuda:
-        side.wait_stream(main)  # inputs are ready
-    bounds = torch.linspace(0, w.shape[0], parts + 1).round().long().tolist()
-    chunks = [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
-
-    def factor(i: int) -> dict:
-        with torch.cuda.stream(side) if cuda else nullcontext():
-            return _factor_stage(w[chunks[i]], h[chunks[i]], cfg)
-
-    results, nxt = [], factor(0)
-    for i in range(parts):
-        st = nxt
-        if cuda:
-            main.wait_stream(side)
-            for t in st.values():
-                if isinstance(t, torch.Tensor) and t.is_cuda:
-                    t.record_stream(main)
-        results.append(_quantize_stage(w[chunks[i]], st, cfg))
-        if i + 1 < parts:
-            nxt = factor(i + 1)
-    return GPTQResult(q=torch.cat([r.q for r in results]), scale=torch.cat([r.scale for r in results]),
-                      damp=torch.cat([r.damp for r in results]), path=sum((r.path for r in results), []),
-                      dead=torch.cat([r.dead for r in results]), loss=torch.cat([r.loss for r in results]))
+    return _quantize_stage(w, _factor_stage(w, h, cfg), cfg)
 
 
 def _factor_stage(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig) -> dict:
