@@ -52,3 +52,42 @@ def test_vllm_cpu_serves_it_with_mtp_speculative_decoding(dsv3):
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
     res = json.loads(line.removeprefix("RESULT "))
     assert len(res["out"]) == 12 and len(res["prompt"]) > 3
+
+
+@pytest.fixture(scope="module")
+def dsv4(tmp_path_factory):
+    from requant.hooks.fixtures import make_dsv4
+    return make_dsv4(tmp_path_factory.mktemp("dsv4"), seed=0)
+
+
+def test_dsv4_fixture_upstream_naming_with_mtp_layer(dsv4, tmp_path):
+    from requant.hooks.fixtures import make_dsv4
+    again = make_dsv4(tmp_path / "again", seed=0)
+    assert (dsv4 / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+    f = safe_open(str(dsv4 / "model.safetensors"), "pt")
+    keys = set(f.keys())
+    assert {"embed.weight", "head.weight", "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale"} <= keys
+    mtp = {k.removeprefix("mtp.0.") for k in keys if k.startswith("mtp.0.")}
+    cfg = json.loads((dsv4 / "config.json").read_text())
+    expected = ({"enorm.weight", "hnorm.weight", "e_proj.weight", "h_proj.weight", "norm.weight",
+                 "hc_head_fn", "hc_head_base", "hc_head_scale", "attn_norm.weight", "ffn_norm.weight",
+                 "attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_a.weight", "attn.wo_b.weight",
+                 "attn.q_norm.weight", "attn.kv_norm.weight", "attn.attn_sink", "ffn.gate.weight", "ffn.gate.bias",
+                 "ffn.shared_experts.w1.weight", "ffn.shared_experts.w2.weight", "ffn.shared_experts.w3.weight"}
+                | {f"hc_{a}_{b}" for a in ("attn", "ffn") for b in ("fn", "base", "scale")}
+                | {f"ffn.experts.{e}.w{i}.weight" for e in range(cfg["n_routed_experts"]) for i in (1, 2, 3)})
+    assert mtp == expected  # the upstream MTP census: no compressor, indexer, embedding or head
+    assert f.get_slice("mtp.0.ffn.experts.0.w1.weight").get_shape() == [cfg["moe_intermediate_size"], cfg["hidden_size"]]
+    assert f.get_slice("mtp.0.hc_attn_fn").get_dtype() == "F32"
+
+
+def test_dsv4_fixture_runs_in_transformers(dsv4):
+    from transformers import AutoModelForCausalLM
+    # (transformers' DSV4 needs float32 on CPU: its fp32 mHC output meets bf16 linears in bf16 mode)
+    model, info = AutoModelForCausalLM.from_pretrained(dsv4, dtype=torch.float32, output_loading_info=True)
+    assert info["missing_keys"] == [] or not info["missing_keys"]
+    assert all(k.startswith("mtp.") for k in info["unexpected_keys"])
+    assert model.config.layer_types[:2] == ["sliding_attention", "compressed_sparse_attention"]
+    with torch.no_grad():
+        logits = model(torch.tensor([[0, 5, 6, 7, 8, 9]])).logits
+    assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
