@@ -1,0 +1,124 @@
+"""MTP master weights: the ``mtp.0.*`` (DeepSeek-V4) or ``model.layers.{n}.*`` (DeepSeek-V3)
+tensors of a checkpoint, dequantised to bf16.
+
+Formats on disk (``../shared/notes/dsv4-mtp-reference.md`` §1.4):
+* BF16/F32 tensors pass through.
+* FP8 E4M3 linears with one scale per 128×128 block, the scale named ``.scale`` (upstream),
+  ``.weight_scale_inv`` (vLLM/HF) or ``.weight_scale``, stored as E8M0 (2^(byte−127)), uint8
+  E8M0 bytes, or F32: ``W = w · s`` broadcast over blocks.
+* MXFP4 routed experts: int8 bytes holding two E2M1 codes (low nibble = even input column),
+  one E8M0 scale per 32 inputs: ``W[o, i] = LUT[code] · 2^(s[o, i//32] − 127)``.
+A checkpoint whose ``mtp.*`` holds DSpark stages instead of a classic MTP layer is refused.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+SCALE_SUFFIXES = (".scale", ".weight_scale_inv", ".weight_scale")
+_FP4_LUT = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+_DSPARK_MARKERS = ("main_proj", "confidence_head", "dspark")
+
+
+def e8m0_to_float(s: torch.Tensor) -> torch.Tensor:
+    """E8M0 scales (float8_e8m0fnu, their uint8 bytes, or already float) → float32."""
+    if s.dtype == torch.float8_e8m0fnu:
+        s = s.view(torch.uint8)
+    if s.dtype == torch.uint8:
+        if (s == 255).any():
+            raise ValueError("E8M0 scale 0xFF (NaN) in checkpoint")
+        return torch.exp2(s.float() - 127.0)
+    return s.float()
+
+
+def dequant_fp8_block(w: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+    out_f, in_f = w.shape
+    s = e8m0_to_float(scale)
+    if s.shape != (-(-out_f // block), -(-in_f // block)):
+        raise ValueError(f"FP8 scale shape {tuple(s.shape)} does not tile weight {tuple(w.shape)} in {block}×{block} blocks")
+    s = s.repeat_interleave(block, 0).repeat_interleave(block, 1)[:out_f, :in_f]
+    return (w.float() * s).to(torch.bfloat16)
+
+
+def dequant_mxfp4(packed: torch.Tensor, scale: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """int8 [out, in/2] (two E2M1 codes per byte, low nibble first) + E8M0 [out, in/32]."""
+    b = packed.view(torch.uint8)
+    codes = torch.stack([b & 0x0F, b >> 4], dim=-1).flatten(-2).long()  # [out, in]
+    s = e8m0_to_float(scale)
+    if s.shape != (codes.shape[0], codes.shape[1] // group):
+        raise ValueError(f"MXFP4 scale shape {tuple(s.shape)} does not match weight [{codes.shape[0]}, {codes.shape[1]}]")
+    return (_FP4_LUT[codes] * s.repeat_interleave(group, 1)).to(torch.bfloat16)
+
+
+def _shards(path: Path) -> dict[str, Path]:
+    """tensor name → file, from a checkpoint directory (index or every shard) or one shard."""
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            return {k: path for k in f.keys()}
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return {k: path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no .safetensors files")
+    out = {}
+    for p in files:
+        with safe_open(str(p), "pt") as f:
+            out.update({k: p for k in f.keys()})
+    return out
+
+
+def mtp_prefix(config: dict) -> str:
+    if config.get("model_type") == "deepseek_v4" or "hc_mult" in config:
+        return "mtp.0."
+    return f"model.layers.{config['num_hidden_layers']}."
+
+
+def load_mtp_weights(path: str | Path, prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """The MTP layer's tensors (names relative to the prefix), dequantised to bf16 where quantised."""
+    path = Path(path)
+    if prefix is None:
+        cfg_file = (path if path.is_dir() else path.parent) / "config.json"
+        if not cfg_file.exists():
+            raise FileNotFoundError(f"{cfg_file}: needed to locate the MTP layer (or pass prefix=)")
+        config = json.loads(cfg_file.read_text())
+        if any(k.startswith("dspark") for k in config):
+            raise ValueError(f"{cfg_file}: this revision ships DSpark stages under mtp.*, not a classic MTP layer; "
+                             "requant quantises classic MTP layers only")
+        prefix = mtp_prefix(config)
+    where = _shards(path)
+    names = sorted(k for k in where if k.startswith(prefix))
+    if not names:
+        raise ValueError(f"{path}: no tensors under {prefix!r} — the checkpoint has no MTP layer "
+                         "(was it saved by a tool that drops mtp.*?)")
+    dspark = [k for k in names if any(m in k for m in _DSPARK_MARKERS)]
+    if dspark:
+        raise ValueError(f"{path}: {dspark[0]} — DSpark stages under mtp.*, not a classic MTP layer")
+    scales = {k for k in names if k.endswith(SCALE_SUFFIXES)}
+    out: dict[str, torch.Tensor] = {}
+    handles: dict[Path, object] = {}
+
+    def get(name: str) -> torch.Tensor:
+        p = where[name]
+        if p not in handles:
+            handles[p] = safe_open(str(p), "pt")
+        return handles[p].get_tensor(name)
+
+    for name in names:
+        if name in scales:
+            continue
+        t = get(name)
+        rel = name[len(prefix):]
+        if t.dtype in (torch.float8_e4m3fn, torch.int8):
+            base = name.removesuffix(".weight")
+            sname = next((base + s for s in SCALE_SUFFIXES if base + s in where), None)
+            if sname is None:
+                raise ValueError(f"{path}: {name} is {t.dtype} but has no scale ({', '.join(base + s for s in SCALE_SUFFIXES)})")
+            s = get(sname)
+            out[rel] = dequant_fp8_block(t, s) if t.dtype == torch.float8_e4m3fn else dequant_mxfp4(t, s)
+        else:
+            out[rel] = t
+    return out
