@@ -30,9 +30,11 @@ def _serve(model, env, max_tokens=6):
     return json.loads(line.removeprefix("RESULT "))
 
 
-def test_capture_equals_independent_forward(dsv3, tmp_path):
+@pytest.mark.parametrize("multiprocess", ["0", "1"], ids=["in-process", "engine-core-process"])
+def test_capture_equals_independent_forward(dsv3, tmp_path, multiprocess):
     store_path = tmp_path / "cap"
-    results = _serve(dsv3, {"REQUANT_CAPTURE": str(store_path), "REQUANT_CAPTURE_WRITER": "replica0"})
+    results = _serve(dsv3, {"REQUANT_CAPTURE": str(store_path), "REQUANT_CAPTURE_WRITER": "replica0",
+                            "VLLM_ENABLE_V1_MULTIPROCESSING": multiprocess})
     store = CaptureStore.open(str(store_path))
     assert store.verify() == []
     assert store.meta.capture_point == "target_pre_head" and store.meta.hidden_size == 256
