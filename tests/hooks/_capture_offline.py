@@ -9,8 +9,9 @@ def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
+    spec = {"method": "mtp", "num_speculative_tokens": 1} if sys.argv[3:] == ["mtp"] else None
     llm = LLM(sys.argv[1], enforce_eager=True, dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=512,
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, speculative_config=spec)
     prompts = [[{"role": "user", "content": c}] for c in
                ("tell me about the model", "why the router", "write code for a hessian sample please")]
     outs = llm.chat(prompts, SamplingParams(max_tokens=int(sys.argv[2]), temperature=0, ignore_eos=True))

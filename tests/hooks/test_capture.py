@@ -22,19 +22,20 @@ def dsv3(tmp_path_factory):
     return make_dsv3(tmp_path_factory.mktemp("dsv3"), seed=0)
 
 
-def _serve(model, env, max_tokens=6):
-    out = subprocess.run([sys.executable, str(SCRIPT), str(model), str(max_tokens)], env={**os.environ, **env},
+def _serve(model, env, max_tokens=6, spec=()):
+    out = subprocess.run([sys.executable, str(SCRIPT), str(model), str(max_tokens), *spec], env={**os.environ, **env},
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
 
 
-@pytest.mark.parametrize("multiprocess", ["0", "1"], ids=["in-process", "engine-core-process"])
-def test_capture_equals_independent_forward(dsv3, tmp_path, multiprocess):
+@pytest.mark.parametrize("multiprocess, spec", [("0", ()), ("1", ()), ("0", ("mtp",))],
+                         ids=["in-process", "engine-core-process", "mtp-speculative-decoding"])
+def test_capture_equals_independent_forward(dsv3, tmp_path, multiprocess, spec):
     store_path = tmp_path / "cap"
     results = _serve(dsv3, {"REQUANT_CAPTURE": str(store_path), "REQUANT_CAPTURE_WRITER": "replica0",
-                            "VLLM_ENABLE_V1_MULTIPROCESSING": multiprocess})
+                            "VLLM_ENABLE_V1_MULTIPROCESSING": multiprocess}, max_tokens=8, spec=spec)
     store = CaptureStore.open(str(store_path))
     assert store.verify() == []
     assert store.meta.capture_point == "target_pre_head" and store.meta.hidden_size == 256
