@@ -1,44 +1,88 @@
-"""vLLM general plugin: capture the target model's pre-head states into a capture store.
+"""vLLM general plugin: stream capture points of a live server into capture stores.
 
 Registered under the ``vllm.general_plugins`` entry point, so vLLM calls ``register()`` in
-every process it starts; nothing happens unless ``REQUANT_CAPTURE=<store path or URL>`` is
-set. Then, in each worker, after the model loads, a forward hook on the target CausalLM
-copies its output — the final hidden states, which vLLM hands the MTP layer as
-``previous_hidden_states`` — for every scheduled token.
+every process it starts (front end, engine core, workers); it does nothing unless
+``REQUANT_CAPTURE`` names a store. Then, in each worker, right after the model (and the
+MTP drafter) loads, the configured capture points (``hooks/points.py``) are resolved on
+the real module tree — a point that matches nothing, a missing MTP drafter, CUDA graphs /
+torch.compile, prefix caching or an unusable store stop the server before it serves.
+Only tensor-parallel rank 0 writes (states are replicated after the all-reduce).
 
-Row bookkeeping: a forward's rows are the scheduled tokens of the persistent batch's
-requests in batch order (``input_batch.req_ids`` × ``num_scheduled_tokens``). Rows are kept
-per request *by position*, so a recomputed (preempted) or re-verified position overwrites
-its earlier row. When vLLM drops a finished request's state, its token list (prompt +
-output) is known: positions 0..n−2 are written as one sequence with ``next_token`` =
-tokens[p+1], after checking each row's input token against that list (rows of rejected
-speculative tokens fail the check and are counted, not written).
+Row bookkeeping (vLLM V1): a forward's rows are the scheduled tokens of the persistent
+batch's requests in batch order (``input_batch.req_ids`` × ``num_scheduled_tokens``), taken
+when the target forward starts. The MTP layer's first call after a target forward uses the
+same layout (vLLM's padded drafter batch); later draft steps (k > 1) are not MTP inputs of
+target states and are skipped. Rows are kept per request and written when vLLM drops the
+request's state (finished or aborted) — then its full token list is known — by
+``requant.capture`` (recomputed / rejected positions resolved there; see assembler.py).
+Requests still running at shutdown are written at exit.
 
-This first version captures DeepSeek-V3-style targets (``target_pre_head``); it requires
-eager mode and no prefix caching (cached prompt positions would never be computed).
-Environment: ``REQUANT_CAPTURE`` (store), ``REQUANT_CAPTURE_WRITER`` (writer group name;
-default ``<host>-<pid>``), ``REQUANT_CAPTURE_MODEL`` (model name for the store metadata).
+Environment:
+  REQUANT_CAPTURE          store path or URL (required to switch capture on)
+  REQUANT_CAPTURE_POINTS   comma-separated points (default ``target_pre_head``); with more than
+                           one, each goes to ``<store>/<point>``
+  REQUANT_CAPTURE_WRITER   writer group name (default ``<host>-<pid>``)
+  REQUANT_CAPTURE_REPLICA  replica number recorded per sequence (default 0)
+  REQUANT_CAPTURE_MODEL    model name for the store metadata (default: the served model)
+  REQUANT_CAPTURE_STATS    file to write the capture counters to (JSON) at exit
 """
 from __future__ import annotations
 
 import atexit
+import json
+import logging
 import os
 import socket
 import threading
+from dataclasses import dataclass
 
 ENV_STORE = "REQUANT_CAPTURE"
+POINT_NAMES = ("target_pre_head", "mtp_input")
+log = logging.getLogger("requant.hooks")
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    store: str
+    points: tuple[str, ...] = ("target_pre_head",)
+    writer: str = ""
+    replica: int = 0
+    model: str = ""
+    stats_file: str = ""
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "PluginConfig | None":
+        store = env.get(ENV_STORE, "")
+        if not store:
+            return None
+        points = tuple(p.strip() for p in env.get("REQUANT_CAPTURE_POINTS", "target_pre_head").split(",") if p.strip())
+        bad = [p for p in points if p not in POINT_NAMES]
+        if bad or not points or len(set(points)) != len(points):
+            raise ValueError(f"REQUANT_CAPTURE_POINTS={env.get('REQUANT_CAPTURE_POINTS')!r}: expected distinct "
+                             f"names from {', '.join(POINT_NAMES)}")
+        try:
+            replica = int(env.get("REQUANT_CAPTURE_REPLICA", "0"))
+        except ValueError:
+            raise ValueError(f"REQUANT_CAPTURE_REPLICA={env['REQUANT_CAPTURE_REPLICA']!r} is not an integer") from None
+        return cls(store, points, env.get("REQUANT_CAPTURE_WRITER", ""), replica,
+                   env.get("REQUANT_CAPTURE_MODEL", ""), env.get("REQUANT_CAPTURE_STATS", ""))
+
+    def store_for(self, point: str) -> str:
+        return self.store if len(self.points) == 1 else f"{self.store.rstrip('/')}/{point}"
 
 
 def register() -> None:
-    """Entry point: patch nothing unless capture is requested."""
-    if not os.environ.get(ENV_STORE):
+    """Entry point (every vLLM process): validate the configuration, then extend the model
+    runner so capture starts in each worker after its model loads."""
+    cfg = PluginConfig.from_env()  # a bad setting fails here, before any engine starts
+    if cfg is None:
         return
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if getattr(GPUModelRunner, "_requant_capture", False):
         return
-    execute_model = GPUModelRunner.execute_model
-    removed = GPUModelRunner._on_request_state_removed
+    # vLLM has no post-load callback for plugins: wrap the three runner methods capture
+    # needs (load_model; the scheduler output of each step; the request-state removal hook).
     runners = [GPUModelRunner]
     try:  # the CPU runner overrides load_model
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
@@ -47,12 +91,14 @@ def register() -> None:
         pass
     for cls in runners:
         if "load_model" in cls.__dict__:
-            cls.load_model = _with_capture(cls.__dict__["load_model"])
+            cls.load_model = _after_load(cls.__dict__["load_model"], cfg)
+    execute_model = GPUModelRunner.execute_model
+    removed = GPUModelRunner._on_request_state_removed
 
     def execute_model_with_capture(self, scheduler_output, *args, **kwargs):
         cap = getattr(self, "_requant", None)
         if cap is not None:
-            cap.step = scheduler_output
+            cap.scheduler_output = scheduler_output
         return execute_model(self, scheduler_output, *args, **kwargs)
 
     def removed_with_capture(self, req_id, req_state, *args, **kwargs):
@@ -66,104 +112,147 @@ def register() -> None:
     GPUModelRunner._requant_capture = True
 
 
-def _with_capture(load_model):
+def _after_load(load_model, cfg: PluginConfig):
     def load_model_with_capture(self, *args, **kwargs):
         out = load_model(self, *args, **kwargs)
-        self._requant = _Capture(self)
+        self._requant = WorkerCapture(self, cfg)
         return out
     return load_model_with_capture
 
 
-class _Capture:
-    """Per-worker capture state: pending rows per request, the store writer, counters."""
+class WorkerCapture:
+    """One worker's capture: hooks on the loaded model, a Capturer per point (rank 0)."""
 
-    def __init__(self, runner):
-        from requant.storage import CaptureStore, StoreMeta
+    def __init__(self, runner, cfg: PluginConfig):
+        from requant.capture import Capturer
 
-        self.runner = runner
-        self.step = None
-        self.pending: dict[str, dict[int, tuple]] = {}
-        self.seq = 0
-        self.rejected_rows = 0
-        self.lock = threading.Lock()
-        if not runner.model_config.enforce_eager:
+        from .attach import attach
+        from .points import CapturePointError, find_point, row_shape
+
+        self.runner, self.cfg = runner, cfg
+        self.scheduler_output = None
+        self.layout: tuple[list[str], list[int]] | None = None
+        self.mtp_pending = False
+        mc = runner.model_config
+        if not mc.enforce_eager:
             raise RuntimeError("requant capture needs eager mode (enforce_eager=True / --enforce-eager): "
                                "forward hooks do not run inside CUDA graphs or torch.compile'd code")
         if runner.cache_config.enable_prefix_caching:
             raise RuntimeError("requant capture needs prefix caching off (--no-enable-prefix-caching): "
                                "cached prompt positions are never computed, so their rows would be missing")
-        # The top-level CausalLM's forward returns the final hidden states (logits are computed
-        # separately); hook it rather than the decoder stack, which vLLM may torch.compile
-        # (a compiled module's own hooks never fire).
-        target = runner.get_model()
-        hidden = runner.model_config.get_hidden_size()
         try:
             from vllm.distributed import get_tensor_model_parallel_rank
-            self.writes = get_tensor_model_parallel_rank() == 0  # states are replicated after all-reduce
-        except Exception:  # noqa: BLE001 — no distributed state: single rank
+            self.writes = get_tensor_model_parallel_rank() == 0
+        except Exception:  # noqa: BLE001 — no distributed state: a single rank
             self.writes = True
-        url = os.environ[ENV_STORE]
-        meta = StoreMeta(hidden_size=hidden, hc_mult=1, capture_point="target_pre_head",
-                         model=os.environ.get("REQUANT_CAPTURE_MODEL", runner.model_config.model))
-        self.store = CaptureStore.create(url, meta, exist_ok=True)  # errors out early on a bad store
-        name = os.environ.get("REQUANT_CAPTURE_WRITER", f"{socket.gethostname()}-{os.getpid()}")
-        self.writer = self.store.writer(name) if self.writes else None
-        target.register_forward_hook(self._hook, with_kwargs=True)
+        arch = (mc.architectures or [type(runner.get_model()).__name__])[0]
+        target = runner.get_model()
+        # Batch layout: taken when the target forward starts (scheduler output → rows).
+        target.register_forward_pre_hook(self._take_layout)
+        self.capturers = {}
+        for name in cfg.points:
+            point = find_point(name, "vllm", arch)
+            if point.tree == "drafter":
+                drafter = getattr(getattr(runner, "drafter", None), "model", None)
+                if drafter is None:
+                    raise CapturePointError(f"capture point {name!r} reads the MTP layer, but this server runs no MTP "
+                                            "speculative decoding (--speculative-config "
+                                            "'{\"method\":\"mtp\",\"num_speculative_tokens\":1}'); "
+                                            "target_pre_head captures the same rows without it")
+                root = drafter
+            else:
+                root = target
+            hidden, hc = row_shape(point, mc.hf_config)
+            cap = self._capturer(name, hidden, hc, point.ids_offset, Capturer) if self.writes else None
+            self.capturers[name] = cap
+            attach(point, root, self._on_rows(name, cap, point.tree == "drafter"), hidden * hc)
         # Flush before the interpreter shuts thread pools down (plain atexit runs too late
-        # for the writer's encode pool and zarr's I/O loop); atexit stays as a fallback.
-        register_early = getattr(threading, "_register_atexit", None)
-        (register_early or atexit.register)(self.close)
+        # for the store writer's encode pool); atexit stays as a fallback.
+        (getattr(threading, "_register_atexit", None) or atexit.register)(self.close)
 
-    def _hook(self, module, args, kwargs, output) -> None:
-        if not self.writes or self.step is None:
-            return
-        hidden = output[0] if isinstance(output, tuple) else output
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        pos = kwargs.get("positions", args[1] if len(args) > 1 else None)
-        if ids is None or pos is None:
+    def _capturer(self, name: str, hidden: int, hc: int, ids_offset: int, capturer_cls):
+        from requant.storage import CaptureStore, StoreMeta
+
+        mc, cfg = self.runner.model_config, self.cfg
+        url = cfg.store_for(name)
+        spec = self.runner.speculative_config
+        meta = StoreMeta(hidden_size=hidden, hc_mult=hc, capture_point=name, model=cfg.model or mc.model,
+                         provenance={"engine": "vllm", "vllm": _vllm_version(),
+                                     "speculative": getattr(spec, "method", None) if spec else None})
+        store = CaptureStore.create(url, meta, exist_ok=True)  # unwritable / other width: fails here
+        if store.meta.capture_point != name:
+            raise ValueError(f"{url}: store holds capture point {store.meta.capture_point!r}, not {name!r}")
+        writer_name = cfg.writer or f"{socket.gethostname()}-{os.getpid()}"
+        writer = store.writer(writer_name)
+        max_tokens = self.runner.scheduler_config.max_num_batched_tokens
+        return capturer_cls(writer, width=hidden * hc, rows_per_step=max_tokens, ids_offset=ids_offset,
+                            replica=cfg.replica, first_seq_id=writer.stats.sequences)
+
+    def _take_layout(self, module, args) -> None:
+        so, self.scheduler_output = self.scheduler_output, None  # dummy/profile runs: none
+        self.mtp_pending = so is not None
+        if so is None:
+            self.layout = None
             return
         req_ids = list(self.runner.input_batch.req_ids)
-        counts = [self.step.num_scheduled_tokens.get(r, 0) for r in req_ids]
-        total = sum(counts)
-        if total == 0 or hidden.shape[0] < total:
-            return  # a warm-up or dummy run, not scheduled tokens
-        h = hidden[:total].detach().to("cpu", copy=True)
-        ids = ids[:total].to("cpu").tolist()
-        pos = pos[:total].to("cpu").tolist()
-        with self.lock:
-            start = 0
-            for r, n in zip(req_ids, counts):
-                rows = self.pending.setdefault(r, {})
-                for i in range(start, start + n):
-                    rows[pos[i]] = (h[i], ids[i])
-                start += n
+        self.layout = (req_ids, [so.num_scheduled_tokens.get(r, 0) for r in req_ids])
 
-    def finish(self, req_id: str, state) -> None:
-        import torch
+    def _on_rows(self, name: str, cap, drafter: bool):
+        def on_rows(hidden, ids, positions):
+            if cap is None or self.layout is None:
+                return
+            if drafter:  # only the first MTP call of a step takes target states
+                if not self.mtp_pending:
+                    return
+                self.mtp_pending = False
+            req_ids, counts = self.layout
+            cap.add_step(req_ids, counts, hidden, ids, positions)
+        return on_rows
 
-        with self.lock:
-            rows = self.pending.pop(req_id, None)
-        if not self.writes or not rows:
-            return
-        tokens = list(state.prompt_token_ids or []) + list(state.output_token_ids)
-        n = len(tokens) - 1  # the last sampled token is never fed through the model
-        good = [p for p in range(n) if p in rows and rows[p][1] == tokens[p]]
-        self.rejected_rows += len(rows) - len(good)
-        if len(good) != n:
-            raise RuntimeError(f"requant capture: request {req_id} has rows for {len(good)} of {n} positions")
-        hidden = torch.stack([rows[p][0] for p in range(n)])
-        self.writer.append_sequence(self.seq, hidden, torch.tensor(tokens[1:]), torch.arange(n),
-                                    prompt_id=req_id)
-        self.seq += 1
-
-    def close(self) -> None:
-        """Flush at exit: requests still held by the runner (vLLM reports a request finished
-        only on the *next* step, which never comes for the last batch) are complete then."""
-        if self.writer is None:
-            return
+    def finish_completed(self) -> None:
+        """Write requests whose last sampled token completes them (max_tokens or a stop
+        token id) now, rather than when vLLM reports them finished — that report only comes
+        with the next step, which an idle server may never run before it is shut down.
+        Requests ended by stop strings or aborts are written when vLLM drops their state."""
         for req_id in list(self.pending):
             state = self.runner.requests.get(req_id)
-            if state is not None:
+            sp = getattr(state, "sampling_params", None)
+            outs = getattr(state, "output_token_ids", None)
+            if sp is None or not outs or min(outs) < 0:  # -1: placeholder of an async step
+                continue
+            if (sp.max_tokens is not None and len(outs) >= sp.max_tokens) or (
+                    outs[-1] in sp.all_stop_token_ids and len(outs) >= sp.min_tokens):
                 self.finish(req_id, state)
-        self.writer.close()
-        self.writer = None
+
+    def finish(self, req_id: str, state) -> None:
+        tokens = list(state.prompt_token_ids or []) + list(state.output_token_ids)
+        for cap in self.capturers.values():
+            if cap is not None:
+                cap.finish(req_id, tokens)
+
+    def close(self) -> None:
+        """At exit: requests still held by the runner (vLLM reports a request finished only
+        on the *next* step, which never comes for the last batch) are complete now."""
+        caps = [c for c in self.capturers.values() if c is not None]
+        if not caps:
+            return
+        for req_id, state in list(self.runner.requests.items()):
+            self.finish(req_id, state)
+        stats = {}
+        for name, cap in self.capturers.items():
+            if cap is not None:
+                cap.close()
+                stats[name] = cap.stats.as_dict()
+        self.capturers = {}
+        log.info("requant capture stats: %s", stats)
+        if self.cfg.stats_file:
+            with open(self.cfg.stats_file, "w") as f:
+                json.dump(stats, f)
+
+
+def _vllm_version() -> str:
+    try:
+        import vllm
+        return vllm.__version__
+    except Exception:  # noqa: BLE001
+        return "?"

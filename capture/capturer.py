@@ -1,0 +1,202 @@
+"""The capture pipeline between a hook and a store.
+
+    hook thread:   add_step(...)  → copy rows into a staging slot (non_blocking) → queue
+                   finish(req)    → queue
+    writer thread: wait for the copy, split rows per request (SequenceAssembler), and on
+                   finish append the whole sequence to the sink (a storage GroupWriter,
+                   which has its own background thread); commit every ``commit_every_s``.
+
+The hook never touches the store and never waits on I/O; it waits only when every staging
+slot or queue entry is in use (back-pressure, visible in ``stats.blocked_seconds``). Rows
+are never dropped silently: a finished request whose rows are incomplete is counted in
+``dropped_sequences``/``dropped_rows`` and logged.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .assembler import IncompleteSequence, SequenceAssembler
+from .sink import RowSink
+from .staging import HostStaging
+
+log = logging.getLogger("requant.capture")
+_STOP = object()
+
+
+@dataclass
+class CaptureStats:
+    steps: int = 0                  # forward calls captured
+    rows: int = 0                   # rows handed to the store (whole sequences)
+    bytes: int = 0                  # hidden-state bytes of those rows
+    sequences: int = 0
+    dropped_sequences: int = 0      # finished requests that could not be written (must stay 0)
+    dropped_rows: int = 0
+    superseded_rows: int = 0        # recomputed positions / rejected speculative slots, not written
+    blocked_seconds: float = 0.0    # time hooks waited for a staging slot or queue entry
+    max_queued: int = 0
+    oversized_steps: int = 0        # steps larger than rows_per_step (one-off buffers)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Capturer:
+    """Streams one capture point's rows into ``sink``; thread-safe producer side."""
+
+    def __init__(self, sink: RowSink, width: int, rows_per_step: int, ids_offset: int = 0, slots: int = 4,
+                 queue_size: int = 256, commit_every_s: float = 2.0, replica: int = 0, first_seq_id: int = 0,
+                 pin: bool | None = None):
+        self.sink, self.width, self.replica = sink, width, replica
+        self.staging = HostStaging(width, rows_per_step, slots, pin)
+        self.assembler = SequenceAssembler(ids_offset)
+        self.commit_every_s = commit_every_s
+        self._stats = CaptureStats()
+        self._queue_blocked = 0.0
+        self._next_seq = first_seq_id
+        self._q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._closed = False
+        self._last_commit = time.monotonic()
+        self._uncommitted = False
+        self._thread = threading.Thread(target=self._run, name="requant-capture", daemon=True)
+        self._thread.start()
+
+    # -- producer side (hooks, runner) ---------------------------------------------------
+    def add_step(self, req_ids: list[str], counts: list[int], hidden: torch.Tensor, input_ids: torch.Tensor,
+                 positions: torch.Tensor) -> None:
+        """Rows of one forward: the first sum(counts) rows belong to req_ids in order."""
+        self._check()
+        total = sum(counts)
+        if total == 0:
+            return
+        if hidden.shape[0] < total or input_ids.shape[0] < total or positions.shape[0] < total:
+            raise ValueError(f"capture: step has {hidden.shape[0]} rows, {total} scheduled tokens")
+        slot = self.staging.stage(hidden[:total].detach(), input_ids[:total], positions[:total])
+        self._put(("rows", list(req_ids), list(counts), slot))
+        self._stats.steps += 1
+
+    def finish(self, req_id: str, tokens: list[int], prompt_id: str | None = None) -> None:
+        """The request is done; ``tokens`` = prompt + output ids."""
+        self._check()
+        self._put(("finish", req_id, list(tokens), req_id if prompt_id is None else prompt_id))
+
+    def flush(self) -> None:
+        """Wait until everything queued so far is processed and committed."""
+        done = threading.Event()
+        self._put(("flush", done))
+        while not done.wait(0.05):
+            self._check()
+        self._check()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._put((_STOP,))
+        self._thread.join()
+        self.sink.close()
+        if self.assembler.pending:
+            log.warning("requant capture: %d unfinished requests not written at close",
+                        len(self.assembler.pending))
+        self._check()
+
+    def _put(self, item) -> None:
+        try:
+            self._q.put_nowait(item)
+        except queue.Full:
+            t0 = time.perf_counter()
+            while True:
+                self._check()
+                try:
+                    self._q.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            self._queue_blocked += time.perf_counter() - t0
+        self._stats.max_queued = max(self._stats.max_queued, self._q.qsize())
+
+    @property
+    def stats(self) -> CaptureStats:
+        self._stats.blocked_seconds = self.staging.blocked_seconds + self._queue_blocked
+        self._stats.oversized_steps = self.staging.oversized
+        return self._stats
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"requant capture failed: {self._error}") from self._error
+
+    # -- writer thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._q.get()
+                kind = item[0]
+                if kind is _STOP:
+                    self._commit()
+                    return
+                if kind == "rows":
+                    self._rows(*item[1:])
+                elif kind == "finish":
+                    self._finish(*item[1:])
+                elif kind == "flush":
+                    self._commit()
+                    item[1].set()
+                if self._uncommitted and time.monotonic() - self._last_commit > self.commit_every_s:
+                    self._commit()
+        except BaseException as e:  # surfaced to producers on their next call
+            self._error = e
+            log.exception("requant capture writer thread failed")
+
+    def _rows(self, req_ids: list[str], counts: list[int], slot) -> None:
+        slot.wait()
+        t = slot.rows
+        hidden = slot.hidden[:t].view(torch.int16).numpy().view(np.uint16)
+        ids = slot.input_ids[:t].numpy()
+        pos = slot.positions[:t].numpy()
+        start = 0
+        for r, n in zip(req_ids, counts):
+            if n:  # copies: the slot is reused for the next step
+                self.assembler.add(r, pos[start:start + n].copy(), ids[start:start + n].copy(),
+                                   hidden[start:start + n].copy())
+            start += n
+        self.staging.release(slot)
+
+    def _finish(self, req_id: str, tokens: list[int], prompt_id: str) -> None:
+        pending_rows = sum(len(c[0]) for c in self.assembler.pending.get(req_id, _Empty).chunks)
+        try:
+            seq = self.assembler.finish(req_id, tokens)
+        except IncompleteSequence as e:
+            self._stats.dropped_sequences += 1
+            self._stats.dropped_rows += pending_rows
+            log.error("requant capture: %s — sequence not written", e)
+            return
+        if seq is None:
+            return
+        self.sink.append_sequence(self._next_seq, seq.hidden, seq.next_token, seq.position,
+                                  prompt_id=prompt_id, replica=self.replica)
+        self._next_seq += 1
+        self._uncommitted = True
+        st = self._stats
+        st.sequences += 1
+        st.rows += len(seq.position)
+        st.bytes += seq.hidden.nbytes
+        st.superseded_rows += seq.superseded
+
+    def _commit(self) -> None:
+        if self._uncommitted:
+            flush = getattr(self.sink, "flush", None)
+            if flush is not None:
+                flush()
+        self._uncommitted = False
+        self._last_commit = time.monotonic()
+
+
+class _Empty:
+    chunks: list = []

