@@ -105,11 +105,12 @@ class GroupWriter:
         item = (int(seq_id), h, nt.astype(np.int32), pos.astype(np.int32), str(prompt_id), int(replica))
         self._put(item)
 
-    def flush(self) -> None:
-        """Commit everything queued so far (returns once it is committed)."""
+    def flush(self, wait: bool = True) -> None:
+        """Commit everything queued so far; returns once committed, or at once with
+        ``wait=False`` (the writer thread commits in the background)."""
         done = threading.Event()
         self._put((_FLUSH, done))
-        while not done.wait(0.05):
+        while wait and not done.wait(0.05):
             self._check()
         self._check()
 
