@@ -39,6 +39,7 @@ from dataclasses import dataclass
 ENV_STORE = "REQUANT_CAPTURE"
 POINT_NAMES = ("target_pre_head", "mtp_input")
 log = logging.getLogger("requant.hooks")
+_ACTIVE: list["WorkerCapture"] = []  # this process's worker captures (close_all)
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class WorkerCapture:
         # Flush before the interpreter shuts thread pools down (plain atexit runs too late
         # for the store writer's encode pool); atexit stays as a fallback.
         (getattr(threading, "_register_atexit", None) or atexit.register)(self.close)
+        _ACTIVE.append(self)
 
     def _capturer(self, name: str, hidden: int, hc: int, ids_offset: int, capturer_cls):
         from requant.storage import CaptureStore, StoreMeta
@@ -248,6 +250,13 @@ class WorkerCapture:
         if self.cfg.stats_file:
             with open(self.cfg.stats_file, "w") as f:
                 json.dump(stats, f)
+
+
+def close_all() -> None:
+    """Write pending requests and close the stores of every worker capture in this process
+    (in-process engines: VLLM_ENABLE_V1_MULTIPROCESSING=0); otherwise this happens at exit."""
+    while _ACTIVE:
+        _ACTIVE.pop().close()
 
 
 def _vllm_version() -> str:
