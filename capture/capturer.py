@@ -136,7 +136,11 @@ class Capturer:
     def _run(self) -> None:
         try:
             while True:
-                item = self._q.get()
+                try:  # idle: commit what is written, so a quiet server's rows become visible
+                    item = self._q.get(timeout=self.commit_every_s)
+                except queue.Empty:
+                    self._commit()
+                    continue
                 kind = item[0]
                 if kind is _STOP:
                     self._commit()

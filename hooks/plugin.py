@@ -82,8 +82,9 @@ def register() -> None:
 
     if getattr(GPUModelRunner, "_requant_capture", False):
         return
-    # vLLM has no post-load callback for plugins: wrap the three runner methods capture
-    # needs (load_model; the scheduler output of each step; the request-state removal hook).
+    # vLLM has no post-load callback for plugins: wrap the runner methods capture needs
+    # (load_model; each step's scheduler output; sampling, after which finished requests are
+    # known; the request-state removal hook).
     runners = [GPUModelRunner]
     try:  # the CPU runner overrides load_model
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
@@ -94,6 +95,7 @@ def register() -> None:
         if "load_model" in cls.__dict__:
             cls.load_model = _after_load(cls.__dict__["load_model"], cfg)
     execute_model = GPUModelRunner.execute_model
+    sample_tokens = GPUModelRunner.sample_tokens
     removed = GPUModelRunner._on_request_state_removed
 
     def execute_model_with_capture(self, scheduler_output, *args, **kwargs):
@@ -102,6 +104,13 @@ def register() -> None:
             cap.scheduler_output = scheduler_output
         return execute_model(self, scheduler_output, *args, **kwargs)
 
+    def sample_tokens_with_capture(self, *args, **kwargs):
+        out = sample_tokens(self, *args, **kwargs)
+        cap = getattr(self, "_requant", None)
+        if cap is not None:
+            cap.after_sampling()
+        return out
+
     def removed_with_capture(self, req_id, req_state, *args, **kwargs):
         cap = getattr(self, "_requant", None)
         if cap is not None and req_state is not None:
@@ -109,6 +118,7 @@ def register() -> None:
         return removed(self, req_id, req_state, *args, **kwargs)
 
     GPUModelRunner.execute_model = execute_model_with_capture
+    GPUModelRunner.sample_tokens = sample_tokens_with_capture
     GPUModelRunner._on_request_state_removed = removed_with_capture
     GPUModelRunner._requant_capture = True
 
@@ -134,10 +144,15 @@ class WorkerCapture:
         self.scheduler_output = None
         self.layout: tuple[list[str], list[int]] | None = None
         self.mtp_pending = False
+        self.written: set[str] = set()  # requests already written when sampling finished them
         mc = runner.model_config
         if not mc.enforce_eager:
             raise RuntimeError("requant capture needs eager mode (enforce_eager=True / --enforce-eager): "
                                "forward hooks do not run inside CUDA graphs or torch.compile'd code")
+        if getattr(runner, "use_async_scheduling", False):
+            raise RuntimeError("requant capture needs async scheduling off (--no-async-scheduling): with it the "
+                               "worker holds placeholder ids for sampled tokens, so rows cannot be paired with "
+                               "their next tokens")
         if runner.cache_config.enable_prefix_caching:
             raise RuntimeError("requant capture needs prefix caching off (--no-enable-prefix-caching): "
                                "cached prompt positions are never computed, so their rows would be missing")
@@ -226,8 +241,30 @@ class WorkerCapture:
                     outs[-1] in sp.all_stop_token_ids and len(outs) >= sp.min_tokens):
                 self.finish(req_id, state)
 
+    def after_sampling(self) -> None:
+        """Write requests this step finished as soon as their last token is sampled: vLLM
+        tells the worker only on the *next* step, which an idle server never runs."""
+        if not self.writes:
+            return
+        max_len = self.runner.max_model_len
+        for req_id in self.runner.input_batch.req_ids:
+            state = self.runner.requests.get(req_id)
+            if req_id in self.written or state is None:
+                continue
+            tokens = finished_tokens(state, max_len)
+            if tokens is not None:
+                self.written.add(req_id)
+                self._finish(req_id, tokens)
+
     def finish(self, req_id: str, state) -> None:
-        tokens = list(state.prompt_token_ids or []) + list(state.output_token_ids)
+        """vLLM dropped the request's state (finished — e.g. a stop string, which only the
+        front end sees — or aborted)."""
+        if req_id in self.written:
+            self.written.discard(req_id)
+            return
+        self._finish(req_id, list(state.prompt_token_ids or []) + list(state.output_token_ids))
+
+    def _finish(self, req_id: str, tokens: list[int]) -> None:
         for cap in self.capturers.values():
             if cap is not None:
                 cap.finish(req_id, tokens)
@@ -240,6 +277,7 @@ class WorkerCapture:
             return
         for req_id, state in list(self.runner.requests.items()):
             self.finish(req_id, state)
+        self.written.clear()
         stats = {}
         for name, cap in self.capturers.items():
             if cap is not None:
@@ -250,6 +288,26 @@ class WorkerCapture:
         if self.cfg.stats_file:
             with open(self.cfg.stats_file, "w") as f:
                 json.dump(stats, f)
+
+
+def finished_tokens(state, max_model_len: int) -> list[int] | None:
+    """Prompt + output ids if the scheduler will stop this request on what it has sampled
+    (the checks of vLLM's ``check_stop``, token by token as the scheduler applies them to
+    speculative tokens); None while it runs on."""
+    sp = state.sampling_params
+    if sp is None:  # pooling
+        return None
+    prompt, out = list(state.prompt_token_ids or []), list(state.output_token_ids)
+    if not out or -1 in out:
+        return None
+    max_tokens = sp.max_tokens if sp.max_tokens is not None else max_model_len - len(prompt)
+    eos = None if sp.ignore_eos else sp.eos_token_id
+    stops = set(sp.stop_token_ids or ())
+    for k in range(1, len(out) + 1):
+        t = out[k - 1]
+        if (t == eos and eos is not None) or t in stops or len(prompt) + k >= max_model_len or k >= max_tokens:
+            return prompt + out[:k]
+    return None
 
 
 def close_all() -> None:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-
 from requant.hooks.fixtures import make_dsv3
 from requant.storage import CaptureStore, StoreReader
+
+from ._reference import check_against_reference, hf_final_hidden
 
 SCRIPT = Path(__file__).with_name("_capture_offline.py")
 
@@ -27,14 +27,7 @@ def dsv3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(dsv3):
-    """transformers' forward of a token list: the final hidden states (fp32)."""
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(dsv3, dtype=torch.float32)
-
-    def forward(tokens):
-        with torch.no_grad():
-            return model(torch.tensor([tokens]), output_hidden_states=True).hidden_states[-1][0]
-    return forward
+    return hf_final_hidden(dsv3)
 
 
 def _serve(model, env, max_tokens=8, opts=None, check=True):
@@ -58,31 +51,13 @@ def _sequences(store_path):
     return store, {s.prompt_id.split("-")[0]: s for s in StoreReader(store).sequences()}
 
 
-def _check_against_reference(results, seqs, reference):
-    assert sorted(seqs) == sorted(r["req"] for r in results)
-    rels = []
-    for r in results:
-        s, tokens = seqs[r["req"]], r["tokens"]
-        n = len(tokens) - 1  # prompt + generated − 1: the last sampled token is never fed back
-        assert len(s.hidden) == n
-        assert s.next_token.tolist() == tokens[1:] and s.position.tolist() == list(range(n))
-        ref = reference(tokens[:-1])
-        got = torch.from_numpy(s.hidden.view(np.int16)).view(torch.bfloat16).float()
-        rels += ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).tolist()
-    # bf16 vLLM kernels vs an fp32 transformers forward: ~1–3% per row; a random-weight router
-    # can flip a near-tied expert choice for a token (seen: one row at 22%). A row from the
-    # wrong position or request would be ≥ 100% off.
-    rels = np.array(rels)
-    assert (rels < 0.05).mean() >= 0.9 and rels.max() < 0.5, rels
-
-
 def test_chunked_prefill_and_preemption_in_process(dsv3, reference, tmp_path):
     # 16-token steps split every prompt (chunked prefill); 5 KV blocks of 16 tokens for three
     # requests growing to 32–40 tokens force preemption and recomputation.
     results = _serve(dsv3, _env(tmp_path / "cap", tmp_path), max_tokens=24, opts={"chunk": 16, "blocks": 5})
     store, seqs = _sequences(tmp_path / "cap")
     assert store.meta.capture_point == "target_pre_head" and store.meta.hidden_size == 256
-    _check_against_reference(results, seqs, reference)
+    check_against_reference(results, seqs, reference)
     stats = json.loads((tmp_path / "stats.json").read_text())["target_pre_head"]
     assert stats["dropped_sequences"] == 0 and stats["dropped_rows"] == 0
     assert stats["sequences"] == len(results) and stats["rows"] == sum(len(r["tokens"]) - 1 for r in results)
@@ -91,7 +66,7 @@ def test_chunked_prefill_and_preemption_in_process(dsv3, reference, tmp_path):
 
 def test_engine_core_process(dsv3, reference, tmp_path):
     results = _serve(dsv3, _env(tmp_path / "cap", tmp_path, VLLM_ENABLE_V1_MULTIPROCESSING="1"))
-    _check_against_reference(results, _sequences(tmp_path / "cap")[1], reference)
+    check_against_reference(results, _sequences(tmp_path / "cap")[1], reference)
 
 
 def test_mtp_speculative_decoding_both_points_agree(dsv3, reference, tmp_path):
@@ -100,7 +75,7 @@ def test_mtp_speculative_decoding_both_points_agree(dsv3, reference, tmp_path):
     _, target = _sequences(tmp_path / "cap" / "target_pre_head")
     store, mtp = _sequences(tmp_path / "cap" / "mtp_input")
     assert store.meta.capture_point == "mtp_input"
-    _check_against_reference(results, target, reference)
+    check_against_reference(results, target, reference)
     for req, s in target.items():  # the MTP layer's own inputs, row for row, bit for bit
         m = mtp[req]
         assert np.array_equal(m.hidden, s.hidden) and np.array_equal(m.next_token, s.next_token)
