@@ -9,12 +9,12 @@
 
 `requant store info PATH` / `requant store verify PATH` inspect and check a store.
 """
-from .reader import Batch, SequenceRows, StoreReader
+from .reader import Batch, SequenceRows, StoreReader, as_bf16_tensor
 from .schema import (CorruptStoreError, IncompatibleStoreError, Layout, NotAStoreError, StoreError,
                      StoreMeta)
 from .store import CaptureStore, StoreInfo
 from .writer import GroupWriter, WriterStats
 
-__all__ = ["Batch", "CaptureStore", "CorruptStoreError", "GroupWriter", "IncompatibleStoreError",
+__all__ = ["as_bf16_tensor", "Batch", "CaptureStore", "CorruptStoreError", "GroupWriter", "IncompatibleStoreError",
            "Layout", "NotAStoreError", "SequenceRows", "StoreError", "StoreInfo", "StoreMeta",
            "StoreReader", "WriterStats"]

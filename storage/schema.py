@@ -21,7 +21,10 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import asdict, dataclass, field
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Format 1 (requant before chunk-existence checks) skipped chunks equal to the fill value;
+# it reads the same, only `verify` cannot tell a missing chunk file from an empty one there.
+READABLE_FORMATS = (1, 2)
 ROOT_ATTR = "requant_store"
 COMMIT_ATTR = "requant_commit"
 WRITERS = "writers"
@@ -78,9 +81,10 @@ class StoreMeta:
 
     @classmethod
     def from_json(cls, data: dict, path: str) -> "StoreMeta":
-        if data.get("format") != FORMAT_VERSION:
+        if data.get("format") not in READABLE_FORMATS:
             raise IncompatibleStoreError(
-                f"{path}: store format {data.get('format')!r}, this requant reads format {FORMAT_VERSION}")
+                f"{path}: store format {data.get('format')!r}, this requant reads formats "
+                f"{', '.join(map(str, READABLE_FORMATS))} (written by requant {data.get('requant_version', '?')})")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 

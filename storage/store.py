@@ -107,6 +107,11 @@ class CaptureStore:
     def group_path(self, name: str) -> str:
         return f"{self.path.rstrip('/')}/{WRITERS}/{name}"
 
+    def group_dir(self, name: str) -> Path | None:
+        """The directory of a writer group of a local store; None for remote stores."""
+        local = _local(self.path)
+        return None if local is None else local / WRITERS / name
+
     def committed(self, name: str) -> tuple[int, int]:
         """(rows, sequences) committed in a writer group."""
         c = self.group(name).attrs.get(COMMIT_ATTR)
@@ -185,53 +190,80 @@ class CaptureStore:
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
     def verify(self) -> list[str]:
-        """Read every committed chunk (crc32c-checked) and check the index; returns problems."""
-        problems: list[str] = []
+        """Read every committed chunk (crc32c-checked), check that every chunk file a
+        committed row needs exists (local stores) and that the index agrees with the rows;
+        returns the problems found, each naming its path."""
         try:
             names = self.writer_names()
         except StoreError as e:
             return [str(e)]
-        for name in names:
-            gp = self.group_path(name)
-            try:
-                rows, nseq = self.committed(name)
-                g = self.group(name)
-                idx = self.index(name)
-            except StoreError as e:
-                problems.append(str(e))
-                continue
-            for a in ROW_ARRAYS:
-                if a not in g:
-                    problems.append(f"{gp}: missing array {a!r}")
-                    continue
-                if g[a].shape[0] < rows:
-                    problems.append(f"{gp}/{a}: {g[a].shape[0]} rows < {rows} committed")
-            if problems:
-                continue
-            step = self.layout.rows_per_chunk
-            seq_col = np.empty(rows, dtype=np.int64)
-            for a in ROW_ARRAYS:
-                for r0 in range(0, rows, step):
-                    try:
-                        data = g[a][r0:min(r0 + step, rows)]
-                    except Exception as e:  # noqa: BLE001 — codec errors differ by codec
-                        problems.append(f"{gp}/{a}: rows {r0}–{min(r0 + step, rows)} unreadable "
-                                        f"(chunk {r0 // step}): {type(e).__name__}: {e}")
-                        continue
-                    if a == "seq":
-                        seq_col[r0:r0 + len(data)] = data
-            first, length = idx["first_row"], idx["length"]
-            if nseq and (first[0] != 0 or np.any(first[1:] != first[:-1] + length[:-1])):
-                problems.append(f"{gp}/index: sequences are not contiguous from row 0")
-            if int(length.sum()) != rows:
-                problems.append(f"{gp}/index: lengths sum to {int(length.sum())}, committed rows {rows}")
-            if np.any(length <= 0):
-                problems.append(f"{gp}/index: empty sequence entries")
-            elif not problems:
-                expect = np.repeat(idx["seq"], length)
-                if len(expect) == rows and not np.array_equal(expect, seq_col):
-                    problems.append(f"{gp}/seq: row sequence ids disagree with the index")
+        return [p for name in names for p in self._verify_group(name)]
+
+    def _verify_group(self, name: str) -> list[str]:
+        gp = self.group_path(name)
+        try:
+            rows, nseq = self.committed(name)
+            g = self.group(name)
+            idx = self.index(name)
+        except StoreError as e:
+            return [str(e)]
+        problems = [f"{gp}: missing array {a!r}" for a in ROW_ARRAYS if a not in g]
+        problems += [f"{gp}/{a}: {g[a].shape[0]} rows < {rows} committed"
+                     for a in ROW_ARRAYS if a in g and g[a].shape[0] < rows]
+        if problems:
+            return problems
+        problems += self._missing_files(name, rows, nseq)
+        from .reader import _ShardFile  # direct reads: they also catch a missing shard
+
+        lay, step = self.layout, self.layout.rows_per_chunk
+        direct = _ShardFile.usable(self)
+        seq_col = np.empty(rows, dtype=np.int64)
+        shard = None
+        for a in ROW_ARRAYS:
+            for r0 in range(0, rows, step):
+                r1 = min(r0 + step, rows)
+                try:
+                    if direct and a == "hidden":
+                        k = r0 // lay.rows_per_shard
+                        if shard is None or shard.k != k:
+                            shard = _ShardFile(self, name, k)
+                        shard.read_rows(r0, r1, np.empty((r1 - r0, self.meta.row_width), np.uint16))
+                    else:
+                        data = g[a][r0:r1]
+                        if a == "seq":
+                            seq_col[r0:r1] = data
+                except Exception as e:  # noqa: BLE001 — codec errors differ by codec
+                    problems.append(f"{gp}/{a}: rows {r0}–{r1} unreadable (chunk {r0 // step}): "
+                                    f"{type(e).__name__}: {e}")
+                    shard = None
+        first, length = idx["first_row"], idx["length"]
+        if nseq and (first[0] != 0 or np.any(first[1:] != first[:-1] + length[:-1])):
+            problems.append(f"{gp}/index: sequences are not contiguous from row 0")
+        if int(length.sum()) != rows:
+            problems.append(f"{gp}/index: lengths sum to {int(length.sum())}, committed rows {rows}")
+        if np.any(length <= 0):
+            problems.append(f"{gp}/index: empty sequence entries")
+        elif not problems:
+            expect = np.repeat(idx["seq"], length)
+            if len(expect) == rows and not np.array_equal(expect, seq_col):
+                problems.append(f"{gp}/seq: row sequence ids disagree with the index")
         return problems
+
+    def _missing_files(self, name: str, rows: int, nseq: int) -> list[str]:
+        """Chunk files committed rows need (a missing one would read as zeros: stores of
+        this format write every chunk, empty or not). Local stores only."""
+        d = self.group_dir(name)
+        if d is None or self.meta.format < 2:
+            return []
+        lay, gp = self.layout, self.group_path(name)
+        shards = -(-rows // lay.rows_per_shard)
+        want = [(f"hidden/c/{k}/0", k * lay.rows_per_shard) for k in range(shards)]
+        want += [(f"{a}/c/{k}", k * lay.rows_per_shard) for a in ROW_ARRAYS[1:] for k in range(shards)]
+        missing = [f"{gp}/{rel}: missing chunk file (rows from {r0})" for rel, r0 in want if not (d / rel).is_file()]
+        ichunks = -(-nseq // lay.index_rows_per_chunk)
+        missing += [f"{gp}/index/{a}/c/{c}: missing chunk file" for a in INDEX_ARRAYS
+                    for c in range(ichunks) if not (d / "index" / a / "c" / str(c)).is_file()]
+        return missing
 
 
 @dataclass
@@ -249,13 +281,23 @@ class StoreInfo:
         return self.raw_bytes / self.stored_bytes if self.stored_bytes else None
 
 
-def fsync_tree(path: str, names: list[str]) -> None:
-    """fsync files under ``path`` (local stores) so committed chunks survive power loss."""
+def fsync_paths(root: str | Path, names: list[str]) -> None:
+    """fsync the files ``names`` under ``root`` that exist, their directories and ``root``
+    itself, so committed chunks and their renames survive power loss (local stores)."""
+    root = Path(root)
+    dirs = {root}
     for rel in names:
-        p = os.path.join(path, rel)
-        if os.path.isfile(p):
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        p = root / rel
+        if p.is_file():
+            _fsync(p)
+            dirs.add(p.parent)
+    for d in dirs:
+        _fsync(d)
+
+
+def _fsync(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,33 +1,46 @@
-"""Append-only writer for one writer group: a background thread behind a bounded queue.
+"""Append-only writer for one writer group: a background pipeline behind a bounded queue.
+
+    producer ─append_sequence─▶ queue (bounded) ─▶ writer thread ─▶ commit queue (1) ─▶ committer
+                                                    seals batches,     waits for the batch's
+                                                    assigns rows,      shards, writes the small
+                                                    submits hidden     columns and the index,
+                                                    shards to a pool   fsyncs, then commits
 
 Crash safety: rows are written past the committed count, then their sequences' index
-entries, then (local stores) the touched files are fsynced, and only then the group's
-commit record {"rows", "sequences"} is replaced — one atomic object write (tmp file +
-rename locally, a single PUT on object stores). A crash at any point leaves the previous
-commit intact; rows past it are invisible and are overwritten when a writer reopens the
-group. Zarr rewrites a partially filled shard as a whole new object, so committed rows
-that share a shard with new ones are never exposed to a torn write.
+entries; on local stores every touched file and directory is fsynced; only then is the
+group's commit record {"rows", "sequences"} replaced — one atomic object write (zarr's tmp
+file + rename locally, a single PUT on object stores). A crash at any point leaves the
+previous commit intact; rows past it are invisible and are overwritten when a writer
+reopens the group. Every object is replaced whole (tmp + rename), so committed rows that
+share a shard with new ones are never exposed to a torn write.
+
+Encoding batch k+1 overlaps committing batch k; at most two sealed batches and one
+filling batch (``flush_bytes`` each) plus ``queue_size`` sequences are held in memory.
+One writer per group: local groups are locked (flock on the group directory, released by
+the kernel when the process dies); object stores cannot be locked — give each process its
+own writer name.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import google_crc32c
+import crc32c
+import numcodecs.zstd as nzstd
 import numpy as np
-from numcodecs.zstd import Zstd
 
-from .schema import COMMIT_ATTR, ROW_ARRAYS, StoreError
-from .store import CaptureStore, fsync_tree
+from .schema import COMMIT_ATTR, INDEX_ARRAYS, ROW_ARRAYS, CorruptStoreError, StoreError
+from .store import CaptureStore, fsync_paths
 
-_ZSTD = {level: Zstd(level=level) for level in range(-7, 23)}
 _FLUSH = object()
 _STOP = object()
+_EMPTY = 2**64 - 1  # sharding index entry of a chunk that is not stored
 
 
 @dataclass
@@ -38,6 +51,18 @@ class WriterStats:
     queued: int = 0             # sequences waiting in the queue
     blocked_seconds: float = 0  # time appenders spent waiting on a full queue (back-pressure)
     dropped: int = 0            # always 0: appends block rather than drop
+
+
+@dataclass
+class _Sealed:
+    """A batch of whole sequences with its rows [r0, r1) and index entries [m0, m1)."""
+    r0: int
+    r1: int
+    m0: int
+    m1: int
+    items: list
+    shard_futs: list = field(default_factory=list)
+    events: list = field(default_factory=list)
 
 
 def _as_uint16_rows(hidden, width: int, where: str) -> np.ndarray:
@@ -59,37 +84,85 @@ def _as_uint16_rows(hidden, width: int, where: str) -> np.ndarray:
     return np.array(hidden, copy=True)  # the caller may reuse its (pinned) buffer
 
 
+class _GroupLock:
+    """flock on the group directory: one writer per group, across threads and processes."""
+
+    def __init__(self, directory: Path, where: str):
+        self.fd = os.open(directory, os.O_RDONLY)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise StoreError(f"{where}: another writer has this group open (one writer per group; "
+                             f"give each process its own writer name)") from None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+
 class GroupWriter:
-    """Writes whole sequences into ``writers/<name>``; resumes after the last commit."""
+    """Writes whole sequences into ``writers/<name>``; resumes after the last commit.
+
+    ``durable``: fsync before every commit (local stores). ``flush_bytes``: raw bytes per
+    commit batch (rounded to whole shards, at least one). ``threads``: encode/write pool.
+    """
 
     def __init__(self, store: CaptureStore, name: str, queue_size: int = 16, durable: bool = True,
-                 flush_rows: int | None = None, threads: int | None = None, flush_bytes: int = 512 << 20):
+                 flush_rows: int | None = None, threads: int | None = None, flush_bytes: int = 256 << 20):
         self.store, self.name = store, name
-        self.g = store._create_group(name)
         self.path = store.group_path(name)
+        self.g = store._create_group(name)
+        self._lock = None
+        local = store.group_dir(name)
+        if local is not None:
+            self._lock = _GroupLock(local, self.path)
+            for p in local.rglob("*.partial"):  # leftovers of writes a crash interrupted
+                p.unlink(missing_ok=True)
         rows, seqs = store.committed(name)
         self.stats = WriterStats(rows=rows, sequences=seqs)
         self.width = store.meta.row_width
-        self.durable = durable and store.is_local
-        # Compression runs on `threads` shards at once (codecs release the GIL), so a flush
-        # spans up to that many shards, within `flush_bytes` of buffered rows.
+        self.durable = durable and local is not None
+        self.layout = lay = store.layout
+        # Whole hidden shards are encoded and written by this module (same bytes as zarr's
+        # sharding codec; tests read them back with zarr): zarr-python 3.1 funnels all chunk
+        # I/O of a process through one event-loop thread (~0.35 GB/s measured).
+        self.direct = local is not None and lay.compressor in ("zstd", "none")
         self.threads = threads or min(16, os.cpu_count() or 1)
-        shard = store.layout.rows_per_shard
+        shard = lay.rows_per_shard
+        row_bytes = self.width * 2 + 16
         self.flush_rows = flush_rows or max(shard, min(self.threads * shard,
-                                                       flush_bytes // (self.width * 2 + 16) // shard * shard))
+                                                       flush_bytes // row_bytes // shard * shard))
+        self._arrays = {a: self.g[a].with_config({"write_empty_chunks": True}) for a in ROW_ARRAYS}
+        self._index = {a: self.g["index"][a].with_config({"write_empty_chunks": True}) for a in INDEX_ARRAYS}
+        # rows of the last, partial hidden shard (rewritten whole by the next batch) and the
+        # future of its last write (the next write of that shard waits for it: order)
+        self._tail = self._load_tail(rows) if self.direct else None
+        self._tail_fut: Future | None = None
+        self._next_row, self._next_seq = rows, seqs
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix=f"requant-encode-{name}")
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._cq: queue.Queue = queue.Queue(maxsize=1)
         self._buf: list[tuple] = []
         self._buf_rows = 0
         self._error: BaseException | None = None
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"requant-writer-{name}", daemon=True)
+        self._thread = threading.Thread(target=self._guard, args=(self._run,), name=f"requant-writer-{name}",
+                                        daemon=True)
+        self._committer = threading.Thread(target=self._guard, args=(self._commit_loop,),
+                                           name=f"requant-commit-{name}", daemon=True)
         self._thread.start()
+        self._committer.start()
 
     # -- producer side ------------------------------------------------------------------
     def append_sequence(self, seq_id: int, hidden, next_token, position, prompt_id: str = "",
                         replica: int = 0) -> None:
-        """Queue one whole sequence (rows in position order). Blocks while the queue is full."""
+        """Queue one whole sequence (rows in position order). Blocks while the queue is full.
+
+        ``hidden``: [T, hc_mult*hidden] or [T, hc_mult, hidden], torch.bfloat16 (any device)
+        or numpy uint16 bf16 bit patterns; copied before this returns. ``next_token`` and
+        ``position``: T integers (stored int32)."""
         if self._closed:
             raise StoreError(f"{self.path}: writer is closed")
         where = f"{self.path} seq {seq_id}"
@@ -103,24 +176,32 @@ class GroupWriter:
             if arr.shape != (t,) or not np.issubdtype(arr.dtype, np.integer):
                 raise ValueError(f"{where}: {label} must be {t} integers, got {arr.dtype} {tuple(arr.shape)}")
         item = (int(seq_id), h, nt.astype(np.int32), pos.astype(np.int32), str(prompt_id), int(replica))
-        self._put(item)
+        self._put(self._q, item)
+        self.stats.queued = self._q.qsize()
 
     def flush(self, wait: bool = True) -> None:
         """Commit everything queued so far; returns once committed, or at once with
-        ``wait=False`` (the writer thread commits in the background)."""
+        ``wait=False`` (the pipeline commits in the background)."""
         done = threading.Event()
-        self._put((_FLUSH, done))
+        self._put(self._q, (_FLUSH, done))
         while wait and not done.wait(0.05):
             self._check()
         self._check()
 
     def close(self) -> None:
+        """Commit what is queued, stop the threads and release the group."""
         if self._closed:
             return
-        self._put((_STOP, None))
         self._closed = True
+        try:
+            self._put(self._q, (_STOP, None))
+        except StoreError:
+            pass  # the pipeline died; the error is raised below
         self._thread.join()
+        self._committer.join()
         self._pool.shutdown()
+        if self._lock is not None:
+            self._lock.release()
         self._check()
 
     def __enter__(self) -> "GroupWriter":
@@ -129,121 +210,207 @@ class GroupWriter:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _put(self, item) -> None:
+    def _put(self, q: queue.Queue, item) -> None:
         t0 = time.perf_counter()
         while True:
             self._check()
             try:
-                self._q.put(item, timeout=0.1)
+                q.put(item, timeout=0.1)
                 break
             except queue.Full:
                 continue
-        self.stats.blocked_seconds += time.perf_counter() - t0
-        self.stats.queued = self._q.qsize()
+        if q is self._q:
+            self.stats.blocked_seconds += time.perf_counter() - t0
 
     def _check(self) -> None:
         if self._error is not None:
             raise StoreError(f"{self.path}: writer failed: {self._error}") from self._error
 
-    # -- writer thread ------------------------------------------------------------------
-    def _run(self) -> None:
+    def _guard(self, fn) -> None:
         try:
-            while True:
-                item = self._q.get()
-                if item[0] is _STOP:
-                    self._commit_buffer()
-                    return
-                if item[0] is _FLUSH:
-                    self._commit_buffer()
-                    item[1].set()
-                    continue
-                self._buf.append(item)
-                self._buf_rows += item[1].shape[0]
-                if self._buf_rows >= self.flush_rows:
-                    self._commit_buffer()
+            fn()
         except BaseException as e:  # surfaced to the producer on its next call
-            self._error = e
+            self._error = self._error or e
 
-    def _commit_buffer(self) -> None:
-        if not self._buf:
+    # -- writer thread: batches and hidden shards ---------------------------------------
+    def _run(self) -> None:
+        events: list = []
+        while True:
+            item = self._q.get()
+            if item[0] is _STOP:
+                self._seal(events)
+                self._put(self._cq, _STOP)
+                return
+            if item[0] is _FLUSH:
+                events.append(item[1])
+                self._seal(events)
+                events = []
+                continue
+            self._buf.append(item)
+            self._buf_rows += item[1].shape[0]
+            if self._buf_rows >= self.flush_rows:
+                self._seal([])
+
+    def _seal(self, events: list) -> None:
+        if not self._buf and not events:
             return
-        g, st = self.g, self.stats
-        r0, m0 = st.rows, st.sequences
-        cols = {
-            "hidden": np.concatenate([b[1] for b in self._buf]),
-            "next_token": np.concatenate([b[2] for b in self._buf]),
-            "position": np.concatenate([b[3] for b in self._buf]),
-            "seq": np.concatenate([np.full(b[1].shape[0], b[0], dtype=np.int64) for b in self._buf]),
-        }
-        n = cols["seq"].shape[0]
-        r1, m1 = r0 + n, m0 + len(self._buf)
-        shard = self.store.layout.rows_per_shard
-        cuts = [r0] + list(range(r0 - r0 % shard + shard, r1, shard)) + [r1]
-        direct = self.store.is_local and self.store.layout.compressor in ("zstd", "none")
-        futs = []
-        for a in ROW_ARRAYS:  # data first, past the committed count; shards in parallel
-            arr = g[a]
-            if arr.shape[0] != r1:
-                arr.resize((r1,) + arr.shape[1:])
-            for p0, p1 in zip(cuts[:-1], cuts[1:]):
-                piece = cols[a][p0 - r0:p1 - r0]
-                if direct and a == "hidden" and p1 - p0 == shard:  # whole shard: no zarr round trip
-                    futs.append(self._pool.submit(self._write_shard, p0 // shard, piece))
-                else:
-                    futs.append(self._pool.submit(arr.__setitem__, slice(p0, p1), piece))
-        for f in futs:
-            f.result()
-        lengths = np.array([b[1].shape[0] for b in self._buf], dtype=np.int64)
-        index = {
-            "seq": np.array([b[0] for b in self._buf], dtype=np.int64),
-            "first_row": r0 + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
-            "length": lengths,
-            "replica": np.array([b[5] for b in self._buf], dtype=np.int32),
-            "prompt_id": np.array([b[4] for b in self._buf], dtype=object).astype(str),
-        }
-        for a, values in index.items():  # then the index entries
-            arr = g["index"][a]
-            if arr.shape[0] != m1:
-                arr.resize((m1,))
-            arr[m0:m1] = values
-        if self.durable:
-            self._fsync(r0, r1, m0, m1)
-        g.attrs[COMMIT_ATTR] = {"rows": r1, "sequences": m1}  # the atomic commit
-        st.rows, st.sequences = r1, m1
-        st.bytes += sum(v.nbytes for v in cols.values())
+        r0, m0 = self._next_row, self._next_seq
+        b = _Sealed(r0, r0 + self._buf_rows, m0, m0 + len(self._buf), self._buf, events=events)
         self._buf, self._buf_rows = [], 0
+        if b.items and self.direct:
+            b.shard_futs = self._submit_shards(b)
+        self._next_row, self._next_seq = b.r1, b.m1
+        self._put(self._cq, b)
 
-    def _write_shard(self, k: int, rows: np.ndarray) -> None:
-        """Write one whole ``hidden`` shard in the Zarr v3 sharding layout this array declares
-        (chunks: bytes → zstd → crc32c; index at the end: (offset, nbytes) uint64 pairs +
-        crc32c), atomically. zarr-python funnels every chunk through one event-loop thread
-        (~0.35 GB/s per process, measured); here each shard is encoded on a pool thread and
-        numcodecs' zstd releases the GIL. tests/storage read these shards back with zarr."""
-        lay = self.store.layout
-        parts, index, off = [], np.empty((lay.chunks_per_shard, 2), dtype="<u8"), 0
+    def _submit_shards(self, b: _Sealed) -> list[Future]:
+        """One pool task per hidden shard the batch touches; the first may continue the
+        previous batch's partial shard (its rows are kept in ``self._tail``)."""
+        shard = self.layout.rows_per_shard
+        pieces, start = [], b.r0 - b.r0 % shard
+        if self._tail is not None and len(self._tail):
+            pieces.append(self._tail)
+        futs = []
+        row = b.r0
+        items = iter(b.items)
+        it, off = next(items), 0
+        while row < b.r1:
+            end = min(start + shard, b.r1)
+            while row < end:  # gather views of the items' rows up to the shard's end
+                take = min(end - row, it[1].shape[0] - off)
+                pieces.append(it[1][off:off + take])
+                row, off = row + take, off + take
+                if off == it[1].shape[0] and row < b.r1:
+                    it, off = next(items), 0
+            k = start // shard
+            prev = self._tail_fut if start < b.r0 else None
+            fut = self._pool.submit(self._write_shard, k, pieces, end - start, prev)
+            futs.append(fut)
+            if end - start < shard:  # partial: the next batch rewrites it
+                self._tail = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+                self._tail_fut = fut
+            else:
+                self._tail, self._tail_fut = None, None
+            pieces, start = [], end
+        return futs
+
+    def _load_tail(self, rows: int) -> np.ndarray | None:
+        shard = self.layout.rows_per_shard
+        if rows % shard == 0:
+            return None
+        try:
+            return np.asarray(self._arrays["hidden"][rows - rows % shard:rows])
+        except Exception as e:  # noqa: BLE001 — codec errors differ by codec
+            raise CorruptStoreError(f"{self.path}/hidden: the last partial shard (committed rows "
+                                    f"{rows - rows % shard}–{rows}) is unreadable: {type(e).__name__}: {e}") from e
+
+    def _write_shard(self, k: int, pieces: list, nrows: int, prev: Future | None) -> dict:
+        """Write hidden shard ``k`` (its first ``nrows`` rows) in the Zarr v3 sharding layout
+        the array declares — chunks bytes → zstd → crc32c, then the index of (offset,
+        nbytes) uint64 pairs + crc32c — as one atomic replace. Returns the encoded complete
+        chunks, which the next write of a partial shard reuses."""
+        cached = prev.result() if prev is not None else {}
+        lay, rpc = self.layout, self.layout.rows_per_chunk
+        rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        index = np.full((lay.chunks_per_shard, 2), _EMPTY, dtype="<u8")
+        blobs, complete, off = [], {}, 0
         for j in range(lay.chunks_per_shard):
-            raw = np.ascontiguousarray(rows[j * lay.rows_per_chunk:(j + 1) * lay.rows_per_chunk], dtype="<u2")
-            body = _ZSTD[lay.level].encode(raw) if lay.compressor == "zstd" else raw.tobytes()
-            blob = bytes(body) + np.uint32(google_crc32c.value(bytes(body))).tobytes()
-            parts.append(blob)
-            index[j] = (off, len(blob))
-            off += len(blob)
+            a, b = j * rpc, min((j + 1) * rpc, nrows)
+            if a >= nrows:
+                break  # not stored: reads as the fill value
+            if b - a == rpc and j in cached:
+                blob = cached[j]
+            else:
+                chunk = rows[a:b]
+                if b - a < rpc:  # zarr stores edge chunks whole, padded with the fill value
+                    chunk = np.zeros((rpc, self.width), dtype=np.uint16)
+                    chunk[:b - a] = rows[a:b]
+                chunk = np.ascontiguousarray(chunk, dtype="<u2")
+                body = (nzstd.compress(chunk, lay.level) if lay.compressor == "zstd"
+                        else memoryview(chunk.reshape(-1).view(np.uint8)))
+                blob = (body, crc32c.crc32c(body).to_bytes(4, "little"))
+            if b - a == rpc:
+                complete[j] = blob
+            blobs.append(blob)
+            n = memoryview(blob[0]).nbytes + 4
+            index[j] = (off, n)
+            off += n
         ib = index.tobytes()
-        parts.append(ib + np.uint32(google_crc32c.value(ib)).tobytes())
-        path = Path(self.path.removeprefix("file://")) / "hidden" / "c" / str(k) / "0"
+        path = Path(self.store.group_dir(self.name)) / "hidden" / "c" / str(k) / "0"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"0.{threading.get_ident()}.partial")
         with open(tmp, "wb") as f:
-            for part in parts:
-                f.write(part)
+            for body, crc in blobs:
+                f.write(body)
+                f.write(crc)
+            f.write(ib)
+            f.write(crc32c.crc32c(ib).to_bytes(4, "little"))
+            if self.durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        return complete
 
-    def _fsync(self, r0: int, r1: int, m0: int, m1: int) -> None:
-        lay = self.store.layout
-        shards = range(r0 // lay.rows_per_shard, (r1 - 1) // lay.rows_per_shard + 1)
-        ichunks = range(m0 // lay.index_rows_per_chunk, (m1 - 1) // lay.index_rows_per_chunk + 1)
-        names = [f"hidden/c/{s}/0" for s in shards]
-        names += [f"{a}/c/{s}" for a in ROW_ARRAYS[1:] for s in shards]
-        names += [f"index/{a}/c/{c}" for a in ("seq", "first_row", "length", "replica", "prompt_id") for c in ichunks]
-        names += [f"{a}/zarr.json" for a in ROW_ARRAYS] + ["index/prompt_id/zarr.json"]
-        fsync_tree(self.path.removeprefix("file://"), names)
+    # -- committer thread ---------------------------------------------------------------
+    def _commit_loop(self) -> None:
+        while True:
+            try:
+                b = self._cq.get(timeout=0.1)
+            except queue.Empty:
+                if self._error is not None:  # the writer thread died: nothing more comes
+                    return
+                continue
+            if b is _STOP:
+                return
+            if b.items:
+                self._commit(b)
+            for e in b.events:
+                e.set()
+
+    def _commit(self, b: _Sealed) -> None:
+        st, items = self.stats, b.items
+        for f in b.shard_futs:  # hidden data first (direct shards)
+            f.result()
+        cols = {
+            "next_token": np.concatenate([it[2] for it in items]),
+            "position": np.concatenate([it[3] for it in items]),
+            "seq": np.concatenate([np.full(it[1].shape[0], it[0], dtype=np.int64) for it in items]),
+        }
+        if not self.direct:
+            cols["hidden"] = np.concatenate([it[1] for it in items])
+        for a in ROW_ARRAYS:  # past the committed count
+            arr = self._arrays[a]
+            if arr.shape[0] < b.r1:
+                arr.resize((b.r1,) + arr.shape[1:])  # in place: metadata only
+            if a in cols:
+                arr[b.r0:b.r1] = cols[a]
+        lengths = np.array([it[1].shape[0] for it in items], dtype=np.int64)
+        index = {
+            "seq": np.array([it[0] for it in items], dtype=np.int64),
+            "first_row": b.r0 + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
+            "length": lengths,
+            "replica": np.array([it[5] for it in items], dtype=np.int32),
+            "prompt_id": np.array([it[4] for it in items], dtype=object).astype(str),
+        }
+        for a, values in index.items():  # then the index entries
+            arr = self._index[a]
+            if arr.shape[0] < b.m1:
+                arr.resize((b.m1,))
+            arr[b.m0:b.m1] = values
+        if self.durable:
+            fsync_paths(self.store.group_dir(self.name), self._touched(b))
+        self.g.attrs[COMMIT_ATTR] = {"rows": b.r1, "sequences": b.m1}  # the atomic commit
+        if self.durable:
+            fsync_paths(self.store.group_dir(self.name), ["zarr.json"])
+        st.rows, st.sequences = b.r1, b.m1
+        st.bytes += sum(it[1].nbytes + 16 * it[1].shape[0] for it in items)
+
+    def _touched(self, b: _Sealed) -> list[str]:
+        """Files (relative to the group) this batch wrote, for fsync (with their directories)."""
+        lay = self.layout
+        shards = range(b.r0 // lay.rows_per_shard, (b.r1 - 1) // lay.rows_per_shard + 1)
+        ichunks = range(b.m0 // lay.index_rows_per_chunk, (b.m1 - 1) // lay.index_rows_per_chunk + 1)
+        names = [f"{a}/c/{s}" for a in ROW_ARRAYS[1:] for s in shards]
+        names += [f"hidden/c/{s}/0" for s in shards]  # direct shards: fsynced already, dirs not
+        names += [f"index/{a}/c/{c}" for a in INDEX_ARRAYS for c in ichunks]
+        names += [f"{a}/zarr.json" for a in ROW_ARRAYS] + [f"index/{a}/zarr.json" for a in INDEX_ARRAYS]
+        return names

@@ -73,6 +73,8 @@ def test_shuffle_is_seeded_permutation(tmp_path):
     a = np.concatenate([b.seq for b in r.batches(max_rows=64, shuffle=True, seed=7)])
     b = np.concatenate([b.seq for b in r.batches(max_rows=64, shuffle=True, seed=7)])
     c = np.concatenate([b.seq for b in r.batches(max_rows=64)])
+    d = np.concatenate([b.seq for b in r.batches(max_rows=64, shuffle=True, seed=7, prefetch=False)])
+    assert np.array_equal(a, d)
     assert np.array_equal(a, b) and not np.array_equal(a, c) and np.array_equal(np.sort(a), np.sort(c))
 
 
@@ -104,7 +106,8 @@ def test_reading_under_a_memory_cap_stays_under_it(tmp_path):
             w.append_sequence(s, rng.integers(0, 65536, (128, 1024), dtype=np.uint16), np.arange(128), np.arange(128))
     reader = StoreReader(store.path, threads=2)
     for cap in (5 << 20, 12 << 20):
-        for it in (lambda: reader.batches(max_bytes=cap), lambda: reader.sequences(max_bytes=cap)):
+        for it in (lambda: reader.batches(max_bytes=cap), lambda: reader.sequences(max_bytes=cap),
+                   lambda: reader.batches(max_bytes=cap, shuffle=True), lambda: reader.batches(max_bytes=cap, prefetch=False)):
             tracemalloc.start()
             n = sum(len(b.hidden) for b in it())
             _, peak = tracemalloc.get_traced_memory()
@@ -113,6 +116,8 @@ def test_reading_under_a_memory_cap_stays_under_it(tmp_path):
             assert peak <= cap, (cap, peak)
     with pytest.raises(ValueError, match="below one chunk"):
         next(reader.batches(max_bytes=1 << 20))
+    with pytest.raises(ValueError, match=r"writers/a: sequence 0 has 128 rows; the memory bound allows 100"):
+        next(reader.sequences(max_rows=100))
 
 
 def test_bad_appends_are_refused_with_the_path(tmp_path):
@@ -236,3 +241,51 @@ def test_directly_written_shards_read_back_through_zarr(tmp_path, monkeypatch):
     assert (Path(store.path) / "writers/r0/hidden/c/1/0").exists()
     assert np.array_equal(zarr.open_array(f"{store.path}/writers/r0/hidden", mode="r")[:300], data)
     assert store.verify() == []
+
+
+def test_one_writer_per_group(tmp_path):
+    store = make(tmp_path)
+    w = store.writer("r0")
+    with pytest.raises(StoreError, match=r"writers/r0: another writer has this group open"):
+        CaptureStore.open(store.path, mode="r+").writer("r0")
+    with store.writer("r1") as other:  # other groups are free
+        other.append_sequence(0, np.ones((2, 256), np.uint16), np.arange(2), np.arange(2))
+    w.close()
+    with store.writer("r0") as w:  # released on close
+        w.append_sequence(0, np.ones((2, 256), np.uint16), np.arange(2), np.arange(2))
+    assert store.info().writers == {"r0": (2, 1), "r1": (2, 1)}
+
+
+def test_partial_shards_rewritten_across_flushes_and_sessions(tmp_path):
+    """Commits that end inside shards and chunks (flush after every sequence, several writer
+    sessions): zarr reads the directly written shards bit for bit, the index matches."""
+    import zarr
+    store = CaptureStore.create(str(tmp_path / "p"), META, Layout(rows_per_chunk=16, chunks_per_shard=4))
+    rng = np.random.default_rng(5)
+    lengths = [int(x) for x in rng.integers(1, 40, 36)]
+    data = rng.integers(0, 65536, (sum(lengths), 256), dtype=np.uint16)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    for session in range(3):
+        with CaptureStore.open(store.path, mode="r+").writer("r0", flush_rows=64) as w:
+            for s in range(12 * session, 12 * session + 12):
+                w.append_sequence(s, data[starts[s]:starts[s + 1]], np.arange(lengths[s]), np.arange(lengths[s]))
+                if s % 3:
+                    w.flush()
+    assert store.committed("r0") == (len(data), 36)
+    assert np.array_equal(zarr.open_array(f"{store.path}/writers/r0/hidden", mode="r")[:len(data)], data)
+    got = list(StoreReader(store.path).sequences())
+    assert [g.seq for g in got] == list(range(36))
+    assert all(np.array_equal(g.hidden, data[starts[g.seq]:starts[g.seq + 1]]) for g in got)
+    assert store.verify() == []
+    assert not list(Path(store.path).rglob("*.partial"))
+
+
+def test_missing_chunk_file_is_reported(tmp_path):
+    store = _filled(tmp_path)
+    (Path(store.path) / "writers/r0/hidden/c/1/0").unlink()
+    (Path(store.path) / "writers/r0/position/c/0").unlink()
+    problems = CaptureStore.open(store.path).verify()
+    assert any("hidden" in p and "missing" in p for p in problems), problems
+    assert any("position" in p and "missing" in p for p in problems), problems
+    with pytest.raises(StoreError, match="writers/r0"):
+        list(StoreReader(store.path).batches())
