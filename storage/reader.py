@@ -82,10 +82,13 @@ class SequenceRows:
 class StoreReader:
     """Reads committed rows of ``stores`` (paths, URLs or open stores), optionally only the
     writer groups named in ``writers``. Committed counts are read once, at construction:
-    rows committed later are not seen (a consistent snapshot of a store being written)."""
+    rows committed later are not seen (a consistent snapshot of a store being written).
+    ``threads``: chunks decoded at once (default: cores, at most 16). ``direct=False``
+    reads through zarr-python only (benchmarks compare the two)."""
 
     def __init__(self, stores: str | CaptureStore | Sequence[str | CaptureStore],
-                 writers: Sequence[str] | None = None, threads: int | None = None):
+                 writers: Sequence[str] | None = None, threads: int | None = None,
+                 direct: bool | None = None):
         if isinstance(stores, (str, CaptureStore)) or hasattr(stores, "__fspath__"):
             stores = [stores]
         self.stores = [s if isinstance(s, CaptureStore) else CaptureStore.open(str(s)) for s in stores]
@@ -103,6 +106,7 @@ class StoreReader:
                 if writers is None or w in writers:
                     self.groups.append((s, w, s.committed(w)[0]))
         self.threads = threads or min(16, os.cpu_count() or 1)
+        self.direct = direct
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="requant-read")
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="requant-prefetch")
 
@@ -120,7 +124,7 @@ class StoreReader:
         cap = max_rows
         if max_bytes is not None:
             chunk = s.layout.rows_per_chunk
-            factor = DECODE_FACTOR_DIRECT if _ShardFile.usable(s) else DECODE_FACTOR_ZARR
+            factor = DECODE_FACTOR_DIRECT if self._fast(s) else DECODE_FACTOR_ZARR
             decode = int(self.threads * factor * chunk * self.row_bytes)
             need = decode + held * chunk * self.row_bytes
             if max_bytes < need:
@@ -214,7 +218,7 @@ class StoreReader:
         arrays = {a: g[a] for a in ROW_ARRAYS}
         cols = {a: np.empty((r1 - r0,) + arr.shape[1:], dtype=arr.dtype) for a, arr in arrays.items()}
         chunk, per_shard = s.layout.rows_per_chunk, s.layout.rows_per_shard
-        fast = _ShardFile.usable(s)
+        fast = self._fast(s)
         starts = [r0] + list(range(r0 - r0 % chunk + chunk, r1, chunk))
         shards: dict[int, _ShardFile] = {}
         try:
@@ -235,6 +239,9 @@ class StoreReader:
         except Exception as e:  # noqa: BLE001 — decode/checksum errors vary by codec
             raise StoreError(f"{s.group_path(w)}: rows {r0}–{r1} unreadable: {type(e).__name__}: {e}") from e
         return Batch(store=s.path, writer=w, first_row=r0, **cols)
+
+    def _fast(self, s: CaptureStore) -> bool:
+        return self.direct is not False and _ShardFile.usable(s)
 
     def close(self) -> None:
         self._ahead.shutdown(wait=False)

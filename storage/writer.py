@@ -107,10 +107,13 @@ class GroupWriter:
 
     ``durable``: fsync before every commit (local stores). ``flush_bytes``: raw bytes per
     commit batch (rounded to whole shards, at least one). ``threads``: encode/write pool.
+    ``direct``: None (default) writes hidden shards itself where it can (local, zstd or no
+    compression); False forces zarr-python's own path (benchmarks compare the two).
     """
 
     def __init__(self, store: CaptureStore, name: str, queue_size: int = 16, durable: bool = True,
-                 flush_rows: int | None = None, threads: int | None = None, flush_bytes: int = 256 << 20):
+                 flush_rows: int | None = None, threads: int | None = None, flush_bytes: int = 256 << 20,
+                 direct: bool | None = None):
         self.store, self.name = store, name
         self.path = store.group_path(name)
         self.g = store._create_group(name)
@@ -128,7 +131,7 @@ class GroupWriter:
         # Whole hidden shards are encoded and written by this module (same bytes as zarr's
         # sharding codec; tests read them back with zarr): zarr-python 3.1 funnels all chunk
         # I/O of a process through one event-loop thread (~0.35 GB/s measured).
-        self.direct = local is not None and lay.compressor in ("zstd", "none")
+        self.direct = local is not None and lay.compressor in ("zstd", "none") and direct is not False
         self.threads = threads or min(16, os.cpu_count() or 1)
         shard = lay.rows_per_shard
         row_bytes = self.width * 2 + 16

@@ -220,12 +220,10 @@ def test_fsspec_url(tmp_path):
     assert CaptureStore.open(url).verify() == []
 
 
-def test_direct_shard_reads_equal_zarr_reads(tmp_path, monkeypatch):
-    from requant.storage import reader as reader_mod
+def test_direct_shard_reads_equal_zarr_reads(tmp_path):
     store = _filled(tmp_path)
     fast = [b.hidden for b in StoreReader(store.path).batches(max_rows=100)]
-    monkeypatch.setattr(reader_mod._ShardFile, "usable", staticmethod(lambda s: False))
-    slow = [b.hidden for b in StoreReader(store.path).batches(max_rows=100)]
+    slow = [b.hidden for b in StoreReader(store.path, direct=False).batches(max_rows=100)]
     assert len(fast) == len(slow) and all(np.array_equal(a, b) for a, b in zip(fast, slow))
 
 
@@ -256,7 +254,8 @@ def test_one_writer_per_group(tmp_path):
     assert store.info().writers == {"r0": (2, 1), "r1": (2, 1)}
 
 
-def test_partial_shards_rewritten_across_flushes_and_sessions(tmp_path):
+@pytest.mark.parametrize("direct", [None, False])
+def test_partial_shards_rewritten_across_flushes_and_sessions(tmp_path, direct):
     """Commits that end inside shards and chunks (flush after every sequence, several writer
     sessions): zarr reads the directly written shards bit for bit, the index matches."""
     import zarr
@@ -266,7 +265,7 @@ def test_partial_shards_rewritten_across_flushes_and_sessions(tmp_path):
     data = rng.integers(0, 65536, (sum(lengths), 256), dtype=np.uint16)
     starts = np.concatenate([[0], np.cumsum(lengths)])
     for session in range(3):
-        with CaptureStore.open(store.path, mode="r+").writer("r0", flush_rows=64) as w:
+        with CaptureStore.open(store.path, mode="r+").writer("r0", flush_rows=64, direct=direct) as w:
             for s in range(12 * session, 12 * session + 12):
                 w.append_sequence(s, data[starts[s]:starts[s + 1]], np.arange(lengths[s]), np.arange(lengths[s]))
                 if s % 3:
