@@ -146,14 +146,15 @@ def bench_store(root: str, data: np.ndarray, seq_len: int, hidden: int, hc: int,
 
 def bench_prefetch(root: str, data: np.ndarray, seq_len: int, hidden: int, hc: int, threads: int,
                    consumer_GBps: float) -> dict:
-    """Reading while a consumer works on each batch: with prefetch the next batch is read
-    meanwhile. Batches of 64 MiB."""
+    """Reading while a consumer works on each batch: with prefetch the next batches are read
+    meanwhile. Batches of 2048 rows (64 MiB of DSV4 rows): two chunks each, so one batch
+    ahead keeps only two decode threads busy."""
     path = os.path.join(root, "pf")
     shutil.rmtree(path, ignore_errors=True)
     _write(path, data, seq_len, hidden, hc, Layout(), None)
     raw = data.nbytes + data.shape[0] * 16
     out = {"consumer_GBps": consumer_GBps, "consumer_alone_s": raw / consumer_GBps / 1e9}
-    for prefetch in (False, True):
+    for prefetch in (0, 1, 4):
         t = time.perf_counter()
         with StoreReader(path, threads=threads) as reader:
             for b in reader.batches(max_rows=2048, prefetch=prefetch):
@@ -309,7 +310,8 @@ def main() -> None:
     consumer = res["configs"]["default (direct shard I/O)"]["read_GBps"]
     r = res["prefetch"] = bench_prefetch(root, data, a.seq_len, a.hidden, a.hc, a.threads, consumer)
     print(f"read + consumer at {consumer:.2f} GB/s (64 MiB batches): consumer alone {r['consumer_alone_s']:.2f} s, "
-          f"without prefetch {r['prefetch_False_s']:.2f} s, with prefetch {r['prefetch_True_s']:.2f} s", flush=True)
+          f"prefetch 0 / 1 / 4 batches: {r['prefetch_0_s']:.2f} / {r['prefetch_1_s']:.2f} / {r['prefetch_4_s']:.2f} s",
+          flush=True)
     for n in [int(x) for x in a.procs.split(",") if x]:
         r = res["configs"][f"parallel:{n}"] = bench_parallel_writers(root, n, a.rows, a.seq_len, a.hidden, a.hc)
         print(f"{'default, ' + str(n) + ' writer processes':38s} write {r['write_GBps']:6.2f} GB/s aggregate"

@@ -1,11 +1,28 @@
 """requant.storage — crash-safe, chunked Zarr v3 capture stores for MTP-layer inputs.
 
     store = CaptureStore.create("runs/cap", StoreMeta(hidden_size=4096, hc_mult=4, model=...))
-    with store.writer("replica0-rank0") as w:            # background thread, bounded queue
+    with store.writer("replica0-rank0") as w:            # background pipeline, bounded queue
         w.append_sequence(seq_id, hidden_bf16, next_token, position, prompt_id="…")
+        w.flush()                                         # optional: commit now
     reader = StoreReader(["runs/cap", "s3://bucket/other"])  # many stores/groups
-    for batch in reader.batches(max_bytes=256 << 20, shuffle=True, seed=0): ...
-    for seq in reader.sequences(): ...                    # whole sequences, in order
+    for batch in reader.batches(max_bytes=4 << 30, shuffle=True, seed=0):
+        x = batch.hidden_torch()                          # [rows, 4*4096] torch.bfloat16, no copy
+    for seq in reader.sequences(max_bytes=4 << 30): ...   # whole sequences, in order
+
+API:
+- ``CaptureStore.create(path, meta, layout=Layout(), exist_ok=False)`` / ``.open(path, mode)``;
+  ``.writer(name, **opts) -> GroupWriter``; ``.committed(name) -> (rows, sequences)``;
+  ``.index(name)``; ``.info() -> StoreInfo``; ``.verify() -> list[str]`` (problems).
+- ``GroupWriter.append_sequence(seq_id, hidden, next_token, position, prompt_id="", replica=0)``
+  takes ``hidden`` [T, hc_mult*H] or [T, hc_mult, H] as torch.bfloat16 (any device) or
+  numpy uint16 bf16 bit patterns; ``flush(wait=True)``; ``close()``; ``stats``.
+- ``StoreReader(stores, writers=None, threads=None)``: ``batches(max_rows, max_bytes, shuffle,
+  seed, prefetch) -> Batch``; ``sequences(max_rows, max_bytes, prefetch) -> SequenceRows``.
+  Rows come back as numpy uint16 bf16 bit patterns (numpy has no bfloat16; zarr 3.1 and
+  3.4 have no bfloat16 data type either); ``hidden_torch()`` / ``as_bf16_tensor`` view
+  them as torch.bfloat16 without a copy.
+- Errors: ``StoreError`` and its kinds ``NotAStoreError``, ``IncompatibleStoreError``,
+  ``CorruptStoreError``; bad appends raise ``ValueError``. Every message names the path.
 
 `requant store info PATH` / `requant store verify PATH` inspect and check a store.
 """

@@ -2,9 +2,10 @@
 
 Batches are row ranges of one writer group, whole chunks where possible. The chunks of a
 batch are read and decoded on a thread pool (``threads`` at once) straight into the batch's
-preallocated arrays; with ``prefetch`` the next batch is read while the caller works on the
-current one. ``max_bytes`` bounds everything the reader holds: the caller's batch, the one
-being read (and with ``shuffle`` its permuted copy) and ``threads`` chunks' decode buffers
+preallocated arrays; with ``prefetch=n`` the next n batches are read while the caller works
+on the current one (small batches need more than one ahead to keep ``threads`` chunks in
+flight). ``max_bytes`` bounds everything the reader holds: the caller's batch, the ones
+being read (and with ``shuffle`` a permuted copy) and ``threads`` chunks' decode buffers
 — tests/storage measure it with tracemalloc. ``sequences()`` yields whole sequences in
 order (attention-included replay needs them): its batches start and end on sequence
 boundaries, so a sequence is never stitched from two reads.
@@ -15,6 +16,7 @@ as ``torch.bfloat16`` without a copy.
 """
 from __future__ import annotations
 
+import collections
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -108,7 +110,8 @@ class StoreReader:
         self.threads = threads or min(16, os.cpu_count() or 1)
         self.direct = direct
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="requant-read")
-        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="requant-prefetch")
+        self._ahead: ThreadPoolExecutor | None = None  # batch reads ahead, made on first use
+        self._ahead_n = 0
 
     @property
     def rows(self) -> int:
@@ -167,20 +170,22 @@ class StoreReader:
 
     # -- iteration ----------------------------------------------------------------------
     def batches(self, max_rows: int | None = None, max_bytes: int | None = None,
-                shuffle: bool = False, seed: int = 0, prefetch: bool = True) -> Iterator[Batch]:
+                shuffle: bool = False, seed: int = 0, prefetch: int = 1) -> Iterator[Batch]:
         """All committed rows, in batches of at most ``max_rows`` rows and within
         ``max_bytes`` of reader memory (no bound: one batch per writer group). With
         ``shuffle`` the batch order and the rows within each batch are permuted (seeded,
-        reproducible, the same with or without ``prefetch``)."""
-        plan = self._plan(max_rows, max_bytes, held=2 + int(prefetch) + int(shuffle))
+        reproducible, the same for any ``prefetch``). ``prefetch``: batches read ahead."""
+        prefetch = int(prefetch)
+        plan = self._plan(max_rows, max_bytes, held=2 + prefetch + int(shuffle))
         rng = np.random.default_rng(seed)
-        if shuffle:
-            plan = [plan[i] for i in rng.permutation(len(plan))]
+        if shuffle:  # per-batch seeds drawn here: batches may be read out of order
+            plan = [plan[i] + (int(x),) for i, x in zip(rng.permutation(len(plan)),
+                                                        rng.integers(0, 2**63, len(plan)))]
 
         def load(p: tuple) -> Batch:
-            b = self._read(*p)
+            b = self._read(*p[:4])
             if shuffle:
-                perm = rng.permutation(len(b))
+                perm = np.random.default_rng(p[4]).permutation(len(b))
                 b = Batch(b.hidden[perm], b.next_token[perm], b.position[perm], b.seq[perm], b.store, b.writer,
                           b.first_row)
             return b
@@ -188,10 +193,11 @@ class StoreReader:
         yield from self._stream(plan, load, prefetch)
 
     def sequences(self, max_rows: int | None = None, max_bytes: int | None = None,
-                  prefetch: bool = True) -> Iterator[SequenceRows]:
+                  prefetch: int = 1) -> Iterator[SequenceRows]:
         """Whole sequences in writer and index order; a sequence larger than the bound
         is an error naming it."""
-        plan = self._sequence_plan(max_rows, max_bytes, held=2 + int(prefetch))
+        prefetch = int(prefetch)
+        plan = self._sequence_plan(max_rows, max_bytes, held=2 + prefetch)
 
         def load(p: tuple) -> tuple[Batch, tuple]:
             return self._read(*p[:4]), p
@@ -202,15 +208,21 @@ class StoreReader:
                 yield SequenceRows(int(idx["seq"][k]), str(idx["prompt_id"][k]), int(idx["replica"][k]), w,
                                    b.hidden[o:o + ln], b.next_token[o:o + ln], b.position[o:o + ln])
 
-    def _stream(self, plan: list, load: Callable, prefetch: bool) -> Iterator:
-        if not prefetch:
+    def _stream(self, plan: list, load: Callable, prefetch: int) -> Iterator:
+        if prefetch <= 0:
             for p in plan:
                 yield load(p)
             return
-        fut = self._ahead.submit(load, plan[0]) if plan else None
+        if self._ahead is None or self._ahead_n < prefetch:
+            if self._ahead is not None:
+                self._ahead.shutdown(wait=False)
+            self._ahead = ThreadPoolExecutor(max_workers=prefetch, thread_name_prefix="requant-prefetch")
+            self._ahead_n = prefetch
+        ahead = collections.deque(self._ahead.submit(load, p) for p in plan[:prefetch])
         for i in range(len(plan)):
-            item = fut.result()
-            fut = self._ahead.submit(load, plan[i + 1]) if i + 1 < len(plan) else None
+            item = ahead.popleft().result()
+            if i + prefetch < len(plan):
+                ahead.append(self._ahead.submit(load, plan[i + prefetch]))
             yield item
 
     def _read(self, s: CaptureStore, w: str, r0: int, r1: int) -> Batch:
@@ -228,12 +240,16 @@ class StoreReader:
 
             def fill(a: str, c0: int) -> None:
                 c1 = min(c0 - c0 % chunk + chunk, r1)
-                if fast and a == "hidden":
+                if fast:
                     shards[c0 // per_shard].read_rows(c0, c1, cols[a][c0 - r0:c1 - r0])
                 else:
                     cols[a][c0 - r0:c1 - r0] = arrays[a][c0:c1]
 
-            futs = [self._pool.submit(fill, a, c0) for a in ROW_ARRAYS for c0 in starts]
+            def fill_column(a: str) -> None:  # 16 B/row: one zarr call per batch, not per chunk
+                cols[a][...] = arrays[a][r0:r1]
+
+            futs = [self._pool.submit(fill, "hidden", c0) for c0 in starts]
+            futs += [self._pool.submit(fill_column, a) for a in ROW_ARRAYS if a != "hidden"]
             for f in futs:
                 f.result()
         except Exception as e:  # noqa: BLE001 — decode/checksum errors vary by codec
@@ -244,7 +260,8 @@ class StoreReader:
         return self.direct is not False and _ShardFile.usable(s)
 
     def close(self) -> None:
-        self._ahead.shutdown(wait=False)
+        if self._ahead is not None:
+            self._ahead.shutdown(wait=False)
         self._pool.shutdown(wait=False)
 
     def __enter__(self) -> "StoreReader":

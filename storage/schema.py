@@ -10,9 +10,11 @@ Layout (Zarr v3)::
         seq          int64  [N]   sequence id of the row
         index/seq, index/first_row, index/length, index/replica, index/prompt_id   [M]
 
-bf16: Zarr 3.1 (the newest release on PyPI) has no bfloat16 data type, so rows are stored
-as their uint16 bit patterns with ``attrs["dtype"] = "bfloat16"``; ``Batch.hidden_torch()``
-views them back without a copy. Rows of one sequence are contiguous and in position order.
+bf16: zarr-python has no bfloat16 data type — 3.1.6 (the newest for Python 3.11) and 3.4.2
+(Python ≥ 3.12) both answer "No Zarr data type found that matches dtype bfloat16", also
+for ml_dtypes' bfloat16 (benchmarks/storage_bench.py --probe-bf16, run on both) — so rows
+are stored as their uint16 bit patterns with ``attrs["dtype"] = "bfloat16"``: bit-exact,
+readable by any Zarr v3 reader; ``Batch.hidden_torch()`` views them back without a copy. Rows of one sequence are contiguous and in position order.
 Only rows below the committed count are part of the store; a writer commits whole
 sequences after their data and index are written.
 """
@@ -93,8 +95,8 @@ class StoreMeta:
 class Layout:
     """Chunking and compression (defaults chosen by benchmarks/storage_bench.py)."""
 
-    rows_per_chunk: int = 1024     # 32 MiB chunks of DSV4 rows (4×4096 bf16): fastest reads
-    chunks_per_shard: int = 1      # 100 GB ≈ 3,900 shard files of hidden rows
+    rows_per_chunk: int = 1024     # 32 MiB chunks of DSV4 rows (4×4096 bf16): measured 2.7× the
+    chunks_per_shard: int = 1      # reads of 256-row chunks, same writes; 100 GB ≈ 3,900 files
     compressor: str = "zstd"       # zstd | blosc-lz4 | blosc-zstd | none
     level: int = 1
     shuffle: str = "shuffle"       # for blosc: noshuffle | shuffle | bitshuffle

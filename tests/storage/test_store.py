@@ -73,8 +73,11 @@ def test_shuffle_is_seeded_permutation(tmp_path):
     a = np.concatenate([b.seq for b in r.batches(max_rows=64, shuffle=True, seed=7)])
     b = np.concatenate([b.seq for b in r.batches(max_rows=64, shuffle=True, seed=7)])
     c = np.concatenate([b.seq for b in r.batches(max_rows=64)])
-    d = np.concatenate([b.seq for b in r.batches(max_rows=64, shuffle=True, seed=7, prefetch=False)])
-    assert np.array_equal(a, d)
+    for prefetch in (0, 3):
+        d = np.concatenate([b.seq for b in r.batches(max_rows=64, shuffle=True, seed=7, prefetch=prefetch)])
+        assert np.array_equal(a, d)
+    ordered = np.concatenate([b.seq for b in r.batches(max_rows=64, prefetch=3)])
+    assert np.array_equal(ordered, c)
     assert np.array_equal(a, b) and not np.array_equal(a, c) and np.array_equal(np.sort(a), np.sort(c))
 
 
@@ -107,7 +110,8 @@ def test_reading_under_a_memory_cap_stays_under_it(tmp_path):
     reader = StoreReader(store.path, threads=2)
     for cap in (5 << 20, 12 << 20):
         for it in (lambda: reader.batches(max_bytes=cap), lambda: reader.sequences(max_bytes=cap),
-                   lambda: reader.batches(max_bytes=cap, shuffle=True), lambda: reader.batches(max_bytes=cap, prefetch=False)):
+                   lambda: reader.batches(max_bytes=cap, shuffle=True), lambda: reader.batches(max_bytes=cap, prefetch=False),
+                   lambda: reader.batches(max_bytes=cap, prefetch=3), lambda: reader.sequences(max_bytes=cap, prefetch=2)):
             tracemalloc.start()
             n = sum(len(b.hidden) for b in it())
             _, peak = tracemalloc.get_traced_memory()
