@@ -4,7 +4,11 @@
                    finish(req)    → queue
     writer thread: wait for the copy, split rows per request (SequenceAssembler), and on
                    finish append the whole sequence to the sink (a storage GroupWriter,
-                   which has its own background thread); commit every ``commit_every_s``.
+                   which has its own background thread). Commits come after ``idle_commit_s``
+                   without new work (a quiet server's rows become visible) and at least every
+                   ``commit_every_s`` under load; the thread wakes at most every ``batch_s``
+                   and drains what queued meanwhile, so it rarely contends with the serving
+                   thread for the GIL.
 
 The hook never touches the store and never waits on I/O; it waits only when every staging
 slot or queue entry is in use (back-pressure, visible in ``stats.blocked_seconds``). Rows
@@ -50,13 +54,13 @@ class CaptureStats:
 class Capturer:
     """Streams one capture point's rows into ``sink``; thread-safe producer side."""
 
-    def __init__(self, sink: RowSink, width: int, rows_per_step: int, ids_offset: int = 0, slots: int = 4,
-                 queue_size: int = 256, commit_every_s: float = 2.0, replica: int = 0, first_seq_id: int = 0,
-                 pin: bool | None = None):
+    def __init__(self, sink: RowSink, width: int, rows_per_step: int, ids_offset: int = 0, slots: int = 8,
+                 queue_size: int = 256, commit_every_s: float = 30.0, idle_commit_s: float = 1.0,
+                 batch_s: float = 0.02, replica: int = 0, first_seq_id: int = 0, pin: bool | None = None):
         self.sink, self.width, self.replica = sink, width, replica
         self.staging = HostStaging(width, rows_per_step, slots, pin)
         self.assembler = SequenceAssembler(ids_offset)
-        self.commit_every_s = commit_every_s
+        self.commit_every_s, self.idle_commit_s, self.batch_s = commit_every_s, idle_commit_s, batch_s
         self._stats = CaptureStats()
         self._queue_blocked = 0.0
         self._next_seq = first_seq_id
@@ -136,27 +140,42 @@ class Capturer:
     def _run(self) -> None:
         try:
             while True:
-                try:  # idle: commit what is written, so a quiet server's rows become visible
-                    item = self._q.get(timeout=self.commit_every_s)
-                except queue.Empty:
+                try:
+                    item = self._q.get(timeout=self.idle_commit_s)
+                except queue.Empty:  # idle: commit, so a quiet server's rows become visible
                     self._commit()
                     continue
-                kind = item[0]
-                if kind is _STOP:
-                    self._commit()
-                    return
-                if kind == "rows":
-                    self._rows(*item[1:])
-                elif kind == "finish":
-                    self._finish(*item[1:])
-                elif kind == "flush":
-                    self._commit()
-                    item[1].set()
+                items = [item]
+                if item[0] is not _STOP:
+                    time.sleep(self.batch_s)  # let a few steps queue up, then take them all
+                    while True:
+                        try:
+                            items.append(self._q.get_nowait())
+                        except queue.Empty:
+                            break
+                for item in items:
+                    if self._handle(item):
+                        return
                 if self._uncommitted and time.monotonic() - self._last_commit > self.commit_every_s:
                     self._commit()
         except BaseException as e:  # surfaced to producers on their next call
             self._error = e
             log.exception("requant capture writer thread failed")
+
+    def _handle(self, item) -> bool:
+        """Process one queue entry; True on stop."""
+        kind = item[0]
+        if kind is _STOP:
+            self._commit()
+            return True
+        if kind == "rows":
+            self._rows(*item[1:])
+        elif kind == "finish":
+            self._finish(*item[1:])
+        elif kind == "flush":
+            self._commit()
+            item[1].set()
+        return False
 
     def _rows(self, req_ids: list[str], counts: list[int], slot) -> None:
         slot.wait()

@@ -96,15 +96,16 @@ def _checkpoint_names(sd: dict) -> dict:
     return out
 
 
-def make_dsv3(out: str | Path, seed: int = 0) -> Path:
-    """Write the tiny DeepSeek-V3 + MTP checkpoint (config, weights, tokenizer) to ``out``."""
+def make_dsv3(out: str | Path, seed: int = 0, **overrides) -> Path:
+    """Write the tiny DeepSeek-V3 + MTP checkpoint (config, weights, tokenizer) to ``out``;
+    ``overrides`` change config fields (benchmarks use a larger model)."""
     from safetensors.torch import save_file
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(out, seed)
-    cfg_dict = dsv3_config(len(tok))
+    cfg_dict = {**dsv3_config(len(tok)), **overrides}
     n = cfg_dict["num_hidden_layers"]
     torch.manual_seed(seed)
     # One extra decoder layer: layer n (a MoE layer) becomes the MTP block.

