@@ -123,25 +123,30 @@ class GroupWriter:
             self._lock = _GroupLock(local, self.path)
             for p in local.rglob("*.partial"):  # leftovers of writes a crash interrupted
                 p.unlink(missing_ok=True)
-        rows, seqs = store.committed(name)
-        self.stats = WriterStats(rows=rows, sequences=seqs)
-        self.width = store.meta.row_width
-        self.durable = durable and local is not None
-        self.layout = lay = store.layout
-        # Whole hidden shards are encoded and written by this module (same bytes as zarr's
-        # sharding codec; tests read them back with zarr): zarr-python 3.1 funnels all chunk
-        # I/O of a process through one event-loop thread (~0.35 GB/s measured).
-        self.direct = local is not None and lay.compressor in ("zstd", "none") and direct is not False
-        self.threads = threads or min(16, os.cpu_count() or 1)
-        shard = lay.rows_per_shard
-        row_bytes = self.width * 2 + 16
-        self.flush_rows = flush_rows or max(shard, min(self.threads * shard,
-                                                       flush_bytes // row_bytes // shard * shard))
-        self._arrays = {a: self.g[a].with_config({"write_empty_chunks": True}) for a in ROW_ARRAYS}
-        self._index = {a: self.g["index"][a].with_config({"write_empty_chunks": True}) for a in INDEX_ARRAYS}
-        # rows of the last, partial hidden shard (rewritten whole by the next batch) and the
-        # future of its last write (the next write of that shard waits for it: order)
-        self._tail = self._load_tail(rows) if self.direct else None
+        try:
+            rows, seqs = store.committed(name)
+            self.stats = WriterStats(rows=rows, sequences=seqs)
+            self.width = store.meta.row_width
+            self.durable = durable and local is not None
+            self.layout = lay = store.layout
+            # Whole hidden shards are encoded and written by this module (same bytes as zarr's
+            # sharding codec; tests read them back with zarr): zarr-python 3.1 funnels all chunk
+            # I/O of a process through one event-loop thread (0.51 GB/s on 16 cores, measured).
+            self.direct = local is not None and lay.compressor in ("zstd", "none") and direct is not False
+            self.threads = threads or min(16, os.cpu_count() or 1)
+            shard = lay.rows_per_shard
+            row_bytes = self.width * 2 + 16
+            self.flush_rows = flush_rows or max(shard, min(self.threads * shard,
+                                                           flush_bytes // row_bytes // shard * shard))
+            self._arrays = {a: self.g[a].with_config({"write_empty_chunks": True}) for a in ROW_ARRAYS}
+            self._index = {a: self.g["index"][a].with_config({"write_empty_chunks": True}) for a in INDEX_ARRAYS}
+            # rows of the last, partial hidden shard (rewritten whole by the next batch) and the
+            # future of its last write (the next write of that shard waits for it: order)
+            self._tail = self._load_tail(rows) if self.direct else None
+        except BaseException:
+            if self._lock is not None:
+                self._lock.release()
+            raise
         self._tail_fut: Future | None = None
         self._next_row, self._next_seq = rows, seqs
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix=f"requant-encode-{name}")

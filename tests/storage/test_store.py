@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from requant.storage import (CaptureStore, IncompatibleStoreError, Layout, NotAStoreError, StoreError,
+from requant.storage import (CaptureStore, CorruptStoreError, IncompatibleStoreError, Layout, NotAStoreError, StoreError,
                              StoreMeta, StoreReader)
 
 META = StoreMeta(hidden_size=64, hc_mult=4, model="tiny-dsv4", capture_point="target_pre_head")
@@ -292,3 +292,15 @@ def test_missing_chunk_file_is_reported(tmp_path):
     assert any("position" in p and "missing" in p for p in problems), problems
     with pytest.raises(StoreError, match="writers/r0"):
         list(StoreReader(store.path).batches())
+
+
+def test_corrupt_partial_shard_refuses_the_writer_and_releases_the_group(tmp_path):
+    store = _filled(tmp_path)  # 480 rows: shard 1 (rows 256–480) is partial
+    shard = Path(store.path) / "writers/r0/hidden/c/1/0"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    for _ in range(2):  # the second try would say "another writer" if the lock leaked
+        with pytest.raises(CorruptStoreError, match=r"writers/r0/hidden: the last partial shard .* 256–480"):
+            CaptureStore.open(store.path, mode="r+").writer("r0")
+    assert store.committed("r0") == (480, 12)
