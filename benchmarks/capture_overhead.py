@@ -13,6 +13,11 @@ expected prompt + generated − 1 per request, dropped, back-pressure time). JSO
 benchmarks/results/capture_overhead_cpu.json.
 
     .venv/bin/python benchmarks/capture_overhead.py [--pairs 6] [--prompts 8] [--tokens 64]
+
+``--gpu-staging`` (GPU machine, no vLLM there): the device side alone at DeepSeek-V4 row
+width — ~15 ms GEMM "forward steps" producing [tokens, 4×4096] bf16 rows, with and without
+``Capturer.add_step`` (device → pinned, non_blocking) into an in-memory sink, interleaved;
+reports the overhead, the hook's call time and back-pressure per size.
 """
 from __future__ import annotations
 
@@ -39,8 +44,11 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--model", help="existing checkpoint (default: generate the benchmark-size DSV3 fixture)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/capture_overhead_cpu.json"))
+    ap.add_argument("--gpu-staging", action="store_true", help="measure the CUDA staging path instead")
     args = ap.parse_args()
     ensure_requant()
+    if args.gpu_staging:
+        return gpu_staging(args)
     work = Path(tempfile.mkdtemp(prefix="requant-capbench-"))
     model = args.model
     if model is None:
@@ -121,6 +129,98 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     return 0 if st["rows"] == expected and st["dropped_sequences"] == 0 else 1
+
+
+class _ListSink:
+    """In-memory sink: the GPU machine has no zarr; store throughput is storage_bench's job."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def append_sequence(self, seq_id, hidden, next_token, position, prompt_id="", replica=0):
+        self.rows += len(position)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def gpu_staging(args) -> int:
+    """Device side at DeepSeek-V4 row width (4 streams × 4096): GEMM "forward steps" of
+    ~15 ms (layers calibrated per size) producing [tokens, 16384] bf16 rows, with and
+    without capture, interleaved; sizes: decode-like (256 tokens/step) and prefill-like (2048)."""
+    import torch
+
+    from requant.capture import Capturer
+
+    width, steps, pairs, target_ms = 4 * 4096, 20, 4, 15.0
+    dev = torch.device("cuda")
+    ws = [torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16) / 64 for _ in range(4)]
+    results = []
+    for tokens in (256, 2048):
+        x = torch.randn(tokens, 4096, device=dev, dtype=torch.bfloat16)
+        rows = torch.empty(tokens, width, device=dev, dtype=torch.bfloat16)
+        ids = torch.arange(tokens, device=dev)
+        sink = _ListSink()
+        cap = Capturer(sink, width=width, rows_per_step=tokens, slots=8)
+
+        def forward(layers):
+            h = x
+            for _ in range(layers):
+                for w in ws:
+                    h = torch.nn.functional.silu(h @ w)
+            rows.view(tokens, 4, 4096).copy_(h.unsqueeze(1).expand(-1, 4, -1))
+
+        forward(4)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        forward(20)
+        torch.cuda.synchronize()
+        layers = max(1, round(target_ms / ((time.perf_counter() - t) * 1e3 / 20)))
+
+        def run(capture: bool, step0: int) -> tuple[float, float]:
+            torch.cuda.synchronize()
+            hook = 0.0
+            t0 = time.perf_counter()
+            for s in range(steps):
+                forward(layers)
+                if capture:
+                    t = time.perf_counter()
+                    cap.add_step([f"r{step0 + s}"], [tokens], rows, ids, ids)
+                    cap.finish(f"r{step0 + s}", list(range(tokens + 1)))
+                    hook += time.perf_counter() - t
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0, hook
+
+        run(False, 0)
+        run(True, 10_000_000)  # warm-up both
+        out = []
+        for p in range(pairs):
+            a, _ = run(False, 0)
+            b, hook = run(True, 100 * (p + 1) * steps)
+            out.append({"off_s": a, "on_s": b, "hook_s": hook})
+        cap.close()
+        ratios = [r["on_s"] / r["off_s"] - 1 for r in out]
+        med = statistics.median(ratios)
+        step_ms = statistics.median(r["off_s"] for r in out) / steps * 1e3
+        mib = tokens * width * 2 / 2**20
+        hook_us = statistics.median(r["hook_s"] for r in out) / steps * 1e6
+        print(f"{tokens:5d} tokens/step ({mib:.0f} MiB rows, step {step_ms:.1f} ms): overhead median {100 * med:+.1f}% "
+              f"(pairs {', '.join(f'{100 * q:+.1f}%' for q in ratios)}); hook call "
+              f"{hook_us:.0f} us/step; rows {sink.rows} of {(pairs + 1) * steps * tokens}; dropped "
+              f"{cap.stats.dropped_sequences}; back-pressure {cap.stats.blocked_seconds:.3f} s", flush=True)
+        results.append({"tokens_per_step": tokens, "rows_mib_per_step": mib, "step_ms": step_ms, "layers": layers,
+                        "pairs": out, "median_overhead": med, "hook_us_per_step": hook_us, "rows": sink.rows,
+                        "stats": cap.stats.as_dict()})
+    result = {"device": torch.cuda.get_device_name(), "row_width": width, "steps": steps, "sizes": results,
+              "date": time.strftime("%Y-%m-%d")}
+    outp = Path(args.out if args.out.endswith("_gpu.json") else str(ROOT / "benchmarks/results/capture_staging_gpu.json"))
+    outp.parent.mkdir(parents=True, exist_ok=True)
+    outp.write_text(json.dumps(result, indent=1))
+    print(f"wrote {outp}")
+    return 0
 
 
 if __name__ == "__main__":

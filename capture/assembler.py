@@ -54,9 +54,12 @@ class SequenceAssembler:
         p = self.pending.pop(req_id, None)
         if p is None or not p.chunks:
             return None
-        pos = np.concatenate([c[0] for c in p.chunks])
-        ids = np.concatenate([c[1] for c in p.chunks])
-        hidden = np.concatenate([c[2] for c in p.chunks])
+        if len(p.chunks) == 1:  # one forward held the whole sequence: no copy here
+            pos, ids, hidden = p.chunks[0]
+        else:
+            pos = np.concatenate([c[0] for c in p.chunks])
+            ids = np.concatenate([c[1] for c in p.chunks])
+            hidden = np.concatenate([c[2] for c in p.chunks])
         n = len(tokens) - 1
         # Last write per position: unique over the reversed rows gives each position's last index.
         uniq, rev_idx = np.unique(pos[::-1], return_index=True)
@@ -72,5 +75,7 @@ class SequenceAssembler:
         if len(bad):
             raise IncompleteSequence(f"request {req_id}: {len(bad)} rows were computed from tokens that "
                                      f"are not in the final sequence (positions {bad[:8].tolist()})")
-        return Sequence(hidden=hidden[last], next_token=toks[1:n + 1].astype(np.int32),
+        # Rows already in order, nothing recomputed (the common case): a view, not a gather.
+        rows = hidden[:n] if np.array_equal(last, np.arange(n)) else hidden[last]
+        return Sequence(hidden=rows, next_token=toks[1:n + 1].astype(np.int32),
                         position=np.arange(n, dtype=np.int32), superseded=len(pos) - n)

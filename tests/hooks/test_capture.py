@@ -71,7 +71,7 @@ def test_engine_core_process(dsv3, reference, tmp_path):
 
 def test_mtp_speculative_decoding_both_points_agree(dsv3, reference, tmp_path):
     env = _env(tmp_path / "cap", tmp_path, REQUANT_CAPTURE_POINTS="target_pre_head,mtp_input")
-    results = _serve(dsv3, env, opts={"spec": "mtp"})
+    results = _serve(dsv3, env, opts={"spec": "mtp", "k": 2})  # k=2: later draft steps are not target states
     _, target = _sequences(tmp_path / "cap" / "target_pre_head")
     store, mtp = _sequences(tmp_path / "cap" / "mtp_input")
     assert store.meta.capture_point == "mtp_input"
