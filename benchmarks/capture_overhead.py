@@ -6,7 +6,7 @@ in one in-process engine with the requant plugin loaded (REQUANT_CAPTURE set). T
 batch — ``--prompts`` prompts × ``--tokens`` greedy tokens — is generated ``2 × --pairs``
 times, alternating A (``pause_all(True)``: hooks installed but idle) and B (capturing
 target_pre_head into a local store), timed around ``generate`` only. Same engine, same
-prompts, A B A B: the machine's background load (2 shared cores) hits both alike. The
+prompts, pairs in the order A B, B A, A B, …: the machine's background load (2 shared cores) hits both alike. The
 table gives every run, the median per-pair overhead, the share of generate time the
 serving thread spends in capture code (hooks + bookkeeping, timed), and capture's counters (rows vs the
 expected prompt + generated − 1 per request, dropped, back-pressure time). JSON goes to
@@ -91,7 +91,7 @@ def main() -> int:
                                     use_tqdm=False))  # warm-up, captured
     runs = []
     for i in range(2 * args.pairs):
-        capture = i % 2 == 1
+        capture = (i % 2 == 1) != ((i // 2) % 2 == 1)  # A B, B A, A B, ...: order effects cancel
         pause_all(not capture)
         spent["s"] = 0.0
         t0 = time.perf_counter()
@@ -109,7 +109,10 @@ def main() -> int:
     close_all()
     close_s = time.perf_counter() - t0
     st = json.loads((work / "stats.json").read_text())["target_pre_head"]
-    pair = [1 - b["tok_per_s"] / a["tok_per_s"] for a, b in zip(runs[0::2], runs[1::2])]
+    pair = []
+    for x, y in zip(runs[0::2], runs[1::2]):
+        a, b = (x, y) if not x["capture"] else (y, x)
+        pair.append(1 - b["tok_per_s"] / a["tok_per_s"])
     m_off = statistics.median(r["tok_per_s"] for r in runs if not r["capture"])
     m_on = statistics.median(r["tok_per_s"] for r in runs if r["capture"])
     overhead = statistics.median(pair)
