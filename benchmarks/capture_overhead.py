@@ -162,9 +162,9 @@ def gpu_staging(args) -> int:
     dev = torch.device("cuda")
     ws = [torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16) / 64 for _ in range(4)]
     results = []
-    for tokens in (256, 2048):
+    for tokens, fresh in ((256, False), (256, True), (2048, False), (2048, True)):
         x = torch.randn(tokens, 4096, device=dev, dtype=torch.bfloat16)
-        rows = torch.empty(tokens, width, device=dev, dtype=torch.bfloat16)
+        buf = torch.empty(tokens, width, device=dev, dtype=torch.bfloat16)
         ids = torch.arange(tokens, device=dev)
         sink = _ListSink()
         cap = Capturer(sink, width=width, rows_per_step=tokens, slots=8)
@@ -174,7 +174,11 @@ def gpu_staging(args) -> int:
             for _ in range(layers):
                 for w in ws:
                     h = torch.nn.functional.silu(h @ w)
-            rows.view(tokens, 4, 4096).copy_(h.unsqueeze(1).expand(-1, 4, -1))
+            streams = h.unsqueeze(1).expand(-1, 4, -1)
+            if fresh:  # like vLLM's eager forward: a new tensor per step
+                return streams.reshape(tokens, width).clone()
+            buf.view(tokens, 4, 4096).copy_(streams)  # a reused buffer, rewritten in place
+            return buf
 
         forward(4)
         torch.cuda.synchronize()
@@ -188,10 +192,10 @@ def gpu_staging(args) -> int:
             hook = 0.0
             t0 = time.perf_counter()
             for s in range(steps):
-                forward(layers)
+                rows = forward(layers)
                 if capture:
                     t = time.perf_counter()
-                    cap.add_step([f"r{step0 + s}"], [tokens], rows, ids, ids)
+                    cap.add_step([f"r{step0 + s}"], [tokens], rows, ids, ids, fresh=fresh)
                     cap.finish(f"r{step0 + s}", list(range(tokens + 1)))
                     hook += time.perf_counter() - t
             torch.cuda.synchronize()
@@ -210,13 +214,14 @@ def gpu_staging(args) -> int:
         step_ms = statistics.median(r["off_s"] for r in out) / steps * 1e3
         mib = tokens * width * 2 / 2**20
         hook_us = statistics.median(r["hook_s"] for r in out) / steps * 1e6
-        print(f"{tokens:5d} tokens/step ({mib:.0f} MiB rows, step {step_ms:.1f} ms): overhead median {100 * med:+.1f}% "
-              f"(pairs {', '.join(f'{100 * q:+.1f}%' for q in ratios)}); hook call "
+        mode = "side stream (fresh tensor)" if fresh else "same stream (reused buffer)"
+        print(f"{tokens:5d} tokens/step ({mib:.0f} MiB rows, step {step_ms:.1f} ms), {mode}: overhead median "
+              f"{100 * med:+.1f}% (pairs {', '.join(f'{100 * q:+.1f}%' for q in ratios)}); hook call "
               f"{hook_us:.0f} us/step; rows {sink.rows} of {(pairs + 1) * steps * tokens}; dropped "
               f"{cap.stats.dropped_sequences}; back-pressure {cap.stats.blocked_seconds:.3f} s", flush=True)
-        results.append({"tokens_per_step": tokens, "rows_mib_per_step": mib, "step_ms": step_ms, "layers": layers,
-                        "pairs": out, "median_overhead": med, "hook_us_per_step": hook_us, "rows": sink.rows,
-                        "stats": cap.stats.as_dict()})
+        results.append({"tokens_per_step": tokens, "side_stream": fresh, "rows_mib_per_step": mib, "step_ms": step_ms,
+                        "layers": layers, "pairs": out, "median_overhead": med, "hook_us_per_step": hook_us,
+                        "rows": sink.rows, "stats": cap.stats.as_dict()})
     result = {"device": torch.cuda.get_device_name(), "row_width": width, "steps": steps, "sizes": results,
               "date": time.strftime("%Y-%m-%d")}
     outp = Path(args.out if args.out.endswith("_gpu.json") else str(ROOT / "benchmarks/results/capture_staging_gpu.json"))

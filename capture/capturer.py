@@ -74,15 +74,17 @@ class Capturer:
 
     # -- producer side (hooks, runner) ---------------------------------------------------
     def add_step(self, req_ids: list[str], counts: list[int], hidden: torch.Tensor, input_ids: torch.Tensor,
-                 positions: torch.Tensor) -> None:
-        """Rows of one forward: the first sum(counts) rows belong to req_ids in order."""
+                 positions: torch.Tensor, fresh: bool = False) -> None:
+        """Rows of one forward: the first sum(counts) rows belong to req_ids in order.
+        ``fresh``: ``hidden`` was allocated by this forward (not a reused buffer), so on a
+        GPU its copy may overlap the next kernels (HostStaging side stream)."""
         self._check()
         total = sum(counts)
         if total == 0:
             return
         if hidden.shape[0] < total or input_ids.shape[0] < total or positions.shape[0] < total:
             raise ValueError(f"capture: step has {hidden.shape[0]} rows, {total} scheduled tokens")
-        slot = self.staging.stage(hidden[:total].detach(), input_ids[:total], positions[:total])
+        slot = self.staging.stage(hidden[:total].detach(), input_ids[:total], positions[:total], side_stream=fresh)
         self._put(("rows", list(req_ids), list(counts), slot))
         self._stats.steps += 1
 

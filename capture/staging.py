@@ -43,6 +43,7 @@ class HostStaging:
         self.blocked_seconds = 0.0
         self.oversized = 0
         self.bytes = slots * rows_per_slot * (2 * width + 16)
+        self._side = None
 
     def _alloc(self, rows: int, pooled: bool = True) -> Slot:
         kw = {"pin_memory": self.pin}
@@ -50,8 +51,10 @@ class HostStaging:
                     torch.empty(rows, dtype=torch.int64, **kw), torch.empty(rows, dtype=torch.int64, **kw),
                     pooled=pooled)
 
-    def stage(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor) -> Slot:
-        """Start copying [T, width] rows (any float dtype; cast to bf16) and their ids/positions."""
+    def stage(self, hidden: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor,
+              side_stream: bool = False) -> Slot:
+        """Start copying [T, width] rows (any float dtype; cast to bf16) and their ids/positions;
+        ``side_stream``: copy a CUDA ``hidden`` on a side stream (fresh tensors only)."""
         t = hidden.shape[0]
         if hidden.shape[1] != self.width:
             raise ValueError(f"capture: rows are {hidden.shape[1]} wide, the store expects {self.width}")
@@ -62,15 +65,37 @@ class HostStaging:
             slot = self._acquire()
         slot.rows = t
         cuda = hidden.is_cuda
-        slot.hidden[:t].copy_(hidden, non_blocking=cuda)
+        # ids/positions (bytes per token) always on the current stream: vLLM refills their
+        # buffers on it at the next step.
         slot.input_ids[:t].copy_(input_ids, non_blocking=cuda)
         slot.positions[:t].copy_(positions, non_blocking=cuda)
-        if cuda:
+        if not cuda:
+            slot.hidden[:t].copy_(hidden)
+            slot.event = None
+            return slot
+        if side_stream:
+            # The rows' copy runs beside the next kernels instead of in front of them. Only
+            # for tensors each forward allocates anew: record_stream keeps the allocator from
+            # reusing their memory until the copy is done; a buffer that is rewritten in
+            # place would race.
+            cur = torch.cuda.current_stream(hidden.device)
+            side = self._side_stream(hidden.device)
+            side.wait_stream(cur)
+            with torch.cuda.stream(side):
+                slot.hidden[:t].copy_(hidden, non_blocking=True)
+                slot.event = torch.cuda.Event()
+                slot.event.record(side)
+            hidden.record_stream(side)
+        else:
+            slot.hidden[:t].copy_(hidden, non_blocking=True)
             slot.event = torch.cuda.Event()
             slot.event.record()
-        else:
-            slot.event = None
         return slot
+
+    def _side_stream(self, device) -> "torch.cuda.Stream":
+        if self._side is None:
+            self._side = torch.cuda.Stream(device)
+        return self._side
 
     def _acquire(self) -> Slot:
         with self._cv:

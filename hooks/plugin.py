@@ -191,7 +191,7 @@ class WorkerCapture:
             hidden, hc = row_shape(point, mc.hf_config)
             cap = self._capturer(name, hidden, hc, point.ids_offset, Capturer) if self.writes else None
             self.capturers[name] = cap
-            attach(point, root, self._on_rows(name, cap, point.tree == "drafter"), hidden * hc)
+            attach(point, root, self._on_rows(cap, point.tree == "drafter", point.fresh), hidden * hc)
         # Flush before the interpreter shuts thread pools down (plain atexit runs too late
         # for the store writer's encode pool); atexit stays as a fallback.
         (getattr(threading, "_register_atexit", None) or atexit.register)(self.close)
@@ -224,7 +224,7 @@ class WorkerCapture:
         req_ids = list(self.runner.input_batch.req_ids)
         self.layout = (req_ids, [so.num_scheduled_tokens.get(r, 0) for r in req_ids])
 
-    def _on_rows(self, name: str, cap, drafter: bool):
+    def _on_rows(self, cap, drafter: bool, fresh: bool):
         def on_rows(hidden, ids, positions):
             if cap is None or self.layout is None:
                 return
@@ -233,7 +233,7 @@ class WorkerCapture:
                     return
                 self.mtp_pending = False
             req_ids, counts = self.layout
-            cap.add_step(req_ids, counts, hidden, ids, positions)
+            cap.add_step(req_ids, counts, hidden, ids, positions, fresh=fresh)
         return on_rows
 
     def finish_completed(self) -> None:

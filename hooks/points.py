@@ -45,6 +45,8 @@ class CapturePoint:
     positions: TensorRef | None  # None: the engine knows positions itself (hf, batch of one)
     ids_offset: int = 0          # 0: ids are the token at each position; 1: the next token
     hc_mult_key: str | None = None  # config key of the number of residual streams per row
+    fresh: bool = True           # the hidden tensor is allocated by each forward (eager mode), not a
+                                 # buffer rewritten in place: its GPU copy may overlap later kernels
 
 
 def _root_ids(cls: str, io: str = "input") -> TensorRef:
@@ -68,7 +70,7 @@ POINTS: tuple[CapturePoint, ...] = (
                                      kwarg="input_ids", index=0),
                  positions=TensorRef("model.layers.*", "DeepSeekMultiTokenPredictorLayer", "input",
                                      kwarg="positions", index=1),
-                 ids_offset=1),
+                 ids_offset=1, fresh=False),  # the proposer's persistent hidden-states buffer
     # vLLM, DeepSeek-V4 (dsv4-mtp-reference.md §3): the input of model.hc_head_op. A decoder
     # layer's output is not enough — vLLM's layers return the un-posted tuple.
     CapturePoint("target_pre_head", "vllm", _V4, "target",

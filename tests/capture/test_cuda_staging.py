@@ -52,3 +52,28 @@ def test_rows_survive_async_copies_and_buffer_reuse():
     for s, (pid, hidden, nt, pos) in enumerate(sink.seqs):
         want = _activations(s, t, w).view(torch.int16).cpu().numpy().view(np.uint16)
         assert pid == f"r{s}" and np.array_equal(hidden, want) and pos.tolist() == list(range(t))
+
+
+def test_side_stream_copy_of_fresh_tensors_survives_memory_reuse():
+    """fresh=True: the copy runs on a side stream; the tensor is freed right after the hook
+    and its memory handed to the next allocations (filled with NaN) — record_stream must
+    keep the allocator off it until the copy has run."""
+    t, w, steps = 1024, 4096, 12
+    sink = ListSink()
+    cap = Capturer(sink, width=w, rows_per_step=t, slots=2, batch_s=0)
+    ids = torch.arange(t, device="cuda")
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for s in range(steps):
+        rows = _activations(s, t, w)
+        for _ in range(8):  # GPU work queued on the main stream after the rows are produced
+            a = (a @ a).clamp_(-1, 1)
+        cap.add_step([f"r{s}"], [t], rows, ids, ids, fresh=True)
+        del rows
+        junk = [torch.full((t, w), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        del junk
+        cap.finish(f"r{s}", list(range(t + 1)))
+    cap.close()
+    assert cap.stats.sequences == steps and cap.stats.dropped_sequences == 0
+    for s, (pid, hidden, nt, pos) in enumerate(sink.seqs):
+        want = _activations(s, t, w).view(torch.int16).cpu().numpy().view(np.uint16)
+        assert np.array_equal(hidden, want), s
