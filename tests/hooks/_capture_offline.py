@@ -3,6 +3,7 @@ the requant plugin on (REQUANT_CAPTURE* set by the caller) and prints the reques
 ids. argv: MODEL MAX_TOKENS [OPTIONS_JSON] with options
   spec: "mtp" (MTP speculative decoding; k: draft tokens, default 1) · chunk: max_num_batched_tokens (chunked prefill)
   blocks: KV-cache blocks (few → preemption) · eager: false (CUDA-graph/compile request)
+  tp: tensor-parallel size
   long: add a long prompt."""
 import json
 import os
@@ -22,6 +23,8 @@ def main() -> None:
         kw["speculative_config"] = {"method": "mtp", "num_speculative_tokens": opts.get("k", 1)}
     if opts.get("chunk"):
         kw.update(enable_chunked_prefill=True, max_num_batched_tokens=opts["chunk"], max_num_seqs=4)
+    if opts.get("tp"):
+        kw["tensor_parallel_size"] = opts["tp"]
     if opts.get("blocks"):
         kw.update(num_gpu_blocks_override=opts["blocks"], block_size=16)
     llm = LLM(sys.argv[1], enforce_eager=opts.get("eager", True), dtype="bfloat16", gpu_memory_utilization=0.3,

@@ -91,3 +91,18 @@ def test_plugin_off_writes_nothing(dsv3, tmp_path):
                          text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tensor_parallel_only_rank0_writes(dsv3, reference, tmp_path):
+    # Two worker processes (TP=2, one core each); states are replicated after the
+    # all-reduce, so exactly one writer group (rank 0's default host-pid name) holds them.
+    env = {"REQUANT_CAPTURE": str(tmp_path / "cap"), "REQUANT_CAPTURE_STATS": str(tmp_path / "stats.json"),
+           "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    env_all = {k: v for k, v in os.environ.items() if k != "REQUANT_CAPTURE_WRITER"}
+    args = [sys.executable, str(SCRIPT), str(dsv3), "6", json.dumps({"tp": 2})]
+    out = subprocess.run(args, env={**env_all, **env}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(next(l for l in out.stdout.splitlines() if l.startswith("RESULT ")).removeprefix("RESULT "))
+    store, seqs = _sequences(tmp_path / "cap")
+    assert len(store.writer_names()) == 1
+    check_against_reference(results, seqs, reference)
