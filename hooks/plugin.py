@@ -6,7 +6,9 @@ every process it starts (front end, engine core, workers); it does nothing unles
 MTP drafter) loads, the configured capture points (``hooks/points.py``) are resolved on
 the real module tree — a point that matches nothing, a missing MTP drafter, CUDA graphs /
 torch.compile, prefix caching or an unusable store stop the server before it serves.
-Only tensor-parallel rank 0 writes (states are replicated after the all-reduce).
+Only tensor-parallel rank 0 writes (states are replicated after the all-reduce). vLLM's
+V1 model runner only: a server on Model Runner V2 (the GPU default with Triton) is refused
+at start-up (``VLLM_USE_V2_MODEL_RUNNER=0``).
 
 Row bookkeeping (vLLM V1): a forward's rows are the scheduled tokens of the persistent
 batch's requests in batch order (``input_batch.req_ids`` × ``num_scheduled_tokens``), taken
@@ -102,6 +104,15 @@ def register() -> None:
     for cls in runners:
         if "load_model" in cls.__dict__:
             cls.load_model = _after_load(cls.__dict__["load_model"], cfg)
+    try:  # Model Runner V2 (vLLM's default on GPUs with Triton) keeps its batch differently
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as RunnerV2
+
+        def refuse(self, *args, **kwargs):
+            raise RuntimeError("requant capture supports vLLM's V1 model runner; this server uses Model Runner "
+                               "V2 — start it with VLLM_USE_V2_MODEL_RUNNER=0")
+        RunnerV2.load_model = refuse
+    except Exception:  # noqa: BLE001 — not importable here (CPU build): V2 is never used
+        pass
     execute_model = GPUModelRunner.execute_model
     sample_tokens = GPUModelRunner.sample_tokens
     removed = GPUModelRunner._on_request_state_removed
