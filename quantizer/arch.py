@@ -1,0 +1,157 @@
+"""MTP architectures: what the quantize stage needs to know about a checkpoint's MTP layer
+(``MTPSpec``, from config.json) and the block that replays it (``load_block``).
+
+DeepSeek-V4: upstream naming ``mtp.0.*`` (experts ``mtp.0.ffn.experts.{e}.w1|w2|w3``), mHC with
+``hc_mult`` residual streams, embedding shared with the target (``embed.weight``);
+block in ``mtp_dsv4.DSV4Block``.
+DeepSeek-V3: the MTP layer is decoder layer ``model.layers.{num_hidden_layers}.*`` (experts
+``…mlp.experts.{e}.gate_proj|down_proj|up_proj``), ``hc_mult`` 1, its own ``embed_tokens``;
+block in ``mtp_dsv3.DSV3Block``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .weights import _shards, load_mtp_weights
+
+_DSV3_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+
+@dataclass(frozen=True)
+class MTPSpec:
+    arch: str                       # "dsv3" | "dsv4"
+    prefix: str                     # "model.layers.{n}." (DSV3) | "mtp.0." (DSV4)
+    hidden: int
+    hc_mult: int                    # 1 for DSV3
+    n_experts: int
+    topk: int
+    moe_inter: int
+    swiglu_limit: float | None      # DSV4 clamp; None for DSV3
+
+    def expert_name(self, e: int, proj: str) -> str:
+        """Checkpoint module name (no ``.weight``) of routed expert ``e``'s ``proj`` (w1/w2/w3)."""
+        if proj not in ("w1", "w2", "w3"):
+            raise ValueError(f"expert projection must be w1, w2 or w3, got {proj!r}")
+        if not 0 <= e < self.n_experts:
+            raise ValueError(f"expert {e} outside [0, {self.n_experts})")
+        if self.arch == "dsv4":
+            return f"{self.prefix}ffn.experts.{e}.{proj}"
+        return f"{self.prefix}mlp.experts.{e}.{_DSV3_PROJ[proj]}"
+
+    def non_expert_prefixes(self) -> list[str]:
+        """Module names of the MTP layer's linears that stay unquantised (compressed-tensors
+        ``ignore``): projections, attention, gate, shared expert, head — everything but the
+        routed experts."""
+        p = self.prefix
+        if self.arch == "dsv4":
+            names = ["e_proj", "h_proj", "attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_a", "attn.wo_b",
+                     "ffn.gate", "ffn.shared_experts.w1", "ffn.shared_experts.w2", "ffn.shared_experts.w3"]
+        else:
+            names = ["eh_proj", "self_attn.q_a_proj", "self_attn.q_b_proj", "self_attn.q_proj",
+                     "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj", "self_attn.o_proj", "mlp.gate",
+                     "mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj",
+                     "shared_head.head"]
+        return [p + n for n in names]
+
+
+class MTPBlock(Protocol):
+    spec: MTPSpec
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stacked bf16 on CPU: w1 [E, I, D], w2 [E, D, I], w3 [E, I, D]."""
+
+    def moe_inputs(self, hidden: torch.Tensor, next_token: torch.Tensor, position: torch.Tensor, mode: str,
+                   seq_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x [T, H] bf16, topk_ids [T, k] int64, topk_weights [T, k] fp32) — see replay.py."""
+
+
+def _arch(config: dict) -> str:
+    mt = config.get("model_type", "")
+    archs = " ".join(config.get("architectures") or [])
+    if mt == "deepseek_v4" or "DeepseekV4" in archs or "hc_mult" in config:
+        return "dsv4"
+    if mt == "deepseek_v3" or "DeepseekV3" in archs:
+        return "dsv3"
+    raise ValueError(f"unsupported architecture (model_type {mt!r}, architectures {archs!r}): "
+                     "requant handles DeepSeek-V3 and DeepSeek-V4 MTP layers")
+
+
+def load_spec(config: dict) -> MTPSpec:
+    """The MTP layer's spec from a checkpoint's config.json contents."""
+    arch = _arch(config)
+    if any(k.startswith("dspark") for k in config):
+        raise ValueError("this checkpoint revision ships DSpark stages under mtp.*, not a classic MTP layer; "
+                         "requant quantises classic MTP layers only")
+    if int(config.get("num_nextn_predict_layers", 0) or 0) < 1:
+        raise ValueError(f"{arch} config has num_nextn_predict_layers = "
+                         f"{config.get('num_nextn_predict_layers', 0)}: no MTP layer to quantise")
+    try:
+        if arch == "dsv4":
+            return MTPSpec("dsv4", "mtp.0.", config["hidden_size"], int(config["hc_mult"]),
+                           config["n_routed_experts"], config["num_experts_per_tok"], config["moe_intermediate_size"],
+                           config.get("swiglu_limit"))
+        return MTPSpec("dsv3", f"model.layers.{config['num_hidden_layers']}.", config["hidden_size"], 1,
+                       config["n_routed_experts"], config["num_experts_per_tok"], config["moe_intermediate_size"], None)
+    except KeyError as e:
+        raise ValueError(f"{arch} config lacks {e.args[0]!r}") from None
+
+
+def _config(path: Path) -> dict:
+    f = (path if path.is_dir() else path.parent) / "config.json"
+    if not f.exists():
+        raise FileNotFoundError(f"{f}: config.json needed to identify the MTP architecture")
+    return json.loads(f.read_text())
+
+
+def read_tensor(path: str | Path, names: list[str]) -> tuple[str, torch.Tensor] | None:
+    """The first of ``names`` present in checkpoint ``path`` (directory or shard), or None."""
+    from safetensors import safe_open
+
+    where = _shards(Path(path))
+    for n in names:
+        if n in where:
+            with safe_open(str(where[n]), "pt") as f:
+                return n, f.get_tensor(n)
+    return None
+
+
+def load_embedding(spec: MTPSpec, weights: dict, master: Path, embed_from: str | Path | None) -> torch.Tensor:
+    """The embedding the MTP looks next tokens up in: DSV3's own ``embed_tokens`` (in ``weights``)
+    or, for DSV4, the target's ``embed.weight`` from ``embed_from`` or else the master."""
+    if spec.arch == "dsv3" and "embed_tokens.weight" in weights and embed_from is None:
+        return weights["embed_tokens.weight"]
+    names = ["embed.weight", "model.embed_tokens.weight", "embed_tokens.weight"]
+    if spec.arch == "dsv3":
+        names = [spec.prefix + "embed_tokens.weight"] + names
+    src = Path(embed_from) if embed_from is not None else master
+    found = read_tensor(src, names)
+    if found is None:
+        raise ValueError(f"{src}: no embedding ({', '.join(names)}); the {spec.arch.upper()} MTP needs the "
+                         "target's token embedding — pass embed_from= a checkpoint that has it")
+    return found[1].to(torch.bfloat16)
+
+
+def load_block(master: str | Path, device=None, embed_from: str | Path | None = None, dtype=torch.bfloat16) -> MTPBlock:
+    """The MTP block of checkpoint ``master`` (directory or shard with a config.json beside it),
+    master weights dequantised to bf16, on ``device`` (None: cuda if available, else cpu)."""
+    master = Path(master)
+    config = _config(master)
+    spec = load_spec(config)
+    weights = load_mtp_weights(master, prefix=spec.prefix)
+    embed = load_embedding(spec, weights, master, embed_from)
+    if embed.shape[1] != spec.hidden:
+        raise ValueError(f"embedding width {embed.shape[1]} != hidden_size {spec.hidden}")
+    if spec.arch == "dsv4":
+        from .mtp_dsv4 import DSV4Block, DSV4Dims
+
+        return DSV4Block(spec, DSV4Dims.from_config(config), weights, embed, device=device, dtype=dtype)
+    try:
+        from .mtp_dsv3 import DSV3Block
+    except ImportError:
+        raise NotImplementedError("DeepSeek-V3 MTP replay (quantizer/mtp_dsv3.py) is not available yet") from None
+    return DSV3Block(spec, config, weights, embed, device=device)

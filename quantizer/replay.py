@@ -1,0 +1,197 @@
+"""Replay capture stores through an MTP block into per-expert GPTQ Hessians.
+
+For every store row the block rebuilds the MTP inputs (previous states + embedding of the
+next token) and runs up to the routed experts (``MTPBlock.moe_inputs``); the gate's top-k
+picks which experts see the row. Per expert e with rows S_e:
+
+* ``h_in[e]  = Σ_{t∈S_e} x_t x_tᵀ``  — input of w1 and w3 (the MoE input, [H]).
+* ``h_mid[e] = Σ_{t∈S_e} a_t a_tᵀ``  — input of w2, ``a = silu(clamp(x w1ᵀ)) · clamp(x w3ᵀ)``
+  with the master w1/w3 (``hessian.swiglu_intermediate``). Unweighted by default: vLLM and
+  transformers multiply by the routing weight g after w2. ``w2_weighting="routing"`` uses
+  ``Σ g²·a aᵀ`` (DeepSeek's reference scales before w2) to compare.
+
+Memory: the stores are streamed (``StoreReader``) within ``max_bytes`` of host memory;
+``identity`` replays batches of independent rows, ``full`` replays groups of whole
+sequences (attention needs each sequence's earlier rows). Only the requested experts'
+Hessians and w1/w3 live on the device. Rows are replayed in store order whatever the
+batching, so the result depends on ``max_bytes`` only through fp32 summation order.
+
+Making a store to replay from a tiny fixture (CPU, ~1 min)::
+
+    from requant.hooks.fixtures import make_dsv4
+    from requant.hooks.hf_engine import HFCaptureConfig, capture_hf
+    ckpt = make_dsv4("/tmp/dsv4", seed=0)
+    capture_hf(HFCaptureConfig(model=str(ckpt), store="/tmp/dsv4-cap", max_new_tokens=16),
+               ["tell me about experts", "why quantize the hessian"])
+    # or: requant capture --engine hf /tmp/dsv4 --store /tmp/dsv4-cap --prompts prompts.txt
+
+    from requant.quantizer.arch import load_block
+    from requant.quantizer.replay import ReplayConfig, accumulate_hessians
+    block = load_block("/tmp/dsv4")
+    res = accumulate_hessians(block, ["/tmp/dsv4-cap"], ReplayConfig(mode="full"))
+    res.h_in.h.shape, res.h_mid.h.shape, res.tokens_per_expert   # [8,512,512], [8,256,256], [8]
+
+(DSV3: ``make_dsv3`` and ``requant capture --engine vllm``; see hooks/cli.py.)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from requant.storage import CaptureStore, StoreReader
+
+from .hessian import HessianSet, swiglu_intermediate
+
+MODES = ("identity", "full")
+WEIGHTINGS = ("none", "routing")
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    mode: str = "identity"          # "identity" | "full"
+    w2_weighting: str = "none"      # "none" | "routing" (Σ g²·a·aᵀ)
+    max_bytes: int = 1 << 30        # host memory bound for the rows being replayed
+    device: str | None = None       # None: cuda if available else cpu
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"replay mode must be one of {MODES}, got {self.mode!r}")
+        if self.w2_weighting not in WEIGHTINGS:
+            raise ValueError(f"w2_weighting must be one of {WEIGHTINGS}, got {self.w2_weighting!r}")
+
+
+@dataclass
+class ReplayResult:
+    h_in: HessianSet                # expert inputs (w1/w3), only the requested experts
+    h_mid: HessianSet               # intermediates (w2)
+    rows: int                       # store rows replayed
+    tokens_per_expert: torch.Tensor  # [n_experts] int64, all experts
+    seconds: float
+
+
+def _device(cfg: ReplayConfig) -> torch.device:
+    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def check_store_matches(block, stores: list[str]) -> None:
+    """Refuse stores whose rows the block cannot replay: hidden size, hc_mult, no rows."""
+    spec = block.spec
+    if not stores:
+        raise ValueError("no capture stores given")
+    for path in stores:
+        meta = CaptureStore.open(str(path)).meta
+        if meta.hidden_size != spec.hidden:
+            raise ValueError(f"{path}: store hidden_size {meta.hidden_size} != MTP hidden_size {spec.hidden} "
+                             f"({spec.arch} master)")
+        if meta.hc_mult != spec.hc_mult:
+            raise ValueError(f"{path}: store hc_mult {meta.hc_mult} != MTP hc_mult {spec.hc_mult} "
+                             f"({spec.arch} master)")
+        rows = StoreReader([str(path)]).rows
+        if rows == 0:
+            raise ValueError(f"{path}: store has 0 committed rows (the MTP layer has {spec.n_experts} experts "
+                             "to calibrate); capture first")
+
+
+def _chunks(stores: list[str], cfg: ReplayConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int] | None]]:
+    """(hidden bf16 [T, w], next_token [T], position [T], seq_lens) in store order.
+
+    identity: the reader's batches as they come. full: whole sequences, gathered into groups
+    of at most half of ``max_bytes`` (the reader holds the other half)."""
+    reader = StoreReader([str(s) for s in stores])
+    half = max(cfg.max_bytes // 2, 1)
+    try:
+        if cfg.mode == "identity":
+            for b in reader.batches(max_bytes=half):
+                yield (b.hidden_torch(), torch.from_numpy(b.next_token).long(),
+                       torch.from_numpy(b.position).long(), None)
+            return
+        cap = max(half // reader.row_bytes, 1)
+        group: list = []
+        rows = 0
+
+        def flush():
+            return (torch.cat([s.hidden_torch() for s in group]),
+                    torch.cat([torch.from_numpy(s.next_token).long() for s in group]),
+                    torch.cat([torch.from_numpy(s.position).long() for s in group]),
+                    [len(s.next_token) for s in group])
+
+        for s in reader.sequences(max_bytes=half):
+            n = len(s.next_token)
+            if group and rows + n > cap:
+                yield flush()
+                group, rows = [], 0
+            # the reader reuses nothing, but copy so a group never pins a whole reader batch
+            group.append(type(s)(s.seq, s.prompt_id, s.replica, s.writer, s.hidden.copy(),
+                                 s.next_token.copy(), s.position.copy()))
+            rows += n
+        if group:
+            yield flush()
+    finally:
+        reader.close()
+
+
+def route_counts(block, stores: list[str], cfg: ReplayConfig) -> torch.Tensor:
+    """Tokens routed to each expert over the stores: [n_experts] int64 (sums to rows × topk)."""
+    check_store_matches(block, stores)
+    counts = torch.zeros(block.spec.n_experts, dtype=torch.int64)
+    with torch.no_grad():
+        for hidden, tok, pos, lens in _chunks(stores, cfg):
+            _, ids, _ = block.moe_inputs(hidden, tok, pos, cfg.mode, lens)
+            counts += torch.bincount(ids.reshape(-1).cpu(), minlength=block.spec.n_experts)
+    return counts
+
+
+def accumulate_hessians(block, stores: list[str], cfg: ReplayConfig, experts: Sequence[int] | None = None,
+                        progress: Callable[[int], None] | None = None) -> ReplayResult:
+    """Replay ``stores`` through ``block`` and accumulate w1/w3 and w2 Hessians for ``experts``
+    (default: all). ``progress(n)`` is called with the rows of each replayed chunk."""
+    t0 = time.perf_counter()
+    check_store_matches(block, stores)
+    spec = block.spec
+    dev = _device(cfg)
+    ids_owned = torch.arange(spec.n_experts) if experts is None else torch.as_tensor(list(experts), dtype=torch.long)
+    if ids_owned.numel() == 0 or int(ids_owned.min()) < 0 or int(ids_owned.max()) >= spec.n_experts \
+            or len(set(ids_owned.tolist())) != ids_owned.numel():
+        raise ValueError(f"experts must be distinct ids in [0, {spec.n_experts}), got {ids_owned.tolist()[:8]}…")
+    h_in = HessianSet(spec.n_experts, spec.hidden, dev, experts=ids_owned)
+    h_mid = HessianSet(spec.n_experts, spec.moe_inter, dev, experts=ids_owned)
+    w1, _, w3 = block.expert_weights()
+    w1 = w1.index_select(0, ids_owned).to(dev)    # only this worker's experts on the device
+    w3 = w3.index_select(0, ids_owned).to(dev)
+    local = torch.full((spec.n_experts,), -1, dtype=torch.long)
+    local[ids_owned] = torch.arange(ids_owned.numel())
+    local = local.to(dev)
+    tokens = torch.zeros(spec.n_experts, dtype=torch.int64)
+    rows = 0
+    with torch.no_grad():
+        for hidden, tok, pos, lens in _chunks(stores, cfg):
+            x, ids, g = block.moe_inputs(hidden, tok, pos, cfg.mode, lens)
+            x, ids, g = x.to(dev), ids.to(dev), g.to(dev)
+            tokens += torch.bincount(ids.reshape(-1).cpu(), minlength=spec.n_experts)
+            # (token, slot) pairs of owned experts, grouped by local expert, token order kept
+            lid = local[ids.reshape(-1)]
+            pair = torch.nonzero(lid >= 0).squeeze(1)
+            order = torch.argsort(lid[pair], stable=True)
+            pair = pair[order]
+            lexp = lid[pair]
+            counts = torch.bincount(lexp, minlength=ids_owned.numel()).cpu()
+            xs = x.index_select(0, pair // spec.topk)
+            h_in.add_segments(xs, counts)
+            mids = []
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    a = swiglu_intermediate(xs[start:start + n], w1[e], w3[e], spec.swiglu_limit)
+                    if cfg.w2_weighting == "routing":
+                        a = a.float() * g.reshape(-1)[pair[start:start + n], None]
+                    mids.append(a)
+                    start += n
+            if mids:
+                h_mid.add_segments(torch.cat(mids), counts)
+            rows += hidden.shape[0]
+            if progress is not None:
+                progress(hidden.shape[0])
+    return ReplayResult(h_in, h_mid, rows, tokens, time.perf_counter() - t0)
