@@ -195,8 +195,8 @@ class DSV4Block:
         pos = position.to(self.device, torch.long)
         R = self.project_inputs(hidden, next_token, pos)
         if mode == "full":
-            seq = _segment_ids(seq_lens, pos)
-            R1 = self.attention_sublayer(R, pos, seq)
+            _check_sequences(seq_lens, pos)
+            R1 = self.attention_sublayer(R, pos, list(seq_lens))
         else:
             R1 = R  # identity: the attention sub-layer, mHC mixing included, is skipped
         x, _, _ = hc_pre(R1, self.W["hc_ffn_fn"], self.W["hc_ffn_scale"], self.W["hc_ffn_base"], d)
@@ -218,18 +218,20 @@ class DSV4Block:
         h = rms_norm(hidden.to(self.device, self.dtype).view(T, d.hc_mult, d.hidden), W["hnorm.weight"], d.eps)
         return h @ W["h_proj.weight"].T + (e @ W["e_proj.weight"].T).unsqueeze(1)
 
-    def attention_sublayer(self, R: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+    def attention_sublayer(self, R: torch.Tensor, pos: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
         """Step 2: R1 = hc_post(Attn(attn_norm(hc_pre(R))), R)."""
         d, W = self.dims, self.W
         x, post, comb = hc_pre(R, W["hc_attn_fn"], W["hc_attn_scale"], W["hc_attn_base"], d)
-        y = self.attention(rms_norm(x, W["attn_norm.weight"], d.eps), pos, seq)
+        y = self.attention(rms_norm(x, W["attn_norm.weight"], d.eps), pos, seq_lens)
         return hc_post(y, R, post, comb)
 
-    def attention(self, xa: torch.Tensor, pos: torch.Tensor, seq: torch.Tensor, block: int = 256) -> torch.Tensor:
-        """Sliding-window MQA with sinks over rows grouped in sequences (``seq`` [T] ids, rows of a
-        sequence contiguous and in position order). Key s is visible to query t iff same sequence
-        and 0 ≤ pos_t − pos_s < window. Queries go in blocks of ``block`` rows against the
-        ``block + window − 1`` rows that can reach them: memory O(block·(block+window)·heads)."""
+    def attention(self, xa: torch.Tensor, pos: torch.Tensor, seq_lens: list[int], block: int = 256) -> torch.Tensor:
+        """Sliding-window MQA with sinks over rows that are whole sequences concatenated (lengths
+        ``seq_lens``, each in consecutive position order): key s is visible to query t iff both
+        are in the same sequence and 0 ≤ pos_t − pos_s < window. Queries go in blocks of
+        ``block`` rows, aligned to their sequence's start, against the ``block + window − 1`` rows
+        that can reach them: memory O(block·(block+window)·heads), and a sequence's result does
+        not depend on which other sequences share the call."""
         d, W = self.dims, self.W
         T, H, hd, rd, G = xa.shape[0], d.n_heads, d.head_dim, d.rope_dim, d.o_groups
         qr = rms_norm(xa @ W["attn.wq_a.weight"].T, W["attn.q_norm.weight"], d.eps)
@@ -239,19 +241,21 @@ class DSV4Block:
         kv = rope_interleaved(kv, pos, d.rope_theta, rd)
         sink = W["attn.attn_sink"].float().view(H, 1)
         out = torch.empty(T, H, hd, dtype=xa.dtype, device=xa.device)
-        for t0 in range(0, T, block):
-            t1 = min(t0 + block, T)
-            s0 = max(0, t0 - d.window + 1)
-            logits = torch.einsum("thd,sd->hts", q[t0:t1].float(), kv[s0:t1].float()) * hd ** -0.5
-            dp = pos[t0:t1, None] - pos[None, s0:t1]
-            visible = (seq[t0:t1, None] == seq[None, s0:t1]) & (dp >= 0) & (dp < d.window)
-            logits = logits.masked_fill(~visible, float("-inf"))
-            # softmax over [keys…, sink]: the sink logit only enlarges the denominator
-            m = torch.maximum(logits.amax(-1), sink)                                  # [H, t]
-            p = torch.exp(logits - m[..., None])
-            denom = p.sum(-1) + torch.exp(sink - m)
-            o = torch.einsum("hts,sd->thd", p / denom[..., None], kv[s0:t1].float())
-            out[t0:t1] = o.to(xa.dtype)
+        start = 0
+        for n in seq_lens:
+            for t0 in range(start, start + n, block):
+                t1 = min(t0 + block, start + n)
+                s0 = max(start, t0 - d.window + 1)
+                logits = torch.einsum("thd,sd->hts", q[t0:t1].float(), kv[s0:t1].float()) * hd ** -0.5
+                dp = pos[t0:t1, None] - pos[None, s0:t1]
+                logits = logits.masked_fill(~((dp >= 0) & (dp < d.window)), float("-inf"))
+                # softmax over [keys…, sink]: the sink logit only enlarges the denominator
+                m = torch.maximum(logits.amax(-1), sink)                              # [H, t]
+                p = torch.exp(logits - m[..., None])
+                denom = p.sum(-1) + torch.exp(sink - m)
+                o = torch.einsum("hts,sd->thd", p / denom[..., None], kv[s0:t1].float())
+                out[t0:t1] = o.to(xa.dtype)
+            start += n
         out = rope_interleaved(out, pos, d.rope_theta, rd, inverse=True)                # V carried RoPE
         wo_a = W["attn.wo_a.weight"].view(G, d.o_lora_rank, H // G * hd)
         z = torch.einsum("tgk,grk->tgr", out.view(T, G, H // G * hd), wo_a)
@@ -274,22 +278,19 @@ class DSV4Block:
         return ids, weights * d.routed_scale
 
 
-def _segment_ids(seq_lens: list[int] | None, pos: torch.Tensor) -> torch.Tensor:
-    """Sequence id per row from ``seq_lens``; checks each sequence's positions are consecutive
+def _check_sequences(seq_lens: list[int] | None, pos: torch.Tensor) -> None:
+    """``seq_lens`` must cover the rows, and positions run consecutively within each sequence
     (attention needs every earlier row of the window)."""
     T = pos.shape[0]
     if seq_lens is None:
         raise ValueError("full replay needs seq_lens (rows are whole sequences concatenated)")
     if sum(seq_lens) != T or any(n <= 0 for n in seq_lens):
-        raise ValueError(f"seq_lens {seq_lens[:8]}… (sum {sum(seq_lens)}) do not cover {T} rows")
-    seq = torch.repeat_interleave(torch.arange(len(seq_lens), device=pos.device),
-                                  torch.tensor(seq_lens, device=pos.device))
+        raise ValueError(f"seq_lens {list(seq_lens)[:8]}… (sum {sum(seq_lens)}) do not cover {T} rows")
     if T > 1:
-        step = pos[1:] - pos[:-1]
-        same = seq[1:] == seq[:-1]
-        bad = same & (step != 1)
+        seq = torch.repeat_interleave(torch.arange(len(seq_lens), device=pos.device),
+                                      torch.tensor(list(seq_lens), device=pos.device))
+        bad = (seq[1:] == seq[:-1]) & (pos[1:] - pos[:-1] != 1)
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"full replay: positions not consecutive within sequence {int(seq[i])} "
                              f"({int(pos[i])} then {int(pos[i + 1])}); attention would miss rows")
-    return seq

@@ -1,0 +1,135 @@
+"""Replay (quantizer/replay.py) on a store captured from the tiny DeepSeek-V4 fixture with the hf
+engine: Hessians against a direct computation from the block's outputs, independence of the
+memory bound (batching) and of the expert slice, routing counts, store/master mismatches."""
+import os
+
+import pytest
+import torch
+
+from requant.hooks.fixtures import make_dsv4
+from requant.hooks.hf_engine import HFCaptureConfig, capture_hf
+from requant.quantizer.arch import load_block
+from requant.quantizer.hessian import swiglu_intermediate
+from requant.quantizer.replay import ReplayConfig, accumulate_hessians, check_store_matches, route_counts
+from requant.storage import CaptureStore, Layout, StoreMeta, StoreReader
+from requant.storage.reader import DECODE_FACTOR_DIRECT
+
+PROMPTS = ["tell me about the expert router", "why quantize the hessian weight", "explain attention hidden state",
+           "write a story about a number", "what is a group scale", "how does the model predict the next token",
+           "list code sample prompt answer", "where is the layer capture"]
+ROW_BYTES = 4 * 512 * 2 + 16
+# replay memory for reader batches of ~64 rows (16-row chunks below) on this machine's core
+# count: the reader gets half, minus its decode buffers, for 3 batches in flight
+SMALL = 2 * (int(min(16, os.cpu_count() or 1) * DECODE_FACTOR_DIRECT * 16 * ROW_BYTES) + 3 * 64 * ROW_BYTES)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("replay")
+    ckpt = make_dsv4(d / "dsv4", seed=0)
+    store = str(d / "cap")
+    # small chunks so that a small max_bytes really splits the store into several batches
+    CaptureStore.create(store, StoreMeta(hidden_size=512, hc_mult=4, capture_point="target_pre_head"),
+                        layout=Layout(rows_per_chunk=16))
+    capture_hf(HFCaptureConfig(model=str(ckpt), store=store, max_new_tokens=40, stop_at_eos=False), PROMPTS)
+    block = load_block(ckpt, device="cpu")
+    return ckpt, store, block
+
+
+def _all_rows(store):
+    with StoreReader([store]) as r:
+        seqs = list(r.sequences())
+    hidden = torch.cat([s.hidden_torch() for s in seqs])
+    tok = torch.cat([torch.from_numpy(s.next_token).long() for s in seqs])
+    pos = torch.cat([torch.from_numpy(s.position).long() for s in seqs])
+    return hidden, tok, pos, [len(s.next_token) for s in seqs]
+
+
+@pytest.mark.parametrize("mode", ["identity", "full"])
+def test_hessians_equal_direct_computation(setup, mode):
+    """h_in / h_mid (both weightings) per expert = Σ over the rows the gate sends there, computed
+    here directly from one moe_inputs call over the whole store."""
+    _, store, block = setup
+    hidden, tok, pos, lens = _all_rows(store)
+    X, ids, g = block.moe_inputs(hidden, tok, pos, mode, lens if mode == "full" else None)
+    w1, _, w3 = block.expert_weights()
+    res = {w: accumulate_hessians(block, [store], ReplayConfig(mode=mode, w2_weighting=w, device="cpu"))
+           for w in ("none", "routing")}
+    assert res["none"].rows == hidden.shape[0] > 300
+    for e in range(block.spec.n_experts):
+        rows, slot = torch.where(ids == e)
+        xe = X[rows].float()
+        a = swiglu_intermediate(X[rows], w1[e], w3[e], block.spec.swiglu_limit).float()
+        ag = a * g[rows, slot, None]
+        torch.testing.assert_close(res["none"].h_in.h[e], xe.T @ xe, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(res["none"].h_mid.h[e], a.T @ a, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(res["routing"].h_mid.h[e], ag.T @ ag, rtol=1e-5, atol=1e-3)
+        assert int(res["none"].h_in.count[e]) == len(rows) == int(res["none"].tokens_per_expert[e])
+    torch.testing.assert_close(res["routing"].h_in.h, res["none"].h_in.h, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["identity", "full"])
+def test_result_independent_of_memory_bound(setup, mode):
+    _, store, block = setup
+    calls = {}
+    out = {}
+    for mb in (SMALL, 1 << 30):
+        seen = []
+        out[mb] = accumulate_hessians(block, [store], ReplayConfig(mode=mode, max_bytes=mb, device="cpu"),
+                                      progress=seen.append)
+        calls[mb] = seen
+    assert len(calls[SMALL]) >= 2 and len(calls[1 << 30]) == 1         # really batched differently
+    assert sum(calls[SMALL]) == sum(calls[1 << 30]) == out[SMALL].rows
+    a, b = out[SMALL], out[1 << 30]
+    assert torch.equal(a.tokens_per_expert, b.tokens_per_expert)
+    assert torch.equal(a.h_in.count, b.h_in.count)
+    # same rows in the same order; only the fp32 summation grouping differs
+    torch.testing.assert_close(a.h_in.h, b.h_in.h, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(a.h_mid.h, b.h_mid.h, rtol=1e-5, atol=1e-4)
+
+
+def test_expert_slice_is_bit_identical_to_full_set(setup):
+    """An expert-parallel worker's Hessians equal the single-process ones for its experts, bit for bit."""
+    _, store, block = setup
+    full = accumulate_hessians(block, [store], ReplayConfig(mode="full", device="cpu"))
+    part = accumulate_hessians(block, [store], ReplayConfig(mode="full", device="cpu"), experts=[6, 1])
+    assert part.h_in.experts.tolist() == [6, 1] and part.h_in.h.shape[0] == 2
+    for i, e in enumerate([6, 1]):
+        assert torch.equal(part.h_in.h[i], full.h_in.h[e]) and torch.equal(part.h_mid.h[i], full.h_mid.h[e])
+    assert torch.equal(part.tokens_per_expert, full.tokens_per_expert)   # routing counted for every expert
+    with pytest.raises(ValueError, match="distinct ids"):
+        accumulate_hessians(block, [store], ReplayConfig(device="cpu"), experts=[1, 1])
+
+
+def test_route_counts(setup):
+    _, store, block = setup
+    rows = StoreReader([store]).rows
+    counts = {m: route_counts(block, [store], ReplayConfig(mode=m, device="cpu")) for m in ("identity", "full")}
+    for m, c in counts.items():
+        assert c.shape == (block.spec.n_experts,) and c.dtype == torch.int64
+        assert int(c.sum()) == rows * block.spec.topk
+    assert not torch.equal(counts["identity"], counts["full"])           # attention changes routing
+    two = route_counts(block, [store, store], ReplayConfig(mode="full", device="cpu"))
+    assert torch.equal(two, 2 * counts["full"])
+
+
+def test_store_mismatches_are_named(setup, tmp_path):
+    _, store, block = setup
+    narrow = str(tmp_path / "h256")
+    CaptureStore.create(narrow, StoreMeta(hidden_size=256, hc_mult=4))
+    with pytest.raises(ValueError, match=r"h256: store hidden_size 256 != MTP hidden_size 512"):
+        check_store_matches(block, [store, narrow])
+    one = str(tmp_path / "hc1")
+    CaptureStore.create(one, StoreMeta(hidden_size=512, hc_mult=1))
+    with pytest.raises(ValueError, match=r"hc1: store hc_mult 1 != MTP hc_mult 4"):
+        accumulate_hessians(block, [one], ReplayConfig(device="cpu"))
+    empty = str(tmp_path / "empty")
+    CaptureStore.create(empty, StoreMeta(hidden_size=512, hc_mult=4))
+    with pytest.raises(ValueError, match=r"empty: store has 0 committed rows"):
+        route_counts(block, [empty], ReplayConfig(device="cpu"))
+    with pytest.raises(ValueError, match="no capture stores"):
+        check_store_matches(block, [])
+    with pytest.raises(ValueError, match="replay mode"):
+        ReplayConfig(mode="zero")
+    with pytest.raises(ValueError, match="w2_weighting"):
+        ReplayConfig(w2_weighting="g")
