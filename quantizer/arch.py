@@ -154,4 +154,4 @@ def load_block(master: str | Path, device=None, embed_from: str | Path | None = 
         from .mtp_dsv3 import DSV3Block
     except ImportError:
         raise NotImplementedError("DeepSeek-V3 MTP replay (quantizer/mtp_dsv3.py) is not available yet") from None
-    return DSV3Block(spec, config, weights, embed, device=device)
+    return DSV3Block(spec, config, weights, embed, device=device, dtype=dtype)
