@@ -153,14 +153,19 @@ class DSV4Block:
         self.dtype = dtype
         self.embed = embed
         E = dims.n_experts
+        # Routed experts: one tensor per expert as in the checkpoint, or already stacked under
+        # "ffn.experts.w1" [E, I, D] etc. (benchmarks build those on the GPU).
+        stacked = all(f"ffn.experts.{p}" in weights for p in ("w1", "w2", "w3"))
         missing = [f"{spec.prefix}{k}" for k in self._required() if k not in weights]
-        missing += [f"{spec.prefix}ffn.experts.{e}.{p}.weight" for e in range(E) for p in ("w1", "w2", "w3")
-                    if f"ffn.experts.{e}.{p}.weight" not in weights]
+        if not stacked:
+            missing += [f"{spec.prefix}ffn.experts.{e}.{p}.weight" for e in range(E) for p in ("w1", "w2", "w3")
+                        if f"ffn.experts.{e}.{p}.weight" not in weights]
         if missing:
             raise ValueError(f"DeepSeek-V4 MTP layer incomplete: missing {', '.join(missing[:5])}"
                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-        # Routed experts, stacked on the CPU in bf16 (master precision after dequantisation).
-        self._w = {p: torch.stack([weights[f"ffn.experts.{e}.{p}.weight"] for e in range(E)]).to(torch.bfloat16)
+        # Stacked in bf16 (master precision after dequantisation), on the CPU when loaded from a checkpoint.
+        self._w = {p: (weights[f"ffn.experts.{p}"] if stacked else
+                       torch.stack([weights[f"ffn.experts.{e}.{p}.weight"] for e in range(E)])).to(torch.bfloat16)
                    for p in ("w1", "w2", "w3")}
         # Everything else the forward uses, on the compute device. fp32 parameters (mHC, sinks,
         # gate bias) stay fp32; linears take the compute dtype.

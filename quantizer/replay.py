@@ -41,8 +41,6 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from requant.storage import CaptureStore, StoreReader
-
 from .hessian import HessianSet, swiglu_intermediate
 
 MODES = ("identity", "full")
@@ -78,6 +76,8 @@ def _device(cfg: ReplayConfig) -> torch.device:
 
 def check_store_matches(block, stores: list[str]) -> None:
     """Refuse stores whose rows the block cannot replay: hidden size, hc_mult, no rows."""
+    from requant.storage import CaptureStore, StoreReader
+
     spec = block.spec
     if not stores:
         raise ValueError("no capture stores given")
@@ -100,6 +100,8 @@ def _chunks(stores: list[str], cfg: ReplayConfig) -> Iterator[tuple[torch.Tensor
 
     identity: the reader's batches as they come. full: whole sequences, gathered into groups
     of at most half of ``max_bytes`` (the reader holds the other half)."""
+    from requant.storage import StoreReader  # here: the accumulator alone needs no storage stack
+
     reader = StoreReader([str(s) for s in stores])
     half = max(cfg.max_bytes // 2, 1)
     try:
@@ -144,54 +146,70 @@ def route_counts(block, stores: list[str], cfg: ReplayConfig) -> torch.Tensor:
     return counts
 
 
+class HessianAccumulator:
+    """Per-expert Hessians from the block's outputs, batch by batch (no store involved: the
+    replay below feeds it, benchmarks feed it synthetic rows).
+
+    ``add(x, ids, g)``: MoE inputs x [T, H], top-k ids [T, k] and weights [T, k]. Owned experts'
+    (token, slot) pairs are grouped by expert in token order; ``h_in`` takes x, ``h_mid`` the
+    swiglu intermediate from the master w1/w3 (× g with ``w2_weighting="routing"``)."""
+
+    def __init__(self, block, experts: Sequence[int] | None = None, device: str | torch.device | None = None,
+                 w2_weighting: str = "none"):
+        spec = block.spec
+        if w2_weighting not in WEIGHTINGS:
+            raise ValueError(f"w2_weighting must be one of {WEIGHTINGS}, got {w2_weighting!r}")
+        ids = torch.arange(spec.n_experts) if experts is None else torch.as_tensor(list(experts), dtype=torch.long)
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= spec.n_experts \
+                or len(set(ids.tolist())) != ids.numel():
+            raise ValueError(f"experts must be distinct ids in [0, {spec.n_experts}), got {ids.tolist()[:8]}…")
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.spec, self.device, self.experts, self.weighting = spec, dev, ids, w2_weighting
+        self.h_in = HessianSet(spec.n_experts, spec.hidden, dev, experts=ids)
+        self.h_mid = HessianSet(spec.n_experts, spec.moe_inter, dev, experts=ids)
+        w1, _, w3 = block.expert_weights()
+        self.w1 = w1.index_select(0, ids).to(dev)    # only the owned experts on the device
+        self.w3 = w3.index_select(0, ids).to(dev)
+        local = torch.full((spec.n_experts,), -1, dtype=torch.long)
+        local[ids] = torch.arange(ids.numel())
+        self.local = local.to(dev)
+        self.tokens = torch.zeros(spec.n_experts, dtype=torch.int64)   # every expert, owned or not
+        self.rows = 0
+
+    def add(self, x: torch.Tensor, ids: torch.Tensor, g: torch.Tensor) -> None:
+        k = self.spec.topk
+        x, ids, g = x.to(self.device), ids.to(self.device), g.to(self.device)
+        self.tokens += torch.bincount(ids.reshape(-1), minlength=self.spec.n_experts).cpu()
+        self.rows += x.shape[0]
+        lid = self.local[ids.reshape(-1)]
+        pair = torch.nonzero(lid >= 0).squeeze(1)                  # flat (token, slot) indices
+        pair = pair[torch.argsort(lid[pair], stable=True)]         # grouped by expert, token order kept
+        counts = torch.bincount(lid[pair], minlength=self.experts.numel()).cpu()
+        if not pair.numel():
+            return
+        xs = x.index_select(0, pair // k)
+        self.h_in.add_segments(xs, counts)
+        mids, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                a = swiglu_intermediate(xs[start:start + n], self.w1[e], self.w3[e], self.spec.swiglu_limit)
+                if self.weighting == "routing":
+                    a = a.float() * g.reshape(-1)[pair[start:start + n], None]
+                mids.append(a)
+                start += n
+        self.h_mid.add_segments(torch.cat(mids), counts)
+
+
 def accumulate_hessians(block, stores: list[str], cfg: ReplayConfig, experts: Sequence[int] | None = None,
                         progress: Callable[[int], None] | None = None) -> ReplayResult:
     """Replay ``stores`` through ``block`` and accumulate w1/w3 and w2 Hessians for ``experts``
     (default: all). ``progress(n)`` is called with the rows of each replayed chunk."""
     t0 = time.perf_counter()
     check_store_matches(block, stores)
-    spec = block.spec
-    dev = _device(cfg)
-    ids_owned = torch.arange(spec.n_experts) if experts is None else torch.as_tensor(list(experts), dtype=torch.long)
-    if ids_owned.numel() == 0 or int(ids_owned.min()) < 0 or int(ids_owned.max()) >= spec.n_experts \
-            or len(set(ids_owned.tolist())) != ids_owned.numel():
-        raise ValueError(f"experts must be distinct ids in [0, {spec.n_experts}), got {ids_owned.tolist()[:8]}…")
-    h_in = HessianSet(spec.n_experts, spec.hidden, dev, experts=ids_owned)
-    h_mid = HessianSet(spec.n_experts, spec.moe_inter, dev, experts=ids_owned)
-    w1, _, w3 = block.expert_weights()
-    w1 = w1.index_select(0, ids_owned).to(dev)    # only this worker's experts on the device
-    w3 = w3.index_select(0, ids_owned).to(dev)
-    local = torch.full((spec.n_experts,), -1, dtype=torch.long)
-    local[ids_owned] = torch.arange(ids_owned.numel())
-    local = local.to(dev)
-    tokens = torch.zeros(spec.n_experts, dtype=torch.int64)
-    rows = 0
+    acc = HessianAccumulator(block, experts, _device(cfg), cfg.w2_weighting)
     with torch.no_grad():
         for hidden, tok, pos, lens in _chunks(stores, cfg):
-            x, ids, g = block.moe_inputs(hidden, tok, pos, cfg.mode, lens)
-            x, ids, g = x.to(dev), ids.to(dev), g.to(dev)
-            tokens += torch.bincount(ids.reshape(-1).cpu(), minlength=spec.n_experts)
-            # (token, slot) pairs of owned experts, grouped by local expert, token order kept
-            lid = local[ids.reshape(-1)]
-            pair = torch.nonzero(lid >= 0).squeeze(1)
-            order = torch.argsort(lid[pair], stable=True)
-            pair = pair[order]
-            lexp = lid[pair]
-            counts = torch.bincount(lexp, minlength=ids_owned.numel()).cpu()
-            xs = x.index_select(0, pair // spec.topk)
-            h_in.add_segments(xs, counts)
-            mids = []
-            start = 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    a = swiglu_intermediate(xs[start:start + n], w1[e], w3[e], spec.swiglu_limit)
-                    if cfg.w2_weighting == "routing":
-                        a = a.float() * g.reshape(-1)[pair[start:start + n], None]
-                    mids.append(a)
-                    start += n
-            if mids:
-                h_mid.add_segments(torch.cat(mids), counts)
-            rows += hidden.shape[0]
+            acc.add(*block.moe_inputs(hidden, tok, pos, cfg.mode, lens))
             if progress is not None:
                 progress(hidden.shape[0])
-    return ReplayResult(h_in, h_mid, rows, tokens, time.perf_counter() - t0)
+    return ReplayResult(acc.h_in, acc.h_mid, acc.rows, acc.tokens, time.perf_counter() - t0)
