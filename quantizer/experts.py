@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -44,6 +45,8 @@ class TensorRecord:
 class ExpertQuantConfig:
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     name_format: str = "mtp.0.ffn.experts.{expert}.{proj}"
+    # checkpoint module name of (expert, proj); overrides name_format (DSV3: MTPSpec.expert_name)
+    name_fn: Callable[[int, str], str] | None = None
     batch_size: int | None = None   # experts per GPTQ batch; None = from free memory
     device: str | None = None       # None = cuda if available else cpu
 
@@ -137,7 +140,8 @@ def quantize_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                 zero_tok = int(counts[j]) == 0
                 for k, proj in enumerate(projs):
                     sl = slice(k * per_proj_rows, (k + 1) * per_proj_rows)
-                    name = cfg.name_format.format(expert=e, proj=proj)
+                    name = (cfg.name_fn(e, proj) if cfg.name_fn is not None
+                            else cfg.name_format.format(expert=e, proj=proj))
                     for key, t in packed_tensors(name, q[j, sl], scale[j, sl], spec).items():
                         out[key] = t.cpu()
                     eg, er = float(errs_g[k][j]), float(errs_r[k][j])

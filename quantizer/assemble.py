@@ -1,0 +1,302 @@
+"""Assemble the quantised MTP shard into a checkpoint that drops into the base model.
+
+Output directory (built in a temp dir beside ``out`` and renamed into place by the stage):
+
+* ``model-mtp-w4a16.safetensors`` — the routed MTP experts packed W4A16 under the base
+  checkpoint's expert naming (``MTPSpec.expert_name`` + ``.weight_packed|.weight_scale|
+  .weight_shape``), and every other MTP tensor of the master passed through byte for byte:
+  BF16/FP32 as they are, FP8 block linears with their scale field renamed to the base
+  checkpoint's convention (upstream DSV4 ``.scale``, vLLM/HF ``.weight_scale_inv``).
+* the base shards, hard-linked (copied across file systems), never modified;
+* ``model.safetensors.index.json`` — the union: every base tensor outside the MTP prefix
+  where it was, every MTP tensor in the new shard, each name exactly once;
+* ``config.json`` — the base config with ``quantization_config`` merged: a W4A16 group whose
+  targets are the MTP routed experts (placed first, so vLLM's first-match picks it), the
+  MTP's unquantised linears added to ``ignore``; the base's groups and ignores kept;
+* tokenizer / generation files of the base, copied.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .arch import MTPSpec
+from .pack import w4a16_config_group
+from .quant import QuantSpec
+from .weights import SCALE_SUFFIXES, _shards
+
+INDEX = "model.safetensors.index.json"
+SCALE_CONVENTIONS = ("auto", "keep", ".scale", ".weight_scale_inv", ".weight_scale")
+PACKED_SUFFIXES = (".weight_packed", ".weight_scale", ".weight_shape")
+
+
+@dataclass(frozen=True)
+class AssembleConfig:
+    shard_name: str = "model-mtp-w4a16.safetensors"
+    fp8_scale: str = "auto"          # auto: the base's convention (.weight_scale_inv / .scale), else keep
+    group_name: str = "group_mtp_experts"
+    spec: QuantSpec = QuantSpec()
+    actorder: str | None = None      # "weight" when GPTQ ran with act-order
+
+    def __post_init__(self):
+        if self.fp8_scale not in SCALE_CONVENTIONS:
+            raise ValueError(f"fp8_scale must be one of {SCALE_CONVENTIONS}, got {self.fp8_scale!r}")
+
+
+# -- base checkpoint ---------------------------------------------------------------------
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (names → dtype, shape, data_offsets)."""
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        head = json.loads(f.read(n))
+    head.pop("__metadata__", None)
+    return head
+
+
+def read_base(base: Path) -> tuple[dict, dict]:
+    """(config, index) of the base checkpoint; clear errors for what the union needs."""
+    if not base.is_dir():
+        raise FileNotFoundError(f"base checkpoint {base} is not a directory")
+    cfg_file, index_file = base / "config.json", base / INDEX
+    if not cfg_file.exists():
+        raise FileNotFoundError(f"base checkpoint {base} has no config.json")
+    if not index_file.exists():
+        raise FileNotFoundError(f"base checkpoint {base} has no {INDEX}: the MTP shard is added through the "
+                                "index; re-save the base sharded (safetensors with an index)")
+    index = json.loads(index_file.read_text())
+    if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
+        raise ValueError(f"{index_file}: no weight_map")
+    missing = sorted({f for f in index["weight_map"].values() if not (base / f).is_file()})
+    if missing:
+        raise FileNotFoundError(f"{index_file} names shards that are not there: {', '.join(missing[:3])}")
+    return json.loads(cfg_file.read_text()), index
+
+
+def check_base_matches(spec: MTPSpec, base_config: dict, master_config: dict) -> None:
+    """The base must be the same model as the master (the MTP layer plugs into it)."""
+    for key in ("hidden_size", "n_routed_experts", "num_hidden_layers", "moe_intermediate_size", "hc_mult"):
+        a, b = master_config.get(key), base_config.get(key)
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"base config {key} = {b} but master config {key} = {a}: not the same model")
+
+
+# -- the MTP shard -----------------------------------------------------------------------
+
+def expert_modules(spec: MTPSpec) -> set[str]:
+    return {spec.expert_name(e, p) for e in range(spec.n_experts) for p in ("w1", "w2", "w3")}
+
+
+def resolve_fp8_scale(cfg: AssembleConfig, base_names: list[str]) -> str:
+    """The scale suffix FP8 pass-through tensors get ("keep" = as in the master)."""
+    if cfg.fp8_scale != "auto":
+        return cfg.fp8_scale
+    if any(n.endswith(".weight_scale_inv") for n in base_names):
+        return ".weight_scale_inv"
+    if any(n.endswith(".scale") for n in base_names):
+        return ".scale"
+    return "keep"
+
+
+def passthrough_tensors(master: Path, spec: MTPSpec, scale_to: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The master's MTP tensors other than the routed experts, raw (no dequantisation),
+    FP8 scales renamed to ``scale_to``. Returns (tensors, names of FP8 linear modules)."""
+    where = _shards(master)
+    experts = expert_modules(spec)
+    names = sorted(n for n in where if n.startswith(spec.prefix) and n.rsplit(".", 1)[0] not in experts)
+    out: dict[str, torch.Tensor] = {}
+    fp8_modules: list[str] = []
+    handles: dict[Path, object] = {}
+    try:
+        for n in names:
+            p = where[n]
+            if p not in handles:
+                handles[p] = safe_open(str(p), "pt")
+            out[n] = handles[p].get_tensor(n)
+    finally:
+        handles.clear()
+    for n in list(out):
+        if n.endswith(".weight") and out[n].dtype == torch.float8_e4m3fn:
+            module = n[: -len(".weight")]
+            fp8_modules.append(module)
+            scale = next((module + s for s in SCALE_SUFFIXES if module + s in out), None)
+            if scale is None:
+                raise ValueError(f"{master}: FP8 tensor {n} has no scale ({', '.join(module + s for s in SCALE_SUFFIXES)})")
+            if scale_to != "keep" and not scale.endswith(scale_to):
+                out[module + scale_to] = out.pop(scale)
+    return out, fp8_modules
+
+
+# -- quantization_config -----------------------------------------------------------------
+
+def _matches(target: str, name: str) -> bool:
+    """compressed-tensors / vLLM target matching: ``re:`` regex (re.match) or the exact module
+    name; the class target ``Linear`` matches every linear module."""
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name or target == "Linear"
+
+
+def expert_targets(spec: MTPSpec, master_config: dict) -> list[str]:
+    """Regex targets for the routed MTP experts: the checkpoint names, and for DSV4 also the
+    module names vLLM gives them (``mtp.0.`` → ``model.layers.{num_hidden_layers}.…``)."""
+    w1, w2, w3 = (spec.expert_name(0, p) for p in ("w1", "w2", "w3"))
+    head = w1.rsplit(".", 2)[0]                       # "<prefix>ffn.experts" / "<prefix>mlp.experts"
+    projs = "|".join(re.escape(n.rsplit(".", 1)[1]) for n in (w1, w2, w3))
+    out = [f"re:^{re.escape(head)}\\.\\d+\\.({projs})$"]
+    if spec.arch == "dsv4":
+        layer = master_config.get("num_hidden_layers")
+        out.append(f"re:^model\\.layers\\.{layer}\\..*experts\\.\\d+\\.({projs})$")
+    return out
+
+
+def merge_quant_config(base_qc: dict | None, spec: MTPSpec, master_config: dict, mtp_linears: list[str],
+                       fp8_modules: list[str], base_modules: list[str], cfg: AssembleConfig) -> tuple[dict, list[str]]:
+    """Base ``quantization_config`` (or none) + the MTP experts' W4A16 group + MTP ignores.
+    Returns (config, notes). Refuses a base whose config cannot take the MTP experts."""
+    notes: list[str] = []
+    qc = copy.deepcopy(base_qc) if base_qc else {}
+    if qc and qc.get("quant_method") not in (None, "compressed-tensors"):
+        raise ValueError(f"base quantization_config has quant_method {qc.get('quant_method')!r}: the MTP shard is "
+                         "compressed-tensors pack-quantized and can only merge into a compressed-tensors config")
+    experts = sorted(expert_modules(spec))
+    targets = expert_targets(spec, master_config)
+    # base ignores that would switch our experts off: drop them if they only cover the MTP
+    ignore = list(qc.get("ignore") or [])
+    kept = []
+    for entry in ignore:
+        if not any(_matches(entry, n) for n in experts):
+            kept.append(entry)
+            continue
+        if any(_matches(entry, m) for m in base_modules if not m.startswith(spec.prefix)):
+            raise ValueError(f"base quantization_config ignore entry {entry!r} matches the MTP routed experts and "
+                             "base modules too; cannot add the MTP experts without changing the base's meaning")
+        notes.append(f"dropped base ignore entry {entry!r} (it covered the MTP routed experts)")
+    group = w4a16_config_group(targets, cfg.spec, cfg.actorder)
+    groups = dict(qc.get("config_groups") or {})
+    name = cfg.group_name
+    while name in groups:
+        name += "_"
+    for gname, g in groups.items():
+        if any(_matches(t, experts[0]) for t in g.get("targets", [])):
+            notes.append(f"base group {gname!r} also targets the MTP experts; {name!r} is listed first so it applies")
+    qc["config_groups"] = {name: group, **groups}
+    # the MTP's other linears stay unquantised unless a base group serves them (FP8 pass-through)
+    new_ignore = []
+    for m in mtp_linears:
+        served = any(_matches(t, m) for g in groups.values() for t in g.get("targets", []))
+        if m in fp8_modules and served:
+            continue
+        if m in fp8_modules:
+            notes.append(f"FP8 MTP module {m} is matched by no base quantization group; listed in ignore")
+        new_ignore.append(m)
+    qc["ignore"] = kept + [m for m in new_ignore if m not in kept]
+    qc.setdefault("quant_method", "compressed-tensors")
+    qc.setdefault("format", "pack-quantized" if not groups else "mixed-precision")
+    qc.setdefault("quantization_status", "compressed")
+    if groups and qc.get("format") not in ("mixed-precision", "pack-quantized"):
+        notes.append(f"base format {qc['format']!r} kept; the MTP group carries format 'pack-quantized' itself")
+    return qc, notes
+
+
+def mtp_linear_modules(spec: MTPSpec, shard_names: list[str]) -> list[str]:
+    """The MTP's non-expert linear modules present in the shard."""
+    have = set(shard_names)
+    return [m for m in spec.non_expert_prefixes() if m + ".weight" in have]
+
+
+# -- writing -----------------------------------------------------------------------------
+
+def link_or_copy(src: Path, dst: Path) -> str:
+    try:
+        os.link(src, dst)
+        return "hardlink"
+    except OSError:
+        shutil.copy2(src, dst)
+        return "copy"
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def union_index(base_index: dict, base_sizes: dict[str, int], prefix: str, shard: str,
+                shard_tensors: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    """Base weight_map without the MTP prefix, plus every shard tensor → ``shard``."""
+    wm = base_index["weight_map"]
+    dropped = sorted(n for n in wm if n.startswith(prefix))
+    out = {n: f for n, f in wm.items() if not n.startswith(prefix)}
+    clash = [n for n in shard_tensors if n in out]
+    if clash:
+        raise ValueError(f"MTP shard tensor {clash[0]} already in the base index outside {prefix!r}")
+    out.update({n: shard for n in shard_tensors})
+    total = sum(base_sizes.get(n, 0) for n in out if out[n] != shard) + sum(map(tensor_bytes, shard_tensors.values()))
+    meta = dict(base_index.get("metadata") or {})
+    meta["total_size"] = total
+    return {"metadata": meta, "weight_map": dict(sorted(out.items()))}, dropped
+
+
+def copy_side_files(base: Path, out: Path, skip: set[str]) -> list[str]:
+    """Tokenizer, generation config, templates… every top-level non-weight file of the base."""
+    copied = []
+    for p in sorted(base.iterdir()):
+        if p.is_file() and p.name not in skip and not p.name.endswith((".safetensors", ".bin", ".pt", ".pth")):
+            shutil.copy2(p, out / p.name)
+            copied.append(p.name)
+    return copied
+
+
+def write_assembly(tmp: Path, base: Path, base_config: dict, base_index: dict, spec: MTPSpec, master: Path,
+                   master_config: dict, packed: dict[str, torch.Tensor], cfg: AssembleConfig) -> dict:
+    """Write everything into ``tmp`` (an empty directory). Returns facts for the manifest."""
+    base_files = sorted(set(base_index["weight_map"].values()))
+    headers = {f: safetensors_header(base / f) for f in base_files}
+    base_names = [n for h in headers.values() for n in h]
+    base_sizes = {n: h[n]["data_offsets"][1] - h[n]["data_offsets"][0] for h in headers.values() for n in h}
+    for n, f in base_index["weight_map"].items():
+        if n not in headers[f]:
+            raise ValueError(f"base index maps {n} to {f}, which does not hold it")
+    if cfg.shard_name in base_files:
+        raise ValueError(f"base checkpoint already has a shard named {cfg.shard_name}")
+    scale_to = resolve_fp8_scale(cfg, base_names)
+    passthrough, fp8_modules = passthrough_tensors(master, spec, scale_to)
+    shard = {**passthrough, **packed}
+    expected = {spec.expert_name(e, p) + s for e in range(spec.n_experts) for p in ("w1", "w2", "w3")
+                for s in PACKED_SUFFIXES}
+    if set(packed) != expected:
+        missing = sorted(expected - set(packed))
+        raise RuntimeError(f"packed experts incomplete: {len(missing)} tensors missing (first {missing[:2]})")
+    save_file({k: v.contiguous() for k, v in sorted(shard.items())}, str(tmp / cfg.shard_name),
+              metadata={"format": "pt", "producer": "requant quantize"})
+    links = {f: link_or_copy(base / f, tmp / f) for f in base_files}
+    index, dropped = union_index(base_index, base_sizes, spec.prefix, cfg.shard_name, shard)
+    (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    base_modules = sorted({n.rsplit(".", 1)[0] for n in base_names})
+    qc, notes = merge_quant_config(base_config.get("quantization_config"), spec, master_config,
+                                   mtp_linear_modules(spec, list(shard)), fp8_modules, base_modules, cfg)
+    config = dict(base_config)
+    config["quantization_config"] = qc
+    n_mtp = int(master_config.get("num_nextn_predict_layers", 1) or 1)
+    if int(config.get("num_nextn_predict_layers", 0) or 0) < n_mtp:
+        notes.append(f"num_nextn_predict_layers set to {n_mtp} (base had {config.get('num_nextn_predict_layers')})")
+        config["num_nextn_predict_layers"] = n_mtp
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    side = copy_side_files(base, tmp, {"config.json", INDEX})
+    stale = sorted({base_index["weight_map"][n] for n in dropped})
+    if stale:
+        notes.append(f"base shards {stale} still hold {len(dropped)} superseded MTP tensors (the index no longer "
+                     "points at them; loaders that read whole files may see them)")
+    return {"shard": cfg.shard_name, "shard_tensors": len(shard), "packed_tensors": len(packed),
+            "passthrough_tensors": len(passthrough), "fp8_modules": fp8_modules, "fp8_scale_suffix": scale_to,
+            "base_shards": links, "base_mtp_entries_dropped": len(dropped), "side_files": side,
+            "index_entries": len(index["weight_map"]), "notes": notes, "shard_bytes": (tmp / cfg.shard_name).stat().st_size}

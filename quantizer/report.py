@@ -1,0 +1,156 @@
+"""Quality report of a quantize run: ``report.md`` plus PNG plots (matplotlib, Agg backend).
+
+* tokens per expert, experts under ``min_tokens`` flagged (they are quantised anyway — GPTQ
+  with few tokens, RTN with none — but their Hessian says little);
+* GPTQ vs RTN relative output error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) per tensor;
+* with ``replay=both``: per expert, the relative Frobenius distance ‖H̄_full − H̄_identity‖/‖H̄_full‖
+  of the mean Hessians (what GPTQ consumes) — how much the attention sub-layer moves them.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+PLOT_TOKENS = "tokens_per_expert.png"
+PLOT_ERRORS = "gptq_vs_rtn.png"
+PLOT_DISTANCE = "hessian_distance.png"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_tokens(tokens: list[int], min_tokens: int, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    colors = ["#c0392b" if t < min_tokens else "#2e86c1" for t in tokens]
+    ax.bar(range(len(tokens)), [max(t, 0.5) for t in tokens], color=colors, width=1.0)
+    ax.axhline(min_tokens, color="#c0392b", ls="--", lw=1, label=f"min_tokens = {min_tokens}")
+    ax.set_yscale("log")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("routed tokens")
+    ax.set_title(f"tokens per expert ({sum(t < min_tokens for t in tokens)} under-covered, red)")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_errors(records: list[dict], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    lo, hi = math.inf, 0.0
+    for proj, color in (("w1", "#2e86c1"), ("w2", "#c0392b"), ("w3", "#27ae60")):
+        pts = [(r["err_rtn"], r["err_gptq"]) for r in records
+               if r["proj"] == proj and r["err_rtn"] and r["err_gptq"] is not None and r["err_gptq"] > 0]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.scatter(xs, ys, s=8, alpha=0.7, color=color, label=proj)
+            lo, hi = min(lo, *xs, *ys), max(hi, *xs, *ys)
+    if hi > 0:
+        ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls="--", label="GPTQ = RTN")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.legend()
+    ax.set_xlabel("RTN relative output error")
+    ax.set_ylabel("GPTQ relative output error")
+    ax.set_title("per tensor: GPTQ vs RTN")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_distance(distance: dict[int, tuple[float, float]], path: Path) -> None:
+    plt = _plt()
+    ids = sorted(distance)
+    fig, ax = plt.subplots(figsize=(10, 3.5))
+    ax.plot(ids, [distance[e][0] for e in ids], ".", label="w1/w3 input Hessian")
+    ax.plot(ids, [distance[e][1] for e in ids], ".", label="w2 input Hessian")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("‖H_full − H_identity‖ / ‖H_full‖")
+    ax.set_title("identity vs full replay: relative Frobenius distance of the mean Hessians")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3e}"
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else None
+
+
+def write_report(out: Path, manifest: dict, min_tokens: int) -> Path:
+    """report.md and its plots in ``out`` from the manifest's contents."""
+    tokens = manifest["tokens_per_expert"]
+    records = manifest["tensors"]
+    distance = {int(k): tuple(v) for k, v in (manifest.get("hessian_distance") or {}).items()}
+    plot_tokens(tokens, min_tokens, out / PLOT_TOKENS)
+    plot_errors(records, out / PLOT_ERRORS)
+    if distance:
+        plot_distance(distance, out / PLOT_DISTANCE)
+    under = [(e, t) for e, t in enumerate(tokens) if t < min_tokens]
+    paths: dict[str, int] = {}
+    for r in records:
+        paths[r["path"]] = paths.get(r["path"], 0) + 1
+    s = manifest["summary"]
+    lines = [
+        f"# MTP quantisation report — {manifest['spec']['arch'].upper()}, {len(tokens)} routed experts",
+        "",
+        f"Replay `{manifest['replay']}` over {s['rows']:,} store rows "
+        f"({', '.join(st['path'] for st in manifest['stores'])}); {len(records)} tensors W4A16 g128 symmetric, "
+        f"GPTQ damp {manifest['gptq']['damp']}, act-order {manifest['gptq']['act_order']}; "
+        f"{s['workers']} worker(s){' on Ray' if s['ray'] else ''}; {s['seconds_total']:.1f} s.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| mean GPTQ rel. output error | {_fmt(s['err_gptq_mean'])} |",
+        f"| mean RTN rel. output error | {_fmt(s['err_rtn_mean'])} |",
+        f"| tokens per expert min / mean / max | {min(tokens):,} / {sum(tokens) / len(tokens):,.0f} / {max(tokens):,} |",
+        f"| experts under {min_tokens} tokens | {len(under)} |",
+        f"| paths | {', '.join(f'{k} {v}' for k, v in sorted(paths.items()))} |",
+        "",
+        f"![tokens per expert]({PLOT_TOKENS})",
+        "",
+    ]
+    if under:
+        lines += [f"## Under-covered experts (< {min_tokens} tokens)", "",
+                  "Quantised anyway (GPTQ on few tokens; RTN, flagged `rtn_zero_tokens`, on none). "
+                  "Capture more prompts that route there to improve them.", "",
+                  ", ".join(f"{e} ({t})" for e, t in under), ""]
+    odd = [r for r in records if r["path"] != "gptq"]
+    if odd:
+        lines += ["## Tensors not on the plain GPTQ path", "", "| tensor | tokens | path | damp |", "|---|---|---|---|"]
+        lines += [f"| `{r['name']}` | {r['tokens']} | {r['path']} | {r['damp']} |" for r in odd[:50]]
+        if len(odd) > 50:
+            lines.append(f"| … {len(odd) - 50} more (manifest.json) | | | |")
+        lines.append("")
+    worst = sorted((r for r in records if r["err_gptq"] is not None), key=lambda r: -r["err_gptq"])[:10]
+    lines += ["## GPTQ vs RTN", "", f"![GPTQ vs RTN]({PLOT_ERRORS})", "",
+              "Worst tensors:", "", "| tensor | tokens | GPTQ | RTN |", "|---|---|---|---|"]
+    lines += [f"| `{r['name']}` | {r['tokens']} | {_fmt(r['err_gptq'])} | {_fmt(r['err_rtn'])} |" for r in worst]
+    lines.append("")
+    if distance:
+        d_in = [v[0] for v in distance.values()]
+        d_mid = [v[1] for v in distance.values()]
+        lines += ["## Identity vs full replay", "",
+                  "Relative Frobenius distance of each expert's mean Hessian, quantised from `full`:", "",
+                  f"| | mean | max |", "|---|---|---|",
+                  f"| w1/w3 input | {_fmt(_mean(d_in))} | {_fmt(max(d_in))} |",
+                  f"| w2 input | {_fmt(_mean(d_mid))} | {_fmt(max(d_mid))} |", "",
+                  f"![Hessian distance]({PLOT_DISTANCE})", ""]
+    lines += ["## Timings", "", "| phase | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in manifest["timings"].items()]
+    lines.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
