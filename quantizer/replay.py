@@ -53,12 +53,15 @@ class ReplayConfig:
     w2_weighting: str = "none"      # "none" | "routing" (Σ g²·a·aᵀ)
     max_bytes: int = 1 << 30        # host memory bound for the rows being replayed
     device: str | None = None       # None: cuda if available else cpu
+    max_rows: int | None = None     # rows per block call (bounds device memory); None: from max_bytes
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"replay mode must be one of {MODES}, got {self.mode!r}")
         if self.w2_weighting not in WEIGHTINGS:
             raise ValueError(f"w2_weighting must be one of {WEIGHTINGS}, got {self.w2_weighting!r}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise ValueError(f"max_rows must be positive, got {self.max_rows}")
 
 
 @dataclass
@@ -99,18 +102,21 @@ def _chunks(stores: list[str], cfg: ReplayConfig) -> Iterator[tuple[torch.Tensor
     """(hidden bf16 [T, w], next_token [T], position [T], seq_lens) in store order.
 
     identity: the reader's batches as they come. full: whole sequences, gathered into groups
-    of at most half of ``max_bytes`` (the reader holds the other half)."""
+    of at most half of ``max_bytes`` (the reader holds the other half) and ``max_rows`` rows
+    (a sequence longer than that is one group of its own)."""
     from requant.storage import StoreReader  # here: the accumulator alone needs no storage stack
 
     reader = StoreReader([str(s) for s in stores])
     half = max(cfg.max_bytes // 2, 1)
     try:
         if cfg.mode == "identity":
-            for b in reader.batches(max_bytes=half):
+            for b in reader.batches(max_rows=cfg.max_rows, max_bytes=half):
                 yield (b.hidden_torch(), torch.from_numpy(b.next_token).long(),
                        torch.from_numpy(b.position).long(), None)
             return
         cap = max(half // reader.row_bytes, 1)
+        if cfg.max_rows is not None:  # a longer sequence still goes whole: attention needs all of it
+            cap = min(cap, cfg.max_rows)
         group: list = []
         rows = 0
 
@@ -168,8 +174,8 @@ class HessianAccumulator:
         self.h_in = HessianSet(spec.n_experts, spec.hidden, dev, experts=ids)
         self.h_mid = HessianSet(spec.n_experts, spec.moe_inter, dev, experts=ids)
         w1, _, w3 = block.expert_weights()
-        self.w1 = w1.index_select(0, ids).to(dev)    # only the owned experts on the device
-        self.w3 = w3.index_select(0, ids).to(dev)
+        self.w1 = w1.index_select(0, ids.to(w1.device)).to(dev)    # only the owned experts on the device
+        self.w3 = w3.index_select(0, ids.to(w3.device)).to(dev)
         local = torch.full((spec.n_experts,), -1, dtype=torch.long)
         local[ids] = torch.arange(ids.numel())
         self.local = local.to(dev)

