@@ -258,10 +258,12 @@ class DSV3Block:
         h = rms_norm(hidden.to(self.device, self.dtype), W["hnorm.weight"], d.eps)
         return torch.cat([e, h], dim=-1) @ W["eh_proj.weight"].T
 
-    def attention(self, xa: torch.Tensor, pos: torch.Tensor, starts: list[int], block: int = 512) -> torch.Tensor:
+    def attention(self, xa: torch.Tensor, pos: torch.Tensor, starts: list[int],
+                  score_bytes: int = 256 << 20) -> torch.Tensor:
         """Step 2: causal MLA over each sequence (rows ``starts[i]:starts[i+1]``, positions
-        consecutive). Per sequence the keys/values are expanded once ([S, heads, ·], as vLLM's
-        prefill does); queries go in blocks of ``block`` rows: scores O(block·S·heads)."""
+        consecutive). Per sequence the keys/values are expanded once ([S, heads, ·] fp32, as
+        vLLM's prefill does); queries go in blocks sized so one block's fp32 scores
+        [heads, block, S] stay within ``score_bytes``."""
         d, W = self.dims, self.W
         T, H, nd, rd, vd = xa.shape[0], d.n_heads, d.nope_dim, d.rope_dim, d.v_dim
         if d.q_lora_rank:
@@ -282,6 +284,7 @@ class DSV3Block:
         out = torch.empty(T, H, vd, dtype=xa.dtype, device=xa.device)
         for s0, s1 in zip(starts[:-1], starts[1:]):
             kn, kp, vv = k_nope[s0:s1].float(), k_pe[s0:s1].float(), v[s0:s1].float()
+            block = max(1, score_bytes // (4 * H * (s1 - s0)))
             for t0 in range(s0, s1, block):
                 t1 = min(t0 + block, s1)
                 logits = (torch.einsum("thd,shd->hts", q_nope[t0:t1].float(), kn[:t1 - s0])
