@@ -277,7 +277,7 @@ def write_assembly(tmp: Path, base: Path, base_config: dict, base_index: dict, s
         missing = sorted(expected - set(packed))
         raise RuntimeError(f"packed experts incomplete: {len(missing)} tensors missing (first {missing[:2]})")
     save_file({k: v.contiguous() for k, v in sorted(shard.items())}, str(tmp / cfg.shard_name),
-              metadata={"format": "pt", "producer": "requant quantize"})
+              metadata={"format": "pt"})  # one key: safetensors orders metadata keys per process (hash seed)
     links = {f: link_or_copy(base / f, tmp / f) for f in base_files}
     index, dropped = union_index(base_index, base_sizes, spec.prefix, cfg.shard_name, shard)
     (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")

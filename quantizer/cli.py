@@ -13,7 +13,41 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from .stage import QuantizeJob, format_summary, run_quantize
+
+    job = QuantizeJob(stores=args.store, master=args.master, base=args.base, out=args.out, replay=args.replay,
+                      workers=args.gpus, use_ray=False if args.no_ray else None, act_order=args.act_order,
+                      w2_weighting=args.w2_weighting, min_tokens=args.min_tokens, device=args.device,
+                      damp=args.damp, fp8_scale=args.fp8_scale)
+    res = run_quantize(job, progress=not args.quiet)
+    print(format_summary(res.summary))
+    print(f"shard {res.shard}\nreport {res.report}\nmanifest {res.manifest}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("quantize", help="replay capture stores through the MTP layer, GPTQ its routed experts, "
+                                        "assemble a checkpoint (base + MTP W4A16 shard), manifest and report")
+    q.add_argument("--store", action="append", required=True, help="capture store (repeat for several)")
+    q.add_argument("--master", required=True, help="checkpoint holding the MTP layer's master weights")
+    q.add_argument("--base", required=True, help="base checkpoint (sharded, with model.safetensors.index.json)")
+    q.add_argument("--out", required=True, help="new output directory (must not exist)")
+    q.add_argument("--replay", choices=["identity", "full", "both"], default="identity",
+                   help="identity: attention sub-layer skipped (seed's approximation); full: the real MTP block over "
+                        "whole sequences; both: quantise with full, report the Hessian distance")
+    q.add_argument("--gpus", type=int, default=1, help="expert-parallel workers (one GPU each; >1 runs on Ray)")
+    q.add_argument("--no-ray", action="store_true", help="run every worker's slice in this process")
+    q.add_argument("--act-order", action="store_true", help="GPTQ with act-order (lower error, static groups)")
+    q.add_argument("--w2-weighting", choices=["none", "routing"], default="none")
+    q.add_argument("--min-tokens", type=int, default=64, help="report flags experts with fewer routed tokens")
+    q.add_argument("--damp", type=float, default=0.01)
+    q.add_argument("--fp8-scale", default="auto", choices=["auto", "keep", ".scale", ".weight_scale_inv", ".weight_scale"],
+                   help="scale naming of FP8 MTP tensors passed through (auto: the base's convention)")
+    q.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_quantize)
+
     p = sub.add_parser("quantize-demo", help="GPTQ a small synthetic expert set and print the per-tensor table")
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--dim", type=int, default=512, help="expert input dim (multiple of 128)")

@@ -1,0 +1,282 @@
+"""The quantize stage end to end on the tiny DeepSeek-V4 fixture: a store captured with the hf
+engine → assembled checkpoint. Checks the shard against an independent GPTQ of the replayed
+Hessians decoded by compressed-tensors, the union index, the hard-linked base, the config
+through vLLM's compressed-tensors parser, Ray (real local cluster, 2 workers, one killed
+mid-run) against one process bit for bit, the bad-input list and the CLI."""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from requant.hooks.fixtures import make_dsv4
+from requant.hooks.hf_engine import HFCaptureConfig, capture_hf
+from requant.quantizer.arch import load_block
+from requant.quantizer.assemble import INDEX, merge_quant_config, AssembleConfig
+from requant.quantizer.base_fixture import make_base
+from requant.quantizer.distribute import KILL_ENV, plan_slices
+from requant.quantizer.gptq import GPTQConfig, gptq_batched
+from requant.quantizer.quant import QuantSpec, dequantize
+from requant.quantizer.replay import ReplayConfig, accumulate_hessians
+from requant.quantizer.stage import MANIFEST, QuantizeJob, run_quantize
+from requant.storage import CaptureStore, StoreMeta
+
+PROMPTS = ["tell me about the expert router", "why quantize the hessian weight", "explain attention hidden state",
+           "write a story about a number", "what is a group scale", "how does the model predict the next token"]
+SHARD = "model-mtp-w4a16.safetensors"
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    d = tmp_path_factory.mktemp("stage4")
+    ckpt = make_dsv4(d / "dsv4", seed=0)
+    store = str(d / "cap")
+    capture_hf(HFCaptureConfig(model=str(ckpt), store=store, max_new_tokens=40, stop_at_eos=False), PROMPTS)
+    base = make_base(ckpt, d / "base")
+    base_hashes = {p.name: _sha(p) for p in base.glob("*.safetensors")}
+    out = d / "out"
+    res = run_quantize(QuantizeJob(stores=[store], master=str(ckpt), base=str(base), out=str(out), replay="both"),
+                       progress=False)
+    return {"d": d, "ckpt": ckpt, "store": store, "base": base, "base_hashes": base_hashes, "out": out, "res": res}
+
+
+def test_layout_index_and_manifest(env):
+    out, base, ckpt = env["out"], env["base"], env["ckpt"]
+    res = env["res"]
+    assert res.out == out and res.shard == out / SHARD and res.report.exists() and res.manifest.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.tmp")]  # temp dir renamed away
+    for f in ("config.json", INDEX, "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+              "tokens_per_expert.png", "gptq_vs_rtn.png", "hessian_distance.png"):
+        assert (out / f).exists(), f
+    # base shards: the same inode (hard link), bytes unchanged
+    for name, h in env["base_hashes"].items():
+        assert os.path.samefile(out / name, base / name)
+        assert _sha(base / name) == h
+    # shard: 8 experts × 3 projections × 3 tensors + every other mtp.0.* tensor of the master, raw
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        master = {k: f.get_tensor(k) for k in f.keys()}
+    shard = load_file(str(out / SHARD))
+    experts = {f"mtp.0.ffn.experts.{e}.{p}" for e in range(8) for p in ("w1", "w2", "w3")}
+    passthrough = {k for k in master if k.startswith("mtp.0.") and k.rsplit(".", 1)[0] not in experts}
+    packed = {f"{m}.{s}" for m in experts for s in ("weight_packed", "weight_scale", "weight_shape")}
+    assert set(shard) == passthrough | packed
+    for k in passthrough:
+        assert shard[k].dtype == master[k].dtype and torch.equal(shard[k], master[k]), k
+    # union index: every tensor of every file exactly once, pointing where it lives
+    index = json.loads((out / INDEX).read_text())["weight_map"]
+    seen = []
+    for fname in sorted(set(index.values())):
+        with safe_open(str(out / fname), "pt") as f:
+            seen += list(f.keys())
+    assert sorted(seen) == sorted(index) and len(seen) == len(set(seen))
+    assert all(index[k] == SHARD for k in shard)
+    base_index = json.loads((base / INDEX).read_text())["weight_map"]
+    assert {k: v for k, v in index.items() if v != SHARD} == base_index
+    m = json.loads((out / MANIFEST).read_text())
+    rows = m["stores"][0]["rows"]
+    assert rows == m["summary"]["rows"] > 200 and m["stores"][0]["id"]
+    assert sum(m["tokens_per_expert"]) == rows * 2 == sum(m["tokens_per_expert_identity"])  # top-2
+    assert len(m["tensors"]) == 24 and {r["path"] for r in m["tensors"]} <= {"gptq", "gptq_damp_retry"}
+    assert all(r["damp"] == 0.01 for r in m["tensors"] if r["path"] == "gptq")
+    assert all(r["err_gptq"] < r["err_rtn"] for r in m["tensors"])
+    assert len(m["inputs"]["master"]["mtp_tensors_sha256"]) == 64 and set(m["inputs"]["base"]["shards"]) == set(
+        env["base_hashes"])
+    assert set(m["hessian_distance"]) == {str(e) for e in range(8)}
+    assert all(0 < v[0] and 0 < v[1] for v in m["hessian_distance"].values())
+    assert m["replay"] == "both" and m["versions"]["torch"] and m["timings"]["hessians_gptq"] > 0
+    report = res.report.read_text()
+    assert "Identity vs full replay" in report and "GPTQ vs RTN" in report
+
+
+def test_shard_decodes_to_independent_gptq(env):
+    """compressed-tensors 0.17 decompresses every packed tensor to exactly the weights an
+    independent run of GPTQ (replay → Hessians → gptq_batched, same batches) produces."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    block = load_block(env["ckpt"], device="cpu")
+    res = accumulate_hessians(block, [env["store"]], ReplayConfig(mode="full", device="cpu"))
+    w1, w2, w3 = block.expert_weights()
+    m = json.loads((env["out"] / MANIFEST).read_text())
+    batch = m["gptq"]["batch"]
+    spec = QuantSpec()
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=4, type="int", symmetric=True,
+                                                                             strategy="group", group_size=128))
+    shard = load_file(str(env["out"] / SHARD))
+    for b0 in range(0, 8, batch):
+        ids = list(range(b0, min(b0 + batch, 8)))
+        for projs, hs, w in ((("w1", "w3"), res.h_in, torch.cat([w1, w3], 1)), (("w2",), res.h_mid, w2)):
+            out = gptq_batched(w[ids].float(), hs.mean(ids), GPTQConfig())
+            deq = dequantize(out.q, out.scale, spec).bfloat16()
+            rows = deq.shape[1] // len(projs)
+            for j, e in enumerate(ids):
+                for k, p in enumerate(projs):
+                    name = f"mtp.0.ffn.experts.{e}.{p}"
+                    ct = {s: shard[f"{name}.{s}"] for s in ("weight_packed", "weight_scale", "weight_shape")}
+                    back = PackedQuantizationCompressor.decompress(ct, scheme)["weight"]
+                    assert torch.equal(back.bfloat16(), deq[j, k * rows:(k + 1) * rows]), name
+
+
+def test_config_accepted_by_vllm_parser(env):
+    """vLLM's CompressedTensorsConfig parses the merged config; its matcher gives the MTP routed
+    experts (checkpoint and vLLM module names) the W4A16 scheme, and ignores the MTP's other
+    linears and nothing of the base."""
+    from torch import nn
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+
+    cfg = json.loads((env["out"] / "config.json").read_text())
+    qc = CompressedTensorsConfig.from_config(cfg["quantization_config"])
+    layer = nn.Linear(8, 8)
+    n = cfg["num_hidden_layers"]
+    for name in ["mtp.0.ffn.experts.5.w1", "mtp.0.ffn.experts.0.w2", f"model.layers.{n}.mtp_block.ffn.experts.0.w3"]:
+        sd = qc.get_scheme_dict(layer, name)
+        assert sd is not None, name
+        w = sd["weights"]
+        assert (w.num_bits, w.group_size, w.symmetric, w.strategy, sd["format"]) == (4, 128, True, "group",
+                                                                                     "pack-quantized"), name
+    for name in ["mtp.0.attn.wq_a", "mtp.0.e_proj", "mtp.0.ffn.shared_experts.w2", "mtp.0.ffn.gate"]:
+        assert qc.get_scheme_dict(layer, name) is None, name
+    assert qc.get_scheme_dict(layer, "layers.0.ffn.experts.0.w1") is None   # base experts untouched
+    assert cfg["quantization_config"]["ignore"] and not set(cfg["quantization_config"]["ignore"]) & {
+        f"mtp.0.ffn.experts.{e}.{p}" for e in range(8) for p in ("w1", "w2", "w3")}
+
+
+def test_merge_keeps_base_config_and_refuses_conflicts(env):
+    from requant.quantizer.arch import load_spec
+
+    master_cfg = json.loads((env["ckpt"] / "config.json").read_text())
+    spec = load_spec(master_cfg)
+    base_group = {"targets": ["re:^layers\\.\\d+\\.ffn\\.experts\\.\\d+\\.(w1|w2|w3)$"],
+                  "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128},
+                  "format": "pack-quantized"}
+    base_qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"group_0": base_group},
+               "ignore": ["lm_head", "re:^mtp\\..*"], "kv_cache_scheme": None}
+    base_modules = ["layers.0.ffn.experts.0.w1", "head", "lm_head"]
+    qc, notes = merge_quant_config(base_qc, spec, master_cfg, ["mtp.0.e_proj"], [], base_modules, AssembleConfig())
+    assert list(qc["config_groups"]) == ["group_mtp_experts", "group_0"] and qc["config_groups"]["group_0"] == base_group
+    assert qc["ignore"] == ["lm_head", "mtp.0.e_proj"] and "kv_cache_scheme" in qc
+    assert any("re:^mtp" in n for n in notes)
+    bad = dict(base_qc, ignore=["re:.*experts.*"])
+    with pytest.raises(ValueError, match="matches the MTP routed experts and base modules"):
+        merge_quant_config(bad, spec, master_cfg, [], [], base_modules, AssembleConfig())
+    with pytest.raises(ValueError, match="quant_method 'fp8'"):
+        merge_quant_config({"quant_method": "fp8"}, spec, master_cfg, [], [], base_modules, AssembleConfig())
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_equals_single_process_even_with_a_killed_worker(env, ray_cluster, tmp_path, monkeypatch):
+    """Two Ray workers (4 experts each), then again with worker 1 killed (os._exit) after its
+    replay on the first attempt: both shards are byte-identical to the single-process one."""
+    assert plan_slices(8, 4, 2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    job = dict(stores=[env["store"]], master=str(env["ckpt"]), base=str(env["base"]), replay="full", workers=2)
+    ref = _sha(env["out"] / SHARD)  # single process, replay=both quantises from full
+    r1 = run_quantize(QuantizeJob(out=str(tmp_path / "ray"), use_ray=True, **job), progress=False)
+    assert r1.summary["ray"] and r1.summary["workers"] == 2 and _sha(r1.shard) == ref
+    pids = {s["pid"] for s in json.loads(r1.manifest.read_text())["slices"]}
+    assert os.getpid() not in pids  # really ran in Ray workers
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ENV, f"{marker}:1")
+    r2 = run_quantize(QuantizeJob(out=str(tmp_path / "ray-killed"), use_ray=True, **job), progress=False)
+    assert marker.exists()  # the first attempt of slice 1 died …
+    slice1 = json.loads(r2.manifest.read_text())["slices"][1]
+    assert slice1["pid"] != int(marker.read_text())  # … and a new worker process redid it
+    assert _sha(r2.shard) == ref
+    # no Ray: the same slices in this process
+    r3 = run_quantize(QuantizeJob(out=str(tmp_path / "noray"), use_ray=False, **job), progress=False)
+    assert not r3.summary["ray"] and _sha(r3.shard) == ref
+
+
+# -- bad input: a clear error, no output, no temp dir ---------------------------------------
+
+def _no_output(parent: Path, out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_output_exists_is_refused_untouched(env, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="already exists"):
+        run_quantize(QuantizeJob(stores=[env["store"]], master=str(env["ckpt"]), base=str(env["base"]), out=str(out)),
+                     progress=False)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_store_master_mismatch_and_empty_store(env, tmp_path):
+    wrong = str(tmp_path / "wrong")
+    CaptureStore.create(wrong, StoreMeta(hidden_size=256, hc_mult=4))
+    job = dict(master=str(env["ckpt"]), base=str(env["base"]), out=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"store hidden_size 256 != MTP hidden_size 512"):
+        run_quantize(QuantizeJob(stores=[wrong], **job), progress=False)
+    hc = str(tmp_path / "hc")
+    CaptureStore.create(hc, StoreMeta(hidden_size=512, hc_mult=1))
+    with pytest.raises(ValueError, match=r"store hc_mult 1 != MTP hc_mult 4"):
+        run_quantize(QuantizeJob(stores=[hc], **job), progress=False)
+    empty = str(tmp_path / "empty")
+    CaptureStore.create(empty, StoreMeta(hidden_size=512, hc_mult=4))
+    with pytest.raises(ValueError, match="0 committed rows"):
+        run_quantize(QuantizeJob(stores=[env["store"], empty], **job), progress=False)
+    _no_output(tmp_path, tmp_path / "o")
+
+
+def test_missing_mtp_tensors_and_bad_base(env, tmp_path):
+    ckpt, base = env["ckpt"], env["base"]
+    sd = load_file(str(ckpt / "model.safetensors"))
+    broken = tmp_path / "master"
+    broken.mkdir()
+    (broken / "config.json").write_text((ckpt / "config.json").read_text())
+    save_file({k: v for k, v in sd.items() if not k.startswith("mtp.0.ffn.experts.3.")}, str(broken / "model.safetensors"))
+    job = dict(stores=[env["store"]], out=str(tmp_path / "o"))
+    with pytest.raises(ValueError, match=r"missing 3 routed-expert tensors.*mtp\.0\.ffn\.experts\.3\.w1\.weight"):
+        run_quantize(QuantizeJob(master=str(broken), base=str(base), **job), progress=False)
+    nomtp = tmp_path / "nomtp"
+    nomtp.mkdir()
+    (nomtp / "config.json").write_text((ckpt / "config.json").read_text())
+    save_file({k: v for k, v in sd.items() if not k.startswith("mtp.")}, str(nomtp / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"no mtp\.0\.\* tensors"):
+        run_quantize(QuantizeJob(master=str(nomtp), base=str(base), **job), progress=False)
+    # base without an index (the fixture itself is one unindexed file)
+    with pytest.raises(FileNotFoundError, match="has no model.safetensors.index.json"):
+        run_quantize(QuantizeJob(master=str(ckpt), base=str(ckpt), **job), progress=False)
+    # base of another model
+    other = tmp_path / "other"
+    other.mkdir()
+    for p in base.iterdir():
+        (other / p.name).symlink_to(p)
+    (other / "config.json").unlink()
+    cfg = json.loads((base / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(cfg, n_routed_experts=16)))
+    with pytest.raises(ValueError, match="base config n_routed_experts = 16 but master config n_routed_experts = 8"):
+        run_quantize(QuantizeJob(master=str(ckpt), base=str(other), **job), progress=False)
+    _no_output(tmp_path, tmp_path / "o")
+
+
+def test_cli_quantize(env, tmp_path):
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "requant.orchestrator.cli", "quantize", "--store", env["store"],
+           "--master", str(env["ckpt"]), "--base", str(env["base"]), "--out", str(out), "--no-ray"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "24 tensors of 8 DSV4 MTP experts" in r.stdout and "GPTQ tensors" in r.stderr  # summary + tqdm bars
+    assert (out / SHARD).exists() and (out / "report.md").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
