@@ -12,7 +12,6 @@ in the engine, with non-zero RoPE rows, its MTP prefill attention equals a no-Ro
 bf16 rounding. With q_pe = 0 RoPE contributes nothing on either side and everything else (MLA
 latent path, causal mask, scale, KV cache across decode steps, residual, norms, gate) is
 compared. RoPE itself, plain and YaRN, is checked against transformers in test_mtp_dsv3.py."""
-import json
 import os
 import subprocess
 import sys
