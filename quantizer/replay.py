@@ -10,6 +10,10 @@ picks which experts see the row. Per expert e with rows S_e:
   transformers multiply by the routing weight g after w2. ``w2_weighting="routing"`` uses
   ``Σ g²·a aᵀ`` (DeepSeek's reference scales before w2) to compare.
 
+Modes: ``identity`` skips the attention sub-layer entirely (for DSV4 its mHC mixing too:
+the FFN's hc_pre sees the projected inputs unchanged — mtp_dsv4.py says why that, not
+``y = 0``); ``full`` runs the real block over whole sequences.
+
 Memory: the stores are streamed (``StoreReader``) within ``max_bytes`` of host memory;
 ``identity`` replays batches of independent rows, ``full`` replays groups of whole
 sequences (attention needs each sequence's earlier rows). Only the requested experts'
@@ -92,7 +96,8 @@ def check_store_matches(block, stores: list[str]) -> None:
         if meta.hc_mult != spec.hc_mult:
             raise ValueError(f"{path}: store hc_mult {meta.hc_mult} != MTP hc_mult {spec.hc_mult} "
                              f"({spec.arch} master)")
-        rows = StoreReader([str(path)]).rows
+        with StoreReader([str(path)], threads=1) as reader:
+            rows = reader.rows
         if rows == 0:
             raise ValueError(f"{path}: store has 0 committed rows (the MTP layer has {spec.n_experts} experts "
                              "to calibrate); capture first")
