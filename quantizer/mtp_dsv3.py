@@ -132,6 +132,7 @@ class DSV3Dims:
     scoring: str
     use_bias: bool                  # topk_method noaux_tc: e_score_correction_bias selects
     rope: DSV3Rope
+    index_topk: int | None = None   # DeepSeek-V3.2 sparse attention: keys per query its indexer keeps
 
     @classmethod
     def from_config(cls, c: dict) -> "DSV3Dims":
@@ -143,7 +144,8 @@ class DSV3Dims:
                     n_group=int(c.get("n_group") or 1), topk_group=int(c.get("topk_group") or 1),
                     routed_scale=float(c.get("routed_scaling_factor", 1.0)),
                     norm_topk=bool(c.get("norm_topk_prob", False)), scoring=c.get("scoring_func", "softmax"),
-                    use_bias=c.get("topk_method") == "noaux_tc", rope=DSV3Rope.from_config(c))
+                    use_bias=c.get("topk_method") == "noaux_tc", rope=DSV3Rope.from_config(c),
+                    index_topk=c.get("index_topk"))
         except KeyError as e:
             raise ValueError(f"DeepSeek-V3 config lacks {e.args[0]!r}") from None
         if d.scoring not in ("sigmoid", "softmax"):
@@ -240,6 +242,12 @@ class DSV3Block:
         x = self.project_inputs(hidden, next_token, pos)
         if mode == "full":
             starts = _sequence_starts(seq_lens, pos)
+            if d.index_topk and max(seq_lens) > d.index_topk:
+                # V3.2's indexer picks index_topk keys per query; up to that many rows every key
+                # is kept, so dense causal attention is exact there — beyond, it is not.
+                raise ValueError(f"full replay of a DeepSeek-V3.2 MTP (sparse attention, index_topk "
+                                 f"{d.index_topk}) is exact only for sequences of up to {d.index_topk} rows; "
+                                 f"got one of {max(seq_lens)} (the indexer is not implemented)")
             a = self.attention(rms_norm(x, self.W["input_layernorm.weight"], d.eps), pos, starts)
             resid = x.float() + a.float()                  # vLLM's fused add + RMSNorm: sum in fp32
             X = rms_norm(resid, self.W["post_attention_layernorm.weight"], d.eps).to(self.dtype)

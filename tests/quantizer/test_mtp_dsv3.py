@@ -288,5 +288,11 @@ def test_bad_input(parts, rows):
     gap[3] = 7
     with pytest.raises(ValueError, match="not consecutive within sequence 0"):
         b.moe_inputs(hidden, tok, gap, "full", SEQ_LENS)
+    v32 = DSV3Block(spec, {**config, "index_topk": 40}, weights, device="cpu")
+    with pytest.raises(ValueError, match=r"index_topk 40\).*got one of 64"):
+        v32.moe_inputs(hidden, tok, pos, "full", SEQ_LENS)
+    a = SEQ_LENS[0]
+    assert torch.equal(v32.moe_inputs(hidden[:a], tok[:a], pos[:a], "full", [a])[0],
+                       b.moe_inputs(hidden[:a], tok[:a], pos[:a], "full", [a])[0])
     with pytest.raises(ValueError, match="vocabulary"):
         b.moe_inputs(hidden[:2], torch.tensor([0, 10 ** 6]), pos[:2], "identity")
