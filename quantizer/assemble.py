@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .arch import MTPSpec
 from .pack import w4a16_config_group
@@ -217,6 +216,47 @@ def mtp_linear_modules(spec: MTPSpec, shard_names: list[str]) -> list[str]:
 
 # -- writing -----------------------------------------------------------------------------
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+              torch.float8_e8m0fnu: "F8_E8M0", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None,
+                      durable: bool = True) -> None:
+    """A safetensors file written straight from the tensors' memory (no serialised copy of
+    gigabytes), names sorted, deterministic bytes; fsynced when ``durable``."""
+    names = sorted(tensors)
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    off = 0
+    for n in names:
+        t = tensors[n]
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"{n}: dtype {t.dtype} cannot be stored in safetensors")
+        size = t.numel() * t.element_size()
+        header[n] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + size]}
+        off += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for n in names:
+            t = tensors[n].detach().cpu().contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
 def link_or_copy(src: Path, dst: Path) -> str:
     try:
         os.link(src, dst)
@@ -257,7 +297,8 @@ def copy_side_files(base: Path, out: Path, skip: set[str]) -> list[str]:
 
 
 def write_assembly(tmp: Path, base: Path, base_config: dict, base_index: dict, spec: MTPSpec, master: Path,
-                   master_config: dict, packed: dict[str, torch.Tensor], cfg: AssembleConfig) -> dict:
+                   master_config: dict, packed: dict[str, torch.Tensor], cfg: AssembleConfig,
+                   durable: bool = True) -> dict:
     """Write everything into ``tmp`` (an empty directory). Returns facts for the manifest."""
     base_files = sorted(set(base_index["weight_map"].values()))
     headers = {f: safetensors_header(base / f) for f in base_files}
@@ -276,8 +317,7 @@ def write_assembly(tmp: Path, base: Path, base_config: dict, base_index: dict, s
     if set(packed) != expected:
         missing = sorted(expected - set(packed))
         raise RuntimeError(f"packed experts incomplete: {len(missing)} tensors missing (first {missing[:2]})")
-    save_file({k: v.contiguous() for k, v in sorted(shard.items())}, str(tmp / cfg.shard_name),
-              metadata={"format": "pt"})  # one key: safetensors orders metadata keys per process (hash seed)
+    write_safetensors(tmp / cfg.shard_name, shard, durable=durable)
     links = {f: link_or_copy(base / f, tmp / f) for f in base_files}
     index, dropped = union_index(base_index, base_sizes, spec.prefix, cfg.shard_name, shard)
     (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")

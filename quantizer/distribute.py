@@ -52,12 +52,14 @@ def plan_slices(n_experts: int, batch: int, workers: int) -> list[list[int]]:
 
 def gptq_batch_size(n_experts: int, hidden: int, inter: int, device: str, workers: int = 1) -> int:
     """GPTQ batch from the device's *total* memory (the same on every GPU of a host, unlike
-    free memory) after the Hessians of one worker's share: w1+w3 entries [2I, D] dominate."""
+    free memory) after one worker's share of Hessians and weights: w1+w3 entries [2I, D]
+    dominate. Fixed for the run, so it never depends on which worker runs a slice."""
     if not device.startswith("cuda"):
         return 4
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
     share = -(-n_experts // max(workers, 1))
     resident = 4 * share * (hidden * hidden + inter * inter)           # fp32 Hessians kept
+    resident += 2 * share * 3 * inter * hidden                        # the slice's bf16 weights
     per_entry = 4 * (6 * 2 * inter * hidden + 4 * hidden * hidden)   # quantize_experts' estimate
     free = 0.85 * total - resident - (4 << 30)                        # block, reader, CUDA context
     return max(1, min(n_experts, int(0.6 * free // per_entry)))
@@ -147,10 +149,11 @@ def quantize_slice(task: SliceTask, progress: Callable[[str, int], None] | None 
             del ident
         _maybe_die(task)
         t0 = time.perf_counter()
-        w1, w2, w3 = block.expert_weights()
+        w1, w2, w3, rows = _weights_for_gptq(block, task.experts, dev)
         cfg = ExpertQuantConfig(gptq=task.gptq, name_fn=block.spec.expert_name, batch_size=task.batch, device=dev)
-        tensors, records = quantize_experts(w1, w2, w3, res.h_in, res.h_mid, cfg,
+        tensors, records = quantize_experts(w1, w2, w3, res.h_in, res.h_mid, cfg, rows=rows,
                                             progress=(lambda n: progress("tensors", n)) if progress else None)
+        del w1, w2, w3
         if dev.startswith("cuda"):
             torch.cuda.synchronize()
         secs["gptq"] = time.perf_counter() - t0
@@ -159,6 +162,18 @@ def quantize_slice(task: SliceTask, progress: Callable[[str, int], None] | None 
                            _device_name(dev), os.getpid())
     finally:
         torch.set_num_threads(threads)
+
+
+def _weights_for_gptq(block, experts: list[int], dev: str):
+    """(w1, w2, w3, rows) for quantize_experts. On a GPU the slice's experts move there once,
+    in bf16, so GPTQ gathers its batches on the device instead of copying each one from
+    pageable host memory (converting there to fp32 first, which doubles the bytes)."""
+    w1, w2, w3 = block.expert_weights()
+    if not dev.startswith("cuda"):
+        return w1, w2, w3, None
+    idx = torch.as_tensor(experts)
+    moved = tuple(w.index_select(0, idx).to(dev) if len(experts) < w.shape[0] else w.to(dev) for w in (w1, w2, w3))
+    return (*moved, {e: i for i, e in enumerate(experts)})
 
 
 def _device_name(dev: str) -> str:

@@ -73,12 +73,14 @@ def _check_weights(name: str, w: torch.Tensor, experts: int) -> None:
 def quantize_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                      h_in: HessianSet, h_mid: HessianSet,
                      cfg: ExpertQuantConfig = ExpertQuantConfig(),
-                     progress=None) -> tuple[dict[str, torch.Tensor], list[TensorRecord]]:
+                     progress=None, rows: dict[int, int] | None = None) -> tuple[dict[str, torch.Tensor], list[TensorRecord]]:
     """Quantise experts ``h_in.experts`` of stacked weights ``w1, w3`` [E, I, D], ``w2`` [E, D, I].
 
     ``h_in`` holds the Hessians of the expert inputs (dim D), ``h_mid`` of the
     intermediates (dim I), both over the same experts. Returns packed tensors (CPU) keyed
     by checkpoint name and a record per tensor, in expert order (w1, w2, w3).
+    ``rows`` maps expert id → row of the stacked weights when they hold only some experts
+    (e.g. one worker's slice, already on its GPU); default: row = expert id.
     """
     n_exp = w1.shape[0]
     for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
@@ -99,8 +101,9 @@ def quantize_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
     records: dict[tuple[int, str], TensorRecord] = {}
     experts = h_in.experts.tolist()
     # w1+w3 as one entry (rows concatenated, one factorisation), then w2.
-    jobs = [(("w1", "w3"), h_in, lambda e: torch.cat([w1[e], w3[e]], 0)),
-            (("w2",), h_mid, lambda e: w2[e])]
+    r = (lambda e: e) if rows is None else rows.__getitem__
+    jobs = [(("w1", "w3"), h_in, lambda e: torch.cat([w1[r(e)], w3[r(e)]], 0)),
+            (("w2",), h_mid, lambda e: w2[r(e)])]
     for projs, hs, weight_of in jobs:
         rows = inter * len(projs) if projs != ("w2",) else dim
         cols = hs.dim
@@ -109,7 +112,8 @@ def quantize_experts(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
             t0 = time.perf_counter()
             local = list(range(start, min(start + bs, len(experts))))
             ids = [experts[i] for i in local]
-            w = torch.stack([weight_of(e) for e in ids]).to(device, torch.float32)
+            # move in the stored dtype, widen on the device (a CPU→GPU .to(dtype) converts on the CPU)
+            w = torch.stack([weight_of(e) for e in ids]).to(device).float()
             if not torch.isfinite(w).all():
                 bad = [e for e, x in zip(ids, w) if not torch.isfinite(x).all()]
                 raise ValueError(f"non-finite weights in {'/'.join(projs)} of experts {bad[:8]}")

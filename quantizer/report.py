@@ -94,10 +94,14 @@ def write_report(out: Path, manifest: dict, min_tokens: int) -> Path:
     tokens = manifest["tokens_per_expert"]
     records = manifest["tensors"]
     distance = {int(k): tuple(v) for k, v in (manifest.get("hessian_distance") or {}).items()}
-    plot_tokens(tokens, min_tokens, out / PLOT_TOKENS)
-    plot_errors(records, out / PLOT_ERRORS)
-    if distance:
-        plot_distance(distance, out / PLOT_DISTANCE)
+    try:
+        plot_tokens(tokens, min_tokens, out / PLOT_TOKENS)
+        plot_errors(records, out / PLOT_ERRORS)
+        if distance:
+            plot_distance(distance, out / PLOT_DISTANCE)
+        plots = ""
+    except ImportError:  # matplotlib missing (a bare GPU image): the tables still say it all
+        plots = "(plots skipped: matplotlib is not installed)"
     under = [(e, t) for e, t in enumerate(tokens) if t < min_tokens]
     paths: dict[str, int] = {}
     for r in records:
@@ -109,7 +113,7 @@ def write_report(out: Path, manifest: dict, min_tokens: int) -> Path:
         f"Replay `{manifest['replay']}` over {s['rows']:,} store rows "
         f"({', '.join(st['path'] for st in manifest['stores'])}); {len(records)} tensors W4A16 g128 symmetric, "
         f"GPTQ damp {manifest['gptq']['damp']}, act-order {manifest['gptq']['act_order']}; "
-        f"{s['workers']} worker(s){' on Ray' if s['ray'] else ''}; {s['seconds_total']:.1f} s.",
+        f"{s['workers']} worker(s){' on Ray' if s['ray'] else ''}; {s['seconds_total']:.1f} s. {plots}",
         "",
         "| | |",
         "|---|---|",

@@ -30,7 +30,8 @@ from types import SimpleNamespace
 import torch
 
 from .arch import MTPSpec, load_spec
-from .assemble import AssembleConfig, check_base_matches, read_base, safetensors_header, write_assembly
+from .assemble import (AssembleConfig, check_base_matches, fsync_dir, read_base, safetensors_header,
+                       write_assembly)
 from .distribute import KILL_ENV, SliceTask, gptq_batch_size, plan_slices, run_local, run_ray
 from .gptq import GPTQConfig
 from .replay import check_store_matches
@@ -59,6 +60,7 @@ class QuantizeJob:
     max_bytes: int = 1 << 30        # replay's host memory bound per worker
     fp8_scale: str = "auto"         # FP8 pass-through scale naming: auto | keep | .scale | .weight_scale_inv | .weight_scale
     ray_retries: int = 2
+    durable: bool = True            # fsync the output before publishing it
 
     def __post_init__(self):
         if self.replay not in REPLAYS:
@@ -117,23 +119,32 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _hash_tensors(where: dict[str, Path], names: list[str]) -> str:
-    """sha256 over the raw bytes of ``names`` (name, dtype, shape, data) — the MTP layer of the
-    master, not the whole (hundreds of GB) checkpoint."""
-    h = hashlib.sha256()
-    by_file: dict[Path, list[str]] = {}
-    for n in sorted(names):
-        by_file.setdefault(where[n], []).append(n)
-    for path in sorted(by_file):
-        head = safetensors_header(path)
-        with open(path, "rb") as f:
-            hlen = int.from_bytes(f.read(8), "little")
-            for n in by_file[path]:
-                a, b = head[n]["data_offsets"]
-                h.update(json.dumps([n, head[n]["dtype"], head[n]["shape"]]).encode())
-                f.seek(8 + hlen + a)
-                h.update(f.read(b - a))
-    return h.hexdigest()
+def _hash_tensors(where: dict[str, Path], names: list[str], threads: int = 8) -> str:
+    """sha256 over the per-tensor sha256s of ``names`` (each over name, dtype, shape, raw bytes) —
+    the master's MTP layer, not the whole (hundreds of GB) checkpoint; tensors hashed in
+    parallel threads (hashlib and file reads release the GIL)."""
+    heads = {p: safetensors_header(p) for p in set(where[n] for n in names)}
+    starts = {}
+    for p in heads:
+        with open(p, "rb") as f:
+            starts[p] = 8 + int.from_bytes(f.read(8), "little")
+
+    def one(n: str) -> str:
+        p = where[n]
+        a, b = heads[p][n]["data_offsets"]
+        h = hashlib.sha256(json.dumps([n, heads[p][n]["dtype"], heads[p][n]["shape"]]).encode())
+        with open(p, "rb") as f:
+            f.seek(starts[p] + a)
+            left = b - a
+            while left:
+                chunk = f.read(min(left, 1 << 26))
+                h.update(chunk)
+                left -= len(chunk)
+        return h.hexdigest()
+
+    with ThreadPoolExecutor(threads) as pool:
+        digests = list(pool.map(one, sorted(names)))
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
 
 
 def _hash_inputs(master: Path, where: dict[str, Path], spec: MTPSpec, base: Path, base_index: dict) -> dict:
@@ -145,7 +156,9 @@ def _hash_inputs(master: Path, where: dict[str, Path], spec: MTPSpec, base: Path
             n = int.from_bytes(fh.read(8), "little")
             shards[f] = {"bytes": p.stat().st_size, "header_sha256": hashlib.sha256(fh.read(n)).hexdigest()}
     return {"master": {"path": str(master), "config_sha256": _sha256_file(cfg),
-                       "mtp_tensors_sha256": _hash_tensors(where, [n for n in where if n.startswith(spec.prefix)])},
+                       "mtp_tensors_sha256": _hash_tensors(where, [n for n in where if n.startswith(spec.prefix)]),
+                       "mtp_tensors_hash": "sha256 of the concatenated hex sha256s of each tensor "
+                                           "(name, dtype, shape json + raw bytes), tensors sorted by name"},
             "base": {"path": str(base), "config_sha256": _sha256_file(base / "config.json"),
                      "index_sha256": _sha256_file(base / "model.safetensors.index.json"), "shards": shards}}
 
@@ -178,6 +191,19 @@ def _versions() -> dict:
 
 
 # -- the stage ---------------------------------------------------------------------------------
+
+def _fsync_tree(d: Path) -> None:
+    """Everything written (small files; the shard was fsynced as written; hard links are clean)
+    reaches the disk before the rename publishes it."""
+    for p in d.iterdir():
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dir(d)
+
 
 class _Bars:
     """tqdm bars for replayed rows and quantised tensors (no-ops when progress is off)."""
@@ -260,7 +286,8 @@ def run_quantize(job: QuantizeJob, progress: bool = True) -> QuantizeResult:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         facts = write_assembly(tmp, base, base_config, base_index, spec, master, master_config, packed,
                                AssembleConfig(fp8_scale=job.fp8_scale, spec=gptq.spec,
-                                              actorder="weight" if job.act_order else None))
+                                              actorder="weight" if job.act_order else None),
+                               durable=job.durable)
         timings["assemble"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         inputs = hashes.result()
@@ -302,15 +329,20 @@ def run_quantize(job: QuantizeJob, progress: bool = True) -> QuantizeResult:
             "timings": timings,
             "summary": summary,
         }
-        timings["total"] = summary["seconds_total"] = time.perf_counter() - t_start
+        summary["seconds_total"] = time.perf_counter() - t_start  # so far; final value below
         t0 = time.perf_counter()
         report = write_report(tmp, manifest, job.min_tokens)
         timings["report"] = time.perf_counter() - t0
+        timings["total"] = summary["seconds_total"] = time.perf_counter() - t_start
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if job.durable:
+            _fsync_tree(tmp)
         if out.exists():
             raise FileExistsError(f"output {out} appeared while quantising; result left unpublished")
         os.rename(tmp, out)
         tmp = None
+        if job.durable:
+            fsync_dir(out.parent)
     finally:
         bars.close()
         hasher.shutdown(wait=True, cancel_futures=True)

@@ -280,3 +280,26 @@ def test_cli_quantize(env, tmp_path):
     assert (out / SHARD).exists() and (out / "report.md").exists()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_quantize_experts_on_a_slice_of_rows_equals_full_stack():
+    """A worker hands GPTQ only its experts' weights (``rows`` maps id → row, as on its GPU):
+    same tensors and records as indexing the full stack."""
+    from requant.quantizer.experts import ExpertQuantConfig, quantize_experts
+    from requant.quantizer.hessian import HessianSet
+
+    g = torch.Generator().manual_seed(0)
+    E, D, I = 6, 256, 128
+    w1, w3, w2 = (torch.randn(E, I, D, generator=g) * 0.05).bfloat16(), (torch.randn(E, I, D, generator=g) * 0.05).bfloat16(), \
+        (torch.randn(E, D, I, generator=g) * 0.05).bfloat16()
+    mine = torch.tensor([3, 4, 5])
+    h_in, h_mid = HessianSet(E, D, experts=mine), HessianSet(E, I, experts=mine)
+    x = torch.randn(400, D, generator=g).bfloat16()
+    ids = torch.randint(0, E, (400, 2), generator=g)
+    h_in.add(x, ids)
+    h_mid.add(torch.randn(400, I, generator=g).bfloat16(), ids)
+    cfg = ExpertQuantConfig(batch_size=2, device="cpu")
+    full = quantize_experts(w1, w2, w3, h_in, h_mid, cfg)
+    part = quantize_experts(w1[mine], w2[mine], w3[mine], h_in, h_mid, cfg, rows={3: 0, 4: 1, 5: 2})
+    assert full[0].keys() == part[0].keys() and all(torch.equal(full[0][k], part[0][k]) for k in full[0])
+    assert [r.as_dict() for r in full[1]] == [r.as_dict() | {"seconds": r2.seconds} for r, r2 in zip(part[1], full[1])]
