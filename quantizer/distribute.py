@@ -196,6 +196,76 @@ def run_local(tasks: list[SliceTask], progress: Callable[[str, int], None] | Non
     return [quantize_slice(t, progress) for t in tasks]
 
 
+def run_processes(tasks: list[SliceTask], gpus: int = 0,
+                  progress: Callable[[str, int], None] | None = None) -> list[SliceResult]:
+    """One spawned process per slice (no Ray: for a single host, and where Ray cannot be
+    installed); with ``gpus`` ≥ 1, slice g runs alone on GPU g % gpus (CUDA_VISIBLE_DEVICES).
+    Results come back through torch's shared-memory queue (no pickled copy of the tensors)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, done = ctx.Queue(), ctx.Event()
+    procs = []
+    for t in tasks:
+        dev = str(t.index % gpus) if gpus else None
+        p = ctx.Process(target=_process_main, args=(_with(t, device="cuda" if gpus else t.device), dev, queue, done))
+        p.start()
+        procs.append(p)
+    results: dict[int, SliceResult] = {}
+    try:
+        while len(results) < len(tasks):
+            try:
+                index, res, err = queue.get(timeout=5)
+            except Exception:  # queue.Empty: check nobody died silently
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"slice worker pid {dead[0].pid} died with exit code {dead[0].exitcode}")
+                continue
+            if err is not None:
+                raise err
+            results[index] = res
+            if progress:
+                progress("rows", res.rows)
+                progress("tensors", len(res.records))
+        out = [results[t.index] for t in tasks]
+        for r in out:
+            r.tensors = _unflatten(r.tensors)
+        return out
+    finally:
+        done.set()
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+
+
+def _flatten(tensors: dict[str, torch.Tensor]) -> dict:
+    names = sorted(tensors)
+    parts = [tensors[n].contiguous().reshape(-1).view(torch.uint8) for n in names]
+    meta = [(n, tensors[n].dtype, tuple(tensors[n].shape), p.numel()) for n, p in zip(names, parts)]
+    return {"meta": meta, "data": torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)}
+
+
+def _unflatten(flat: dict) -> dict[str, torch.Tensor]:
+    out, off = {}, 0
+    for n, dtype, shape, nbytes in flat["meta"]:
+        out[n] = flat["data"][off:off + nbytes].view(dtype).reshape(shape)
+        off += nbytes
+    return out
+
+
+def _process_main(task: SliceTask, visible: str | None, queue, done) -> None:
+    if visible is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible  # before CUDA initialises in this process
+    try:
+        res = quantize_slice(task)
+        res.tensors = _flatten(res.tensors)  # one shared-memory buffer, not thousands of fds
+        queue.put((task.index, res, None))
+    except Exception as e:  # an input error: hand it to the parent as such
+        queue.put((task.index, None, e))
+    done.wait()
+
+
 def run_ray(tasks: list[SliceTask], max_retries: int = 2,
             progress: Callable[[str, int], None] | None = None) -> tuple[list[SliceResult], dict]:
     """One Ray task per slice on the cluster at ``RAY_ADDRESS`` (else a local one started

@@ -32,7 +32,7 @@ import torch
 from .arch import MTPSpec, load_spec
 from .assemble import (AssembleConfig, check_base_matches, fsync_dir, read_base, safetensors_header,
                        write_assembly)
-from .distribute import KILL_ENV, SliceTask, gptq_batch_size, plan_slices, run_local, run_ray
+from .distribute import KILL_ENV, SliceTask, gptq_batch_size, plan_slices, run_local, run_processes, run_ray
 from .gptq import GPTQConfig
 from .replay import check_store_matches
 from .report import write_report
@@ -51,6 +51,7 @@ class QuantizeJob:
     replay: str = "identity"        # identity | full | both (both: quantise with full, report the distance)
     workers: int = 1                # expert-parallel workers (GPUs); >1 uses Ray unless use_ray=False
     use_ray: bool | None = None     # None: Ray when workers > 1
+    processes: bool = False         # no Ray, workers > 1: one spawned process per slice (GPU g each)
     act_order: bool = False
     w2_weighting: str = "none"
     min_tokens: int = 64            # report flags experts below this
@@ -254,7 +255,7 @@ def run_quantize(job: QuantizeJob, progress: bool = True) -> QuantizeResult:
     embed_from = _embed_source(spec, where, base)
     tasks = [SliceTask(index=g, experts=ex, master=str(master), embed_from=embed_from, stores=list(job.stores),
                        replay=job.replay, w2_weighting=job.w2_weighting, max_bytes=job.max_bytes,
-                       device=None if use_ray else device, gptq=gptq, batch=batch,
+                       device=None if use_ray or job.processes else device, gptq=gptq, batch=batch,
                        threads=torch.get_num_threads() if device == "cpu" else None,
                        kill_marker=os.environ.get(KILL_ENV) or None)
              for g, ex in enumerate(slices)]
@@ -266,6 +267,8 @@ def run_quantize(job: QuantizeJob, progress: bool = True) -> QuantizeResult:
         t0 = time.perf_counter()
         if use_ray:
             results, ray_info = run_ray(tasks, job.ray_retries, bars)
+        elif job.processes and len(tasks) > 1:
+            results = run_processes(tasks, torch.cuda.device_count() if device.startswith("cuda") else 0, bars)
         else:
             results = run_local(tasks, bars)
         timings["hessians_gptq"] = time.perf_counter() - t0

@@ -303,3 +303,13 @@ def test_quantize_experts_on_a_slice_of_rows_equals_full_stack():
     part = quantize_experts(w1[mine], w2[mine], w3[mine], h_in, h_mid, cfg, rows={3: 0, 4: 1, 5: 2})
     assert full[0].keys() == part[0].keys() and all(torch.equal(full[0][k], part[0][k]) for k in full[0])
     assert [r.as_dict() for r in full[1]] == [r.as_dict() | {"seconds": r2.seconds} for r, r2 in zip(part[1], full[1])]
+
+
+def test_one_process_per_slice_equals_single_process(env, tmp_path):
+    """No Ray: two spawned worker processes (what two GPUs of one host run) give the same shard."""
+    r = run_quantize(QuantizeJob(stores=[env["store"]], master=str(env["ckpt"]), base=str(env["base"]),
+                                 out=str(tmp_path / "procs"), replay="full", workers=2, use_ray=False, processes=True),
+                     progress=False)
+    pids = {s["pid"] for s in json.loads(r.manifest.read_text())["slices"]}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert _sha(r.shard) == _sha(env["out"] / SHARD)
