@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
@@ -207,11 +208,14 @@ def _fsync_tree(d: Path) -> None:
 
 
 class _Bars:
-    """tqdm bars for replayed rows and quantised tensors (no-ops when progress is off)."""
+    """tqdm bars for replayed rows and quantised tensors (no-ops when progress is off), or a
+    caller's ``fn(phase, n, total)`` (the orchestrator reports job progress with it)."""
 
-    def __init__(self, enabled: bool, rows: int, tensors: int):
+    def __init__(self, enabled, rows: int, tensors: int):
         self.bars = {}
-        if enabled:
+        self.fn = enabled if callable(enabled) else None
+        self.totals = {"rows": rows, "tensors": tensors}
+        if enabled is True:
             from tqdm import tqdm
 
             self.bars = {"rows": tqdm(total=rows, desc="replay rows", unit="row", unit_scale=True),
@@ -220,13 +224,18 @@ class _Bars:
     def __call__(self, phase: str, n: int) -> None:
         if phase in self.bars:
             self.bars[phase].update(n)
+        if self.fn is not None:
+            self.fn(phase, n, self.totals.get(phase, 0))
 
     def close(self) -> None:
         for b in self.bars.values():
             b.close()
 
 
-def run_quantize(job: QuantizeJob, progress: bool = True) -> QuantizeResult:
+def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], None] = True) -> QuantizeResult:
+    """Run the stage (module docstring). ``progress``: tqdm bars (True), nothing (False), or a
+    callback ``(phase, n, total)`` with phase "rows" (store rows replayed, summed over workers
+    and passes) or "tensors" (tensors quantised)."""
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(job.out).absolute()

@@ -313,3 +313,50 @@ def test_one_process_per_slice_equals_single_process(env, tmp_path):
     pids = {s["pid"] for s in json.loads(r.manifest.read_text())["slices"]}
     assert len(pids) == 2 and os.getpid() not in pids
     assert _sha(r.shard) == _sha(env["out"] / SHARD)
+
+
+def test_fp8_passthrough_renames_scales_to_the_base_convention(env, tmp_path):
+    """An FP8 master (attention linears E4M3 + E8M0 `.scale`, as upstream DSV4): the shard carries
+    the same bytes with the scale named as the base names it (`.weight_scale_inv` here), FP8
+    modules that no base group serves go to `ignore` (with a note), and the stage still runs."""
+    from requant.quantizer.assemble import passthrough_tensors, resolve_fp8_scale
+    from requant.quantizer.arch import load_spec
+
+    ckpt = env["ckpt"]
+    sd = load_file(str(ckpt / "model.safetensors"))
+    fp8 = {}
+    for name in ("attn.wq_a", "attn.wkv", "e_proj"):
+        w = sd.pop(f"mtp.0.{name}.weight").float()
+        o, i = w.shape
+        fp8[f"mtp.0.{name}.weight"] = w.to(torch.float8_e4m3fn)  # block scale 1.0 = E8M0 byte 127
+        fp8[f"mtp.0.{name}.scale"] = torch.full((-(-o // 128), -(-i // 128)), 127, dtype=torch.uint8).view(
+            torch.float8_e8m0fnu)
+    master = tmp_path / "fp8"
+    master.mkdir()
+    (master / "config.json").write_text((ckpt / "config.json").read_text())
+    save_file({**sd, **fp8}, str(master / "model.safetensors"))
+    spec = load_spec(json.loads((ckpt / "config.json").read_text()))
+    assert resolve_fp8_scale(AssembleConfig(), ["layers.0.attn.wkv.weight_scale_inv"]) == ".weight_scale_inv"
+    assert resolve_fp8_scale(AssembleConfig(), ["layers.0.attn.wkv.scale"]) == ".scale"
+    assert resolve_fp8_scale(AssembleConfig(), ["a.weight"]) == "keep"
+    tensors, modules = passthrough_tensors(master, spec, ".weight_scale_inv")
+    assert sorted(modules) == ["mtp.0.attn.wkv", "mtp.0.attn.wq_a", "mtp.0.e_proj"]
+    for m in modules:
+        assert f"{m}.scale" not in tensors
+        assert tensors[f"{m}.weight_scale_inv"].dtype == torch.float8_e8m0fnu
+        assert torch.equal(tensors[f"{m}.weight_scale_inv"].view(torch.uint8), fp8[f"{m}.scale"].view(torch.uint8))
+        assert torch.equal(tensors[f"{m}.weight"].view(torch.uint8), fp8[f"{m}.weight"].view(torch.uint8))
+    res = run_quantize(QuantizeJob(stores=[env["store"]], master=str(master), base=str(env["base"]),
+                                   out=str(tmp_path / "o"), fp8_scale=".weight_scale_inv"), progress=False)
+    with safe_open(str(res.shard), "pt") as f:
+        names = set(f.keys())
+        assert f.get_tensor("mtp.0.attn.wkv.weight").dtype == torch.float8_e4m3fn
+    assert "mtp.0.attn.wkv.weight_scale_inv" in names and "mtp.0.attn.wkv.scale" not in names
+    m = json.loads(res.manifest.read_text())
+    assert m["assembly"]["fp8_scale_suffix"] == ".weight_scale_inv"
+    assert any("FP8 MTP module mtp.0.attn.wkv" in n for n in m["assembly"]["notes"])
+    seen = []
+    res2 = run_quantize(QuantizeJob(stores=[env["store"]], master=str(master), base=str(env["base"]),
+                                    out=str(tmp_path / "o2")), progress=lambda *a: seen.append(a))
+    assert "mtp.0.attn.wkv.scale" in load_file(str(res2.shard))  # auto: the base has no FP8 → keep
+    assert {p for p, _, _ in seen} == {"rows", "tensors"} and sum(n for p, n, _ in seen if p == "tensors") == 24
