@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "requant.quantizer.cli",
     "requant.storage.cli",
     "requant.hooks.cli",
+    "requant.orchestrator.commands",
 ]
 
 
