@@ -99,6 +99,7 @@ class SliceResult:
 
 def _rel_frobenius(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """‖A − B‖_F / ‖A‖_F per expert (A the reference; 0/0 → 0, x/0 → inf)."""
+    a = a.to(b.device)
     num = (a - b).flatten(1).norm(dim=1).double()
     den = a.flatten(1).norm(dim=1).double()
     out = num / den.clamp(min=1e-300)
@@ -129,6 +130,7 @@ def quantize_slice(task: SliceTask, progress: Callable[[str, int], None] | None 
         secs: dict[str, float] = {}
         t0 = time.perf_counter()
         block = load_block(task.master, device=dev, embed_from=task.embed_from)
+        _experts_to_device(block, task.experts, dev)
         secs["load"] = time.perf_counter() - t0
         rows_cb = (lambda n: progress("rows", n)) if progress else None
         mode = "full" if task.replay in ("full", "both") else "identity"
@@ -139,6 +141,8 @@ def quantize_slice(task: SliceTask, progress: Callable[[str, int], None] | None 
         distance: dict[int, tuple[float, float]] = {}
         tokens_identity = None
         if task.replay == "both":
+            if dev.startswith("cuda"):  # room on the GPU for the second set (DSV4: 21.5 GB each)
+                res.h_in.h, res.h_mid.h = res.h_in.h.cpu(), res.h_mid.h.cpu()
             ident = accumulate_hessians(block, task.stores, ReplayConfig(mode="identity", w2_weighting=task.w2_weighting,
                                                                          max_bytes=task.max_bytes, device=dev),
                                         experts=task.experts, progress=rows_cb)
@@ -147,6 +151,7 @@ def quantize_slice(task: SliceTask, progress: Callable[[str, int], None] | None 
             d_in, d_mid = _distances(res.h_in, ident.h_in), _distances(res.h_mid, ident.h_mid)
             distance = {e: (float(d_in[i]), float(d_mid[i])) for i, e in enumerate(task.experts)}
             del ident
+            res.h_in.h, res.h_mid.h = res.h_in.h.to(dev), res.h_mid.h.to(dev)
         _maybe_die(task)
         t0 = time.perf_counter()
         w1, w2, w3, rows = _weights_for_gptq(block, task.experts, dev)
@@ -162,6 +167,17 @@ def quantize_slice(task: SliceTask, progress: Callable[[str, int], None] | None 
                            _device_name(dev), os.getpid())
     finally:
         torch.set_num_threads(threads)
+
+
+def _experts_to_device(block, experts: list[int], dev: str) -> None:
+    """A GPU worker that owns every expert moves the block's stacked master experts to its GPU
+    once, before the replay: the replay then selects w1/w3 on the device and GPTQ reads them
+    there (otherwise 21.5 GB of DSV4 experts cross PCIe twice from pageable memory). Both
+    blocks keep the stacks in ``_w`` (mtp_dsv3 / mtp_dsv4); a block without it is left alone."""
+    stacks = getattr(block, "_w", None)
+    if not dev.startswith("cuda") or not isinstance(stacks, dict) or len(experts) != block.spec.n_experts:
+        return
+    block._w = {p: w.to(dev) for p, w in stacks.items()}
 
 
 def _weights_for_gptq(block, experts: list[int], dev: str):

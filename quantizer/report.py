@@ -128,8 +128,8 @@ def write_report(out: Path, manifest: dict, min_tokens: int) -> Path:
     ]
     if under:
         lines += [f"## Under-covered experts (< {min_tokens} tokens)", "",
-                  "Quantised anyway (GPTQ on few tokens; RTN, flagged `rtn_zero_tokens`, on none). "
-                  "Capture more prompts that route there to improve them.", "",
+                  "Quantised anyway: GPTQ from few tokens, or RTN (flagged `rtn_zero_tokens`) for an expert "
+                  "that got none. Capture more prompts that route there to improve them.", "",
                   ", ".join(f"{e} ({t})" for e, t in under), ""]
     odd = [r for r in records if r["path"] != "gptq"]
     if odd:
