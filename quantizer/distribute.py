@@ -10,7 +10,11 @@ On CPU each slice also runs with the same thread count.
 
 Ray: one task per slice (``num_gpus=1`` when the cluster has GPUs), retried when its worker
 dies (``max_retries``); a retried slice recomputes the same numbers. Without Ray the same
-``quantize_slice`` runs in this process, slice after slice.
+``quantize_slice`` runs in this process, slice after slice (``run_local``), or in one spawned
+process per slice, GPU g each (``run_processes``: one host, no Ray installed).
+
+Replay is replicated, not split: each worker reads every row (its Hessians need all rows
+routed to its experts), so N workers divide the Hessian and GPTQ work, not the store reading.
 """
 from __future__ import annotations
 

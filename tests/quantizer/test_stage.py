@@ -360,3 +360,21 @@ def test_fp8_passthrough_renames_scales_to_the_base_convention(env, tmp_path):
                                     out=str(tmp_path / "o2")), progress=lambda *a: seen.append(a))
     assert "mtp.0.attn.wkv.scale" in load_file(str(res2.shard))  # auto: the base has no FP8 → keep
     assert {p for p, _, _ in seen} == {"rows", "tensors"} and sum(n for p, n, _ in seen if p == "tensors") == 24
+
+
+def test_failure_while_assembling_leaves_nothing(env, tmp_path):
+    """A base config that cannot take the MTP experts is found after the shard is written:
+    the temp dir goes, ``out`` never appears."""
+    base = env["base"]
+    odd = tmp_path / "odd-base"
+    odd.mkdir()
+    for p in base.iterdir():
+        if p.name != "config.json":
+            (odd / p.name).symlink_to(p)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "config_groups": {}, "ignore": ["re:.*experts.*"]}
+    (odd / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="ignore entry 're:.\\*experts.\\*' matches the MTP routed experts"):
+        run_quantize(QuantizeJob(stores=[env["store"]], master=str(env["ckpt"]), base=str(odd),
+                                 out=str(tmp_path / "o")), progress=False)
+    _no_output(tmp_path, tmp_path / "o")
