@@ -17,7 +17,8 @@ def _quantize(args: argparse.Namespace) -> int:
     from .stage import QuantizeJob, format_summary, run_quantize
 
     job = QuantizeJob(stores=args.store, master=args.master, base=args.base, out=args.out, replay=args.replay,
-                      workers=args.gpus, use_ray=False if args.no_ray else None, act_order=args.act_order,
+                      workers=args.gpus, use_ray=False if args.no_ray else None, processes=args.processes,
+                      act_order=args.act_order,
                       w2_weighting=args.w2_weighting, min_tokens=args.min_tokens, device=args.device,
                       damp=args.damp, fp8_scale=args.fp8_scale)
     res = run_quantize(job, progress=not args.quiet)
@@ -37,7 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="identity: attention sub-layer skipped (seed's approximation); full: the real MTP block over "
                         "whole sequences; both: quantise with full, report the Hessian distance")
     q.add_argument("--gpus", type=int, default=1, help="expert-parallel workers (one GPU each; >1 runs on Ray)")
-    q.add_argument("--no-ray", action="store_true", help="run every worker's slice in this process")
+    q.add_argument("--no-ray", action="store_true", help="no Ray: run the workers' slices in this process")
+    q.add_argument("--processes", action="store_true",
+                   help="with --no-ray: one spawned process per worker, worker g on GPU g")
     q.add_argument("--act-order", action="store_true", help="GPTQ with act-order (lower error, static groups)")
     q.add_argument("--w2-weighting", choices=["none", "routing"], default="none")
     q.add_argument("--min-tokens", type=int, default=64, help="report flags experts with fewer routed tokens")
