@@ -306,6 +306,8 @@ def run_ray(tasks: list[SliceTask], max_retries: int = 2,
         refs = [remote.remote(t) for t in tasks]
         try:
             results = ray.get(refs)
+            for r in results:  # out of the (read-only) object store into our own memory
+                r.tensors = _unflatten({"meta": r.tensors["meta"], "data": torch.from_numpy(r.tensors["data"].copy())})
         except ray.exceptions.RayTaskError as e:  # an input error inside a worker: raise it as such
             cause = getattr(e, "cause", None)
             raise (cause if isinstance(cause, Exception) else e) from None
@@ -320,7 +322,11 @@ def run_ray(tasks: list[SliceTask], max_retries: int = 2,
 
 
 def _ray_slice(task: SliceTask) -> SliceResult:
-    return quantize_slice(task)
+    res = quantize_slice(task)
+    flat = _flatten(res.tensors)
+    flat["data"] = flat["data"].numpy()  # Ray's object store takes numpy without pickling a copy
+    res.tensors = flat
+    return res
 
 
 def _with(task: SliceTask, **changes) -> SliceTask:
