@@ -7,7 +7,9 @@ Output directory (built in a temp dir beside ``out`` and renamed into place by t
   .weight_shape``), and every other MTP tensor of the master passed through byte for byte:
   BF16/FP32 as they are, FP8 block linears with their scale field renamed to the base
   checkpoint's convention (upstream DSV4 ``.scale``, vLLM/HF ``.weight_scale_inv``).
-* the base shards, hard-linked (copied across file systems), never modified;
+* the base shards, hard-linked (copied across file systems), never modified; a base shard
+  that holds MTP tensors (a base that kept its MTP layer) is written filtered instead, or
+  left out when it holds nothing else, since vLLM loads every tensor of every listed file;
 * ``model.safetensors.index.json`` — the union: every base tensor outside the MTP prefix
   where it was, every MTP tensor in the new shard, each name exactly once;
 * ``config.json`` — the base config with ``quantization_config`` merged: a W4A16 group whose
@@ -266,6 +268,23 @@ def link_or_copy(src: Path, dst: Path) -> str:
         return "copy"
 
 
+def place_base_shard(src: Path, dst: Path, header: dict, prefix: str, durable: bool) -> str:
+    """A base shard in the output: hard link (or copy) when it holds no MTP tensor; left out
+    when it holds nothing else; else a filtered copy without them — vLLM loads every tensor
+    of every listed file, so a stale MTP tensor must not stay in one. The base is never
+    modified. Returns "hardlink" | "copy" | "filtered" | "dropped"."""
+    mtp = [n for n in header if n.startswith(prefix)]
+    if not mtp:
+        return link_or_copy(src, dst)
+    if len(mtp) == len(header):
+        return "dropped"
+    with safe_open(str(src), "pt") as f:
+        keep = {n: f.get_tensor(n) for n in header if not n.startswith(prefix)}
+        meta = f.metadata()
+    write_safetensors(dst, keep, metadata=meta, durable=durable)
+    return "filtered"
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -318,7 +337,8 @@ def write_assembly(tmp: Path, base: Path, base_config: dict, base_index: dict, s
         missing = sorted(expected - set(packed))
         raise RuntimeError(f"packed experts incomplete: {len(missing)} tensors missing (first {missing[:2]})")
     write_safetensors(tmp / cfg.shard_name, shard, durable=durable)
-    links = {f: link_or_copy(base / f, tmp / f) for f in base_files}
+    links = {f: place_base_shard(base / f, tmp / f, headers[f], spec.prefix, durable) for f in base_files}
+    links = {f: how for f, how in links.items() if how != "dropped"}
     index, dropped = union_index(base_index, base_sizes, spec.prefix, cfg.shard_name, shard)
     (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     base_modules = sorted({n.rsplit(".", 1)[0] for n in base_names})
@@ -332,10 +352,9 @@ def write_assembly(tmp: Path, base: Path, base_config: dict, base_index: dict, s
         config["num_nextn_predict_layers"] = n_mtp
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     side = copy_side_files(base, tmp, {"config.json", INDEX})
-    stale = sorted({base_index["weight_map"][n] for n in dropped})
-    if stale:
-        notes.append(f"base shards {stale} still hold {len(dropped)} superseded MTP tensors (the index no longer "
-                     "points at them; loaders that read whole files may see them)")
+    if dropped:
+        notes.append(f"{len(dropped)} MTP tensors of the base superseded: " + ", ".join(
+            f"{f} {how}" for f, how in links.items() if how in ("filtered", "dropped")))
     return {"shard": cfg.shard_name, "shard_tensors": len(shard), "packed_tensors": len(packed),
             "passthrough_tensors": len(passthrough), "fp8_modules": fp8_modules, "fp8_scale_suffix": scale_to,
             "base_shards": links, "base_mtp_entries_dropped": len(dropped), "side_files": side,

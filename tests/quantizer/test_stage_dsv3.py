@@ -39,7 +39,7 @@ def env(tmp_path_factory):
     ckpt = make_dsv3(d / "dsv3", seed=0)
     store = d / "cap"
     captured = _vllm(ckpt, "capture", {"REQUANT_CAPTURE": str(store), "REQUANT_CAPTURE_WRITER": "replica0"})
-    base = make_base(ckpt, d / "base")   # what a quantiser that drops the MTP layer leaves
+    base = make_base(ckpt, d / "base", drop_mtp=False)  # a base that kept its (unquantised) MTP layer
     out = d / "out"
     res = run_quantize(QuantizeJob(stores=[str(store)], master=str(ckpt), base=str(base), out=str(out),
                                    replay="both"), progress=False)
@@ -57,6 +57,16 @@ def test_dsv3_shard_index_and_config(env):
         mtp = {k for k in f.keys() if k.startswith(f"model.layers.{n}.")}
     assert set(shard) == packed | {k for k in mtp if k.rsplit(".", 1)[0] not in experts}
     assert f"model.layers.{n}.eh_proj.weight" in shard and f"model.layers.{n}.embed_tokens.weight" in shard
+    # the base shard holding the old MTP layer is written without it; the other is a hard link
+    m = json.loads((out / MANIFEST).read_text())
+    assert sorted(m["assembly"]["base_shards"].values()) == ["filtered", "hardlink"]
+    base = env["base"]
+    for f, how in m["assembly"]["base_shards"].items():
+        with safe_open(str(base / f), "pt") as a, safe_open(str(out / f), "pt") as b:
+            want = [k for k in a.keys() if not k.startswith(f"model.layers.{n}.")]
+            assert sorted(b.keys()) == sorted(want)
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in want)
+        assert os.path.samefile(base / f, out / f) == (how == "hardlink")
     index = json.loads((out / INDEX).read_text())["weight_map"]
     seen = []
     for fname in sorted(set(index.values())):
