@@ -378,3 +378,26 @@ def test_failure_while_assembling_leaves_nothing(env, tmp_path):
         run_quantize(QuantizeJob(stores=[env["store"]], master=str(env["ckpt"]), base=str(odd),
                                  out=str(tmp_path / "o")), progress=False)
     _no_output(tmp_path, tmp_path / "o")
+
+
+def test_act_order_run_declares_actorder_weight(env, tmp_path):
+    """--act-order: the config group says actorder "weight" (groups stay on consecutive
+    columns, no g_idx), vLLM's parser takes it, and the packed experts still decode."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from torch import nn
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+
+    r = run_quantize(QuantizeJob(stores=[env["store"]], master=str(env["ckpt"]), base=str(env["base"]),
+                                 out=str(tmp_path / "ao"), act_order=True), progress=False)
+    qc = json.loads((r.out / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_mtp_experts"]["weights"]["actorder"] == "weight"
+    sd = CompressedTensorsConfig.from_config(qc).get_scheme_dict(nn.Linear(8, 8), "mtp.0.ffn.experts.1.w2")
+    assert sd is not None and str(sd["weights"].actorder).lower().endswith("weight")
+    m = json.loads(r.manifest.read_text())
+    assert m["gptq"]["act_order"] is True and all(t["err_gptq"] < t["err_rtn"] for t in m["tensors"])
+    shard = load_file(str(r.shard))
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=4, type="int", symmetric=True,
+                                                                             strategy="group", group_size=128))
+    t = {s: shard[f"mtp.0.ffn.experts.0.w1.{s}"] for s in ("weight_packed", "weight_scale", "weight_shape")}
+    assert PackedQuantizationCompressor.decompress(t, scheme)["weight"].shape == (256, 512)
