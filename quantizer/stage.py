@@ -315,6 +315,7 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
             "err_rtn_mean": sum(err_r) / len(err_r) if err_r else None,
             "under_covered": sum(t < job.min_tokens for t in tokens),
             "not_gptq": len(errs), "seconds_total": 0.0,
+            "timings": timings,             # phase → seconds (same dict as the manifest's)
         }
         manifest = {
             "format": "requant.quantize/1",
