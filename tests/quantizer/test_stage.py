@@ -177,6 +177,9 @@ def test_merge_keeps_base_config_and_refuses_conflicts(env):
 def ray_cluster():
     import ray
 
+    if ray.is_initialized():  # another module's cluster: use it, leave it to its owner
+        yield
+        return
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
