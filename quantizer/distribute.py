@@ -54,16 +54,16 @@ def plan_slices(n_experts: int, batch: int, workers: int) -> list[list[int]]:
     return out
 
 
-def gptq_batch_size(n_experts: int, hidden: int, inter: int, device: str, workers: int = 1) -> int:
+def gptq_batch_size(n_experts: int, hidden: int, inter: int, device: str) -> int:
     """GPTQ batch from the device's *total* memory (the same on every GPU of a host, unlike
-    free memory) after one worker's share of Hessians and weights: w1+w3 entries [2I, D]
-    dominate. Fixed for the run, so it never depends on which worker runs a slice."""
+    free memory) after the Hessians and bf16 weights of ALL experts (one worker's worst case):
+    w1+w3 entries [2I, D] dominate. It depends on neither the worker count nor the slice, so
+    the batch plan — and the shard — are the same for 1, 2 or 8 workers."""
     if not device.startswith("cuda"):
         return 4
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    share = -(-n_experts // max(workers, 1))
-    resident = 4 * share * (hidden * hidden + inter * inter)           # fp32 Hessians kept
-    resident += 2 * share * 3 * inter * hidden                        # the slice's bf16 weights
+    resident = 4 * n_experts * (hidden * hidden + inter * inter)       # fp32 Hessians
+    resident += 2 * n_experts * 3 * inter * hidden                    # bf16 expert weights
     per_entry = 4 * (6 * 2 * inter * hidden + 4 * hidden * hidden)   # quantize_experts' estimate
     free = 0.85 * total - resident - (4 << 30)                        # block, reader, CUDA context
     return max(1, min(n_experts, int(0.6 * free // per_entry)))

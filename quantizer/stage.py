@@ -258,7 +258,7 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
     hashes = hasher.submit(_hash_inputs, master, where, spec, base, base_index)
     use_ray = job.use_ray if job.use_ray is not None else job.workers > 1
     device = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    batch = job.gptq_batch or gptq_batch_size(spec.n_experts, spec.hidden, spec.moe_inter, device, job.workers)
+    batch = job.gptq_batch or gptq_batch_size(spec.n_experts, spec.hidden, spec.moe_inter, device)
     slices = plan_slices(spec.n_experts, batch, job.workers)
     gptq = GPTQConfig(damp=job.damp, act_order=job.act_order)
     embed_from = _embed_source(spec, where, base)
