@@ -19,6 +19,7 @@ full replay cost ratio. Writes JSON under benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -181,12 +182,17 @@ def run(job_kw: dict, out: Path) -> dict:
     res = run_quantize(QuantizeJob(out=str(out), **job_kw), progress=False)
     wall = time.perf_counter() - t
     m = json.loads(res.manifest.read_text())
+    sha = hashlib.sha256()
+    with open(res.shard, "rb") as f:  # after the timing: is the shard reproducible?
+        for chunk in iter(lambda: f.read(1 << 26), b""):
+            sha.update(chunk)
     sl = m["slices"][0]["seconds"]
     return {"wall_s": wall, "timings": m["timings"], "slice": sl, "summary": m["summary"],
             "gptq_batch": m["gptq"]["batch"], "tokens_min_mean_max": [min(m["tokens_per_expert"]),
                                                                      sum(m["tokens_per_expert"]) / len(m["tokens_per_expert"]),
                                                                      max(m["tokens_per_expert"])],
-            "shard_bytes": m["assembly"]["shard_bytes"], "paths": sorted({r["path"] for r in m["tensors"]})}
+            "shard_bytes": m["assembly"]["shard_bytes"], "paths": sorted({r["path"] for r in m["tensors"]}),
+            "shard_sha256": sha.hexdigest()}
 
 
 def main() -> None:
@@ -242,7 +248,11 @@ def main() -> None:
           f"{best['timings']['assemble'] + best['timings'].get('report', 0) + best['timings']['hash_wait']:.2f} | "
           f"~{SEED_ANCHOR_S['splice']:.0f} (splice) |")
     print(f"| whole stage | **{ours:.2f}** | ~{anchor:.0f} ({anchor / ours:.1f}× ours) |")
+    same = runs["identity_cold"]["shard_sha256"] == best["shard_sha256"]
+    print(f"shard bit-identical across the two identity runs: {same}")
     multi = runs.get(f"identity_{args.gpus}gpu")
+    if multi:
+        print(f"shard bit-identical with {args.gpus} processes: {multi['shard_sha256'] == best['shard_sha256']}")
     if multi:
         print(f"{args.gpus} GPUs (one process each): whole stage {multi['wall_s']:.2f} s, "
               f"{ours / multi['wall_s']:.2f}× one GPU (target ≥ 1.8× for 2)")
@@ -257,6 +267,8 @@ def main() -> None:
               "anchor_s": SEED_ANCHOR_S, "runs": runs, "whole_stage_s": ours, "target_s": 20.0,
               "full_over_identity_replay": ratio, "setup_s": setup,
               "multi_gpu_speedup": (ours / multi["wall_s"]) if multi else None,
+              "reproducible_runs": same,
+              "multi_gpu_identical": (multi["shard_sha256"] == best["shard_sha256"]) if multi else None,
               "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
