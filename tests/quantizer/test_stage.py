@@ -251,6 +251,12 @@ def test_missing_mtp_tensors_and_bad_base(env, tmp_path):
     job = dict(stores=[env["store"]], out=str(tmp_path / "o"))
     with pytest.raises(ValueError, match=r"missing 3 routed-expert tensors.*mtp\.0\.ffn\.experts\.3\.w1\.weight"):
         run_quantize(QuantizeJob(master=str(broken), base=str(base), **job), progress=False)
+    noattn = tmp_path / "noattn"
+    noattn.mkdir()
+    (noattn / "config.json").write_text((ckpt / "config.json").read_text())
+    save_file({k: v for k, v in sd.items() if k != "mtp.0.attn.wq_a.weight"}, str(noattn / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing mtp\.0\.attn\.wq_a\.weight"):
+        run_quantize(QuantizeJob(master=str(noattn), base=str(base), **job), progress=False)
     nomtp = tmp_path / "nomtp"
     nomtp.mkdir()
     (nomtp / "config.json").write_text((ckpt / "config.json").read_text())
