@@ -216,30 +216,44 @@ def run_local(tasks: list[SliceTask], progress: Callable[[str, int], None] | Non
     return [quantize_slice(t, progress) for t in tasks]
 
 
-def run_processes(tasks: list[SliceTask], gpus: int = 0,
+def run_processes(tasks: list[SliceTask], gpus: int = 0, max_retries: int = 2,
                   progress: Callable[[str, int], None] | None = None) -> list[SliceResult]:
     """One spawned process per slice (no Ray: for a single host, and where Ray cannot be
     installed); with ``gpus`` ≥ 1, slice g runs alone on GPU g % gpus (CUDA_VISIBLE_DEVICES).
-    Results come back through torch's shared-memory queue (no pickled copy of the tensors)."""
+    A process that dies without a result is started again (up to ``max_retries``), as Ray
+    would. Results come back through torch's shared-memory queue, one buffer per slice."""
+    import queue as queue_mod
+
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue, done = ctx.Queue(), ctx.Event()
-    procs = []
-    for t in tasks:
+
+    def start(t: SliceTask):
         dev = str(t.index % gpus) if gpus else None
         p = ctx.Process(target=_process_main, args=(_with(t, device="cuda" if gpus else t.device), dev, queue, done))
         p.start()
-        procs.append(p)
+        return p
+
+    procs = {t.index: start(t) for t in tasks}
+    retries = {t.index: 0 for t in tasks}
+    stale = []
     results: dict[int, SliceResult] = {}
     try:
         while len(results) < len(tasks):
             try:
-                index, res, err = queue.get(timeout=5)
-            except Exception:  # queue.Empty: check nobody died silently
-                dead = [p for p in procs if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"slice worker pid {dead[0].pid} died with exit code {dead[0].exitcode}")
+                index, res, err = queue.get(timeout=2)
+            except queue_mod.Empty:  # nothing yet: restart workers that died without a result
+                for t in tasks:
+                    p = procs[t.index]
+                    if t.index in results or p.exitcode in (None, 0):
+                        continue
+                    if retries[t.index] >= max_retries:
+                        raise RuntimeError(f"slice {t.index} worker died {retries[t.index] + 1} times "
+                                           f"(last exit code {p.exitcode})") from None
+                    retries[t.index] += 1
+                    stale.append(p)
+                    procs[t.index] = start(t)
                 continue
             if err is not None:
                 raise err
@@ -253,7 +267,7 @@ def run_processes(tasks: list[SliceTask], gpus: int = 0,
         return out
     finally:
         done.set()
-        for p in procs:
+        for p in [*procs.values(), *stale]:
             p.join(timeout=60)
             if p.is_alive():
                 p.kill()

@@ -61,7 +61,7 @@ class QuantizeJob:
     gptq_batch: int | None = None   # experts per GPTQ batch; None: from the device (fixed per run)
     max_bytes: int = 1 << 30        # replay's host memory bound per worker
     fp8_scale: str = "auto"         # FP8 pass-through scale naming: auto | keep | .scale | .weight_scale_inv | .weight_scale
-    ray_retries: int = 2
+    ray_retries: int = 2            # retries of a lost worker (Ray task, or spawned process)
     durable: bool = True            # fsync the output before publishing it
 
     def __post_init__(self):
@@ -277,7 +277,8 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
         if use_ray:
             results, ray_info = run_ray(tasks, job.ray_retries, bars)
         elif job.processes and len(tasks) > 1:
-            results = run_processes(tasks, torch.cuda.device_count() if device.startswith("cuda") else 0, bars)
+            results = run_processes(tasks, torch.cuda.device_count() if device.startswith("cuda") else 0,
+                                    job.ray_retries, bars)
         else:
             results = run_local(tasks, bars)
         timings["hessians_gptq"] = time.perf_counter() - t0

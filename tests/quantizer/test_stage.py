@@ -314,13 +314,17 @@ def test_quantize_experts_on_a_slice_of_rows_equals_full_stack():
     assert [r.as_dict() for r in full[1]] == [r.as_dict() | {"seconds": r2.seconds} for r, r2 in zip(part[1], full[1])]
 
 
-def test_one_process_per_slice_equals_single_process(env, tmp_path):
-    """No Ray: two spawned worker processes (what two GPUs of one host run) give the same shard."""
+def test_one_process_per_slice_equals_single_process(env, tmp_path, monkeypatch):
+    """No Ray: two spawned worker processes (what two GPUs of one host run), the second killed
+    in its first attempt and started again, give the same shard."""
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ENV, f"{marker}:1")
     r = run_quantize(QuantizeJob(stores=[env["store"]], master=str(env["ckpt"]), base=str(env["base"]),
                                  out=str(tmp_path / "procs"), replay="full", workers=2, use_ray=False, processes=True),
                      progress=False)
-    pids = {s["pid"] for s in json.loads(r.manifest.read_text())["slices"]}
-    assert len(pids) == 2 and os.getpid() not in pids
+    pids = [s["pid"] for s in json.loads(r.manifest.read_text())["slices"]]
+    assert len(set(pids)) == 2 and os.getpid() not in pids
+    assert marker.exists() and pids[1] != int(marker.read_text())
     assert _sha(r.shard) == _sha(env["out"] / SHARD)
 
 
