@@ -1,0 +1,532 @@
+"""The Ray capture job: replicas up, prompts fed, every prompt in the store exactly once.
+
+    result = run_capture(spec)              # CaptureSpec (spec.py)
+
+Flow: connect to Ray ($RAY_ADDRESS / ``ray_address``) or start a local one → reconcile the
+ledger with the store (ledger.py) → start ``replicas`` vLLM servers as Ray actors
+(replica.py), wait until healthy → feed the prompts not yet in the store (feeder.py), a
+shared queue drained by ``concurrency`` workers per replica → drain (every answered prompt
+committed; prompts with an unknown outcome resolved against the store once their replica is
+quiet) → coverage loop → stop the servers (SIGINT: the plugin closes the store cleanly).
+
+A replica that dies is stopped for good (its whole process group, so nothing can commit
+to its writer group afterwards), the store re-read, and its outstanding prompts that the
+store lacks re-queued; then it is restarted (``max_replica_restarts``).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .ledger import Ledger, StoreIndex, ledger_path, wait_writers_idle
+from .prompts import Prompt, load_prompts
+from .spec import CaptureSpec
+
+
+class JobError(RuntimeError):
+    pass
+
+
+@dataclass
+class Stats:
+    prompts_total: int = 0
+    prompts_done: int = 0          # in the store (this run + earlier runs)
+    prompts_skipped: int = 0       # already in the store at start
+    prompts_failed: int = 0
+    prompts_retried: int = 0
+    prompts_requeued: int = 0
+    queue_depth: int = 0
+    rows: int = 0
+    bytes: int = 0
+    replicas_healthy: int = 0
+    replica_restarts: int = 0
+    duplicates: int = 0
+    stage_seconds: dict = field(default_factory=dict)
+    coverage: dict = field(default_factory=dict)
+    state: str = "starting"
+    started: float = field(default_factory=time.time)
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        el = time.time() - self.started
+        d["elapsed_s"] = el
+        d["rows_per_s"] = self.rows / el if el > 0 else 0.0
+        return d
+
+
+@dataclass
+class _Replica:
+    index: int
+    actor: object = None
+    url: str = ""
+    pid: int = 0
+    up: asyncio.Event = field(default_factory=asyncio.Event)
+    incarnation: int = 0
+    restarts: int = 0
+    outstanding: dict = field(default_factory=dict)   # prompt id → "inflight" | "ok" | "uncertain"
+    failed: bool = False
+    recovering: bool = False
+    answered: int = 0                                 # 200 responses (all incarnations)
+
+
+def init_ray(address: str | None, replicas: int, replica_cpus: float) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            cpus = max(os.cpu_count() or 1, int(replicas * replica_cpus + 0.999))
+            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise JobError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
+
+
+class CaptureJob:
+    def __init__(self, spec: CaptureSpec, progress: bool = True, status_file: str | None = None):
+        self.spec = spec
+        self.progress = progress
+        self.status_file = status_file
+        self.stats = Stats()
+        self.index = StoreIndex(spec.store)
+        self.ledger: Ledger | None = None
+        self.replicas: list[_Replica] = []
+        self.attempts: dict[str, int] = {}
+        self.queue: asyncio.Queue | None = None
+        self.prompts: dict[str, Prompt] = {}
+        self._bar = None
+        self._cancel = False
+        self._fatal: BaseException | None = None
+        self._tasks: set = set()
+        self.run_tag = time.strftime("%Y%m%dT%H%M%S")
+
+    # -- public -------------------------------------------------------------------------
+    def plan(self) -> dict:
+        """What the job would do (``--dry-run``): no Ray, no servers."""
+        prompts = load_prompts(self._prompt_config())
+        ledger = Ledger(self.spec.ledger or ledger_path(self.spec.store))
+        try:
+            ledger.reconcile(self.index)
+        finally:
+            ledger.close()
+        todo = [p for p in prompts if p.prompt_id not in ledger.done]
+        return {"model": self.spec.model, "store": self.spec.store, "replicas": self.spec.replicas,
+                "tensor_parallel": self.spec.tensor_parallel, "prompts": len(prompts),
+                "already_captured": len(prompts) - len(todo), "to_send": len(todo),
+                "max_tokens": self.spec.prompts.max_tokens, "ledger": str(ledger.path),
+                "coverage": self.spec.coverage.model_dump() if self.spec.coverage else None,
+                "ray": self.spec.ray_address or os.environ.get("RAY_ADDRESS") or "local"}
+
+    def run(self) -> dict:
+        try:
+            return asyncio.run(self._run())
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+
+    def cancel(self) -> None:
+        self._cancel = True
+
+    # -- setup --------------------------------------------------------------------------
+    def _prompt_config(self):
+        cfg = self.spec.prompts.config()
+        cov = self.spec.coverage
+        if cov is not None:  # the coverage loop draws more prompts from the same sampled order
+            from dataclasses import replace
+            cfg = replace(cfg, count=cov.max_prompts)
+        return cfg
+
+    def _stage(self, name: str, t0: float) -> None:
+        self.stats.stage_seconds[name] = self.stats.stage_seconds.get(name, 0.0) + time.time() - t0
+
+    async def _run(self) -> dict:
+        spec = self.spec
+        t0 = time.time()
+        prompts = load_prompts(self._prompt_config())
+        self.prompts = {p.prompt_id: p for p in prompts}
+        self.ledger = Ledger(spec.ledger or ledger_path(spec.store))
+        if "://" not in spec.store:
+            try:
+                await asyncio.to_thread(wait_writers_idle, spec.store, spec.drain_timeout_s)
+            except RuntimeError as e:
+                raise JobError(str(e)) from None
+        recon = self.ledger.reconcile(self.index)
+        done_at_start = {p.prompt_id for p in prompts} & self.ledger.done
+        self.stats.prompts_total = len(prompts) if spec.coverage is None else (spec.prompts.count or len(prompts))
+        self.stats.prompts_skipped = len(done_at_start)
+        self._stage("prompts", t0)
+        self._write_status(reconcile=recon)
+        first = spec.prompts.count if spec.coverage is not None and spec.prompts.count else len(prompts)
+        todo = [p for p in prompts[:first] if p.prompt_id not in self.ledger.done]
+        if not todo and spec.coverage is None:  # a rerun of a finished job: nothing to start
+            return self._finish()
+        t0 = time.time()
+        init_ray(spec.ray_address, spec.replicas, spec.replica_cpus)
+        self._stage("ray", t0)
+        try:
+            t0 = time.time()
+            self.stats.state = "starting replicas"
+            self.replicas = [_Replica(i) for i in range(spec.replicas)]
+            await asyncio.gather(*(self._start(r) for r in self.replicas))
+            self._stage("replicas_start", t0)
+            self.stats.state = "capturing"
+            cursor = first
+            await self._capture(todo)
+            if spec.coverage is not None:
+                while True:
+                    t0 = time.time()
+                    counts = await asyncio.to_thread(self._route_counts)
+                    self._stage("coverage_replay", t0)
+                    low = int(counts.min())
+                    self.stats.coverage = {"min_tokens_per_expert": low, "target": spec.coverage.min_tokens_per_expert,
+                                           "tokens_per_expert": counts.tolist(), "prompts_used": cursor}
+                    self._write_status()
+                    if low >= spec.coverage.min_tokens_per_expert or cursor >= len(prompts):
+                        break
+                    step = spec.prompts.count or 16
+                    more = [p for p in prompts[cursor:cursor + step] if p.prompt_id not in self.ledger.done]
+                    cursor += step
+                    self.stats.prompts_total = min(cursor, len(prompts))
+                    await self._capture(more)
+                self.stats.coverage["reached"] = self.stats.coverage["min_tokens_per_expert"] >= \
+                    spec.coverage.min_tokens_per_expert
+        finally:
+            t0 = time.time()
+            self.stats.state = "stopping"
+            await self._stop_all()
+            self._stage("shutdown", t0)
+        return self._finish()
+
+    def _finish(self) -> dict:
+        spec = self.spec
+        self.index.refresh()
+        self.ledger.mark_done([p for p in self.index.counts if p in self.prompts])
+        self._refresh_counts()
+        dup = self.index.duplicates()
+        self.stats.duplicates = len(dup)
+        self.stats.state = "cancelled" if self._cancel else "done"
+        self._write_status()
+        self.ledger.close()
+        return {**self.stats.as_dict(), "store": spec.store, "ledger": str(self.ledger.path),
+                "answered_per_replica": [r.answered for r in self.replicas],
+                "duplicates_ids": sorted(dup)[:10]}
+
+    # -- replicas -----------------------------------------------------------------------
+    def _actor_cls(self):
+        from .replica import replica_actor
+
+        gpus = self.spec.replica_gpus
+        if gpus is None:
+            import ray
+            gpus = float(self.spec.tensor_parallel) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        return replica_actor(self.spec.replica_cpus, gpus)
+
+    def _replica_spec(self, r: _Replica):
+        from .replica import ReplicaSpec
+
+        s = self.spec
+        log_dir = str(Path(s.store.rstrip("/")).with_name(Path(s.store.rstrip("/")).name + ".logs")) \
+            if "://" not in s.store else ""
+        # One writer group per replica and job run: a server of a killed earlier run may still
+        # hold its group while it shuts down.
+        return ReplicaSpec(model=s.model, store=s.store, writer=f"replica{r.index}-{self.run_tag}", replica=r.index,
+                           tensor_parallel=s.tensor_parallel, max_model_len=s.max_model_len, point=s.point,
+                           extra_args=tuple(s.vllm_args), env=dict(s.env), log_dir=log_dir)
+
+    async def _start(self, r: _Replica) -> None:
+        import ray
+
+        if r.actor is None:
+            r.actor = self._actor_cls().remote(self._replica_spec(r))
+        info = await r.actor.start.remote()
+        r.url, r.pid = info["url"], info["pid"]
+        r.incarnation += 1
+        deadline = time.time() + self.spec.health_timeout_s
+        while True:
+            st = await r.actor.status.remote()
+            if st["healthy"]:
+                break
+            if not st["alive"]:
+                tail = await r.actor.log_tail.remote()
+                raise JobError(f"replica {r.index} exited with code {st['exit']} before becoming healthy; "
+                               f"log tail:\n{tail}")
+            if time.time() > deadline:
+                await r.actor.stop.remote(10)
+                raise JobError(f"replica {r.index} did not become healthy within {self.spec.health_timeout_s:.0f} s "
+                               f"(log: {info['log']})")
+            await asyncio.sleep(1.0)
+        r.up.set()
+        self.stats.replicas_healthy = sum(x.up.is_set() for x in self.replicas)
+        self._write_status()
+        del ray
+
+    async def _stop_all(self) -> None:
+        import ray
+
+        async def stop(r: _Replica):
+            if r.actor is None:
+                return
+            try:
+                await r.actor.stop.remote(60)
+                await r.actor.wait_gone.remote(30)
+            except ray.exceptions.RayActorError:
+                pass
+            ray.kill(r.actor)
+            r.up.clear()
+        await asyncio.gather(*(stop(r) for r in self.replicas))
+        self.stats.replicas_healthy = 0
+
+    async def _recover(self, r: _Replica) -> None:
+        """A replica died: make sure nothing of it can still commit, re-queue its
+        outstanding prompts the store lacks, restart it."""
+        import ray
+
+        r.up.clear()
+        r.recovering = True
+        self.stats.replicas_healthy = sum(x.up.is_set() for x in self.replicas)
+        try:
+            await r.actor.kill.remote()
+            await r.actor.wait_gone.remote(60)
+        except ray.exceptions.RayActorError:  # the actor itself died (node lost): its processes with it
+            r.actor = None
+        self._commit_seen()
+        lost = [p for p in r.outstanding if p not in self.ledger.done]
+        r.outstanding.clear()
+        for p in lost:
+            self._requeue(p, "replica died", count=False)
+        r.recovering = False
+        if r.restarts >= self.spec.max_replica_restarts:
+            r.failed = True
+            if all(x.failed for x in self.replicas):
+                raise JobError(f"every replica failed (restarted {self.spec.max_replica_restarts} times each)")
+            return
+        r.restarts += 1
+        self.stats.replica_restarts += 1
+        await self._start(r)
+
+    async def _monitor(self) -> None:
+        import ray
+
+        while True:
+            await asyncio.sleep(1.0)
+            self._commit_seen()
+            for r in self.replicas:
+                if not r.up.is_set() or r.failed:
+                    continue
+                try:
+                    st = await r.actor.status.remote()
+                    dead = not st["alive"]
+                except ray.exceptions.RayActorError:
+                    dead = True
+                if dead:
+                    r.up.clear()
+                    r.recovering = True
+                    t = asyncio.get_running_loop().create_task(self._recover_logged(r))
+                    self._tasks.add(t)
+                    t.add_done_callback(self._tasks.discard)
+
+    async def _recover_logged(self, r: _Replica) -> None:
+        try:
+            await self._recover(r)
+        except Exception as e:  # noqa: BLE001 — surfaced by the capture loop
+            self._fatal = e
+
+    # -- feeding ------------------------------------------------------------------------
+    def _requeue(self, pid: str, why: str, count: bool = True) -> None:
+        """Send again. Only unknown outcomes count against ``max_attempts``: a refused
+        request or a dead replica ran nothing of the prompt (replica restarts are bounded)."""
+        if count:
+            self.attempts[pid] = self.attempts.get(pid, 0) + 1
+        if self.attempts.get(pid, 0) >= self.spec.max_attempts:
+            self.ledger.mark_failed(pid, f"{why} ({self.attempts[pid]} attempts)")
+            self.stats.prompts_failed += 1
+            return
+        self.stats.prompts_requeued += 1
+        self.queue.put_nowait(self.prompts[pid])
+
+    def _commit_seen(self) -> None:
+        """Ledger what the store has committed since the last look."""
+        fresh = [p for p in self.index.refresh() if p in self.prompts]
+        self.ledger.mark_done(fresh)
+        for r in self.replicas:
+            for p in fresh:
+                r.outstanding.pop(p, None)
+        self._refresh_counts()
+
+    def _refresh_counts(self) -> None:
+        done = sum(1 for p in self.prompts if p in self.ledger.done)
+        if self._bar is not None:
+            self._bar.update(done - self._bar.n)
+        self.stats.prompts_done = done
+        self.stats.rows = self.index.total_rows
+        self.stats.bytes = self.stats.rows * 2 * self._row_width()
+        self.stats.queue_depth = self.queue.qsize() if self.queue is not None else 0
+        self._write_status()
+
+    def _row_width(self) -> int:
+        if not hasattr(self, "_width"):
+            try:
+                from requant.storage import CaptureStore
+                self._width = CaptureStore.open(self.spec.store).meta.row_width
+            except Exception:  # noqa: BLE001 — not created yet
+                return 0
+        return self._width
+
+    async def _worker(self, r: _Replica, session, feed) -> None:
+        from .feeder import chat
+
+        while True:
+            await r.up.wait()
+            p = await self.queue.get()
+            try:
+                if p.prompt_id in self.ledger.done:
+                    continue
+                if r.failed or not r.up.is_set():  # went down while this worker waited: another replica takes it
+                    self.queue.put_nowait(p)
+                    if r.failed:
+                        return
+                    continue
+                r.outstanding[p.prompt_id] = "inflight"
+                out = await chat(session, r.url, p, feed)
+                self.stats.prompts_retried += out.retries > 0
+                if r.outstanding.get(p.prompt_id) != "inflight":
+                    continue  # committed meanwhile, or the replica died and its recovery re-queued it
+                if out.kind == "ok":
+                    r.outstanding[p.prompt_id] = "ok"
+                    r.answered += 1
+                elif out.kind == "uncertain":
+                    r.outstanding[p.prompt_id] = "uncertain"
+                else:
+                    r.outstanding.pop(p.prompt_id, None)
+                    if out.kind == "rejected":
+                        self.ledger.mark_failed(p.prompt_id, out.error)
+                        self.stats.prompts_failed += 1
+                    else:  # refused: nothing ran; the replica is probably dying — the monitor restarts it
+                        self._requeue(p.prompt_id, out.error, count=False)
+            finally:
+                self.queue.task_done()
+
+    async def _capture(self, todo: list[Prompt]) -> None:
+        from .feeder import FeedConfig
+        import aiohttp
+
+        t0 = time.time()
+        self._fatal = None
+        if self.progress and self._bar is None:
+            from tqdm import tqdm
+            self._bar = tqdm(total=self.stats.prompts_total, desc="prompts captured", unit="prompt",
+                             initial=self.stats.prompts_skipped, file=sys.stderr)
+        elif self._bar is not None:
+            self._bar.total = self.stats.prompts_total
+        self.queue = asyncio.Queue()
+        for p in todo:
+            self.queue.put_nowait(p)
+        for r in self.replicas:  # a restart cancelled at the end of the previous pass
+            if not r.up.is_set() and not r.failed:
+                await self._recover(r)
+        s = self.spec
+        feed = FeedConfig(model=s.model, max_tokens=s.prompts.max_tokens, temperature=s.prompts.temperature,
+                          timeout_s=s.request_timeout_s, retries=s.retries)
+        conn = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=conn) as session:
+            workers = [asyncio.create_task(self._worker(r, session, feed))
+                       for r in self.replicas for _ in range(s.concurrency)]
+            monitor = asyncio.create_task(self._monitor())
+            try:
+                while True:
+                    await self._wait_fed()
+                    if await self._drain(session):
+                        break
+            finally:
+                pending = workers + [monitor] + list(self._tasks)  # a replica restart no longer needed
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+        self._stage("capture", t0)
+
+    async def _wait_fed(self) -> None:
+        """Until the queue is empty and no request is in flight (or cancelled / fatal)."""
+        while True:
+            if self._fatal is not None:
+                raise self._fatal
+            if self._cancel:
+                while not self.queue.empty():
+                    self.queue.get_nowait()
+                    self.queue.task_done()
+            busy = any(v == "inflight" for r in self.replicas for v in r.outstanding.values())
+            recovering = any(r.recovering for r in self.replicas)
+            if self.queue.empty() and self.queue._unfinished_tasks == 0 and not busy and not recovering:
+                return
+            await asyncio.sleep(0.3)
+
+    async def _drain(self, session) -> bool:
+        """Wait until every answered prompt is committed; resolve unknown outcomes once
+        their replica is quiet. True when nothing is left to send."""
+        from .feeder import running_requests
+
+        t0 = time.time()
+        deadline = time.time() + self.spec.drain_timeout_s
+        while any(v == "ok" for r in self.replicas for v in r.outstanding.values()):
+            if self._fatal is not None:
+                raise self._fatal
+            if time.time() > deadline:
+                break
+            await asyncio.sleep(0.5)
+            self._commit_seen()
+        for r in self.replicas:
+            if not r.outstanding or not r.up.is_set():
+                continue  # down: its recovery resolves what it had
+            # Quiet replica: no request running or waiting, then the capture thread's idle
+            # commit (~1 s) and a margin — after that the store has all it will get.
+            n = await running_requests(session, r.url)
+            while n not in (0, None) and time.time() < deadline:
+                await asyncio.sleep(0.5)
+                n = await running_requests(session, r.url)
+            if n is None:
+                continue  # unreachable: dying — the monitor's recovery waits until nothing of it can commit
+            await asyncio.sleep(3.0)
+            self._commit_seen()
+            for pid in list(r.outstanding):
+                r.outstanding.pop(pid)
+                if pid not in self.ledger.done:
+                    self._requeue(pid, "no answer and not in the store")
+        self._stage("drain", t0)
+        if self._cancel:
+            return True
+        settled = not any(r.outstanding or r.recovering for r in self.replicas if not r.failed)
+        if not settled:
+            await asyncio.sleep(0.5)
+        return settled and self.queue.empty()
+
+    def _route_counts(self):
+        from requant.quantizer.arch import load_block
+        from requant.quantizer.replay import ReplayConfig, route_counts
+
+        master = self.spec.coverage.master or self.spec.model
+        block = load_block(master)
+        return route_counts(block, [self.spec.store], ReplayConfig())
+
+    # -- status -------------------------------------------------------------------------
+    def _write_status(self, **extra) -> None:
+        if not self.status_file:
+            return
+        d = {**self.stats.as_dict(), **extra,
+             "replicas": [{"index": r.index, "url": r.url, "pid": r.pid, "up": r.up.is_set(),
+                           "restarts": r.restarts, "outstanding": len(r.outstanding), "answered": r.answered}
+                          for r in self.replicas]}
+        tmp = self.status_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(d, f)
+        os.replace(tmp, self.status_file)
+
+
+def run_capture(spec: CaptureSpec, progress: bool = True, status_file: str | None = None) -> dict:
+    return CaptureJob(spec, progress=progress, status_file=status_file).run()

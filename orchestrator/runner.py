@@ -1,0 +1,49 @@
+"""One control-plane job, in its own process: ``python -m requant.orchestrator.runner DIR``.
+
+Reads DIR/spec.json, writes progress to DIR/status.json (capture) and the outcome to
+DIR/result.json ({"ok": bool, "error": str | None, ...}) — what the API reports."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from .api import _parse, _write_json
+
+
+def main(d: str) -> int:
+    d = Path(d)
+    spec = _parse(json.loads((d / "spec.json").read_text()))
+    try:
+        if spec.kind == "capture":
+            from .job import CaptureJob
+
+            job = CaptureJob(spec, progress=False, status_file=str(d / "status.json"))
+            signal.signal(signal.SIGTERM, lambda *_: job.cancel())
+            res = job.run()
+            ok = res["prompts_failed"] == 0 and res["duplicates"] == 0
+            _write_json(d / "result.json", {"ok": ok, "error": None if ok else "prompts failed or duplicated",
+                                            **res})
+        else:
+            from requant.quantizer.stage import run_quantize
+
+            if Path(spec.out).exists() and (Path(spec.out) / "requant-manifest.json").exists():
+                _write_json(d / "result.json", {"ok": True, "error": None, "out": spec.out, "note": "already published"})
+                return 0
+            _write_json(d / "status.json", {"state": "quantizing"})
+            r = run_quantize(spec.job(), progress=False)
+            _write_json(d / "status.json", {"state": "done", "stage_seconds": {
+                k: v for k, v in (r.summary.get("timings") or {}).items() if isinstance(v, (int, float))}})
+            _write_json(d / "result.json", {"ok": True, "error": None, "out": str(r.out), "shard": str(r.shard),
+                                            "manifest": str(r.manifest), "report": str(r.report)})
+    except Exception as e:  # noqa: BLE001 — reported through the API
+        traceback.print_exc()
+        _write_json(d / "result.json", {"ok": False, "error": f"{type(e).__name__}: {e}"})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

