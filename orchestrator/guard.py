@@ -6,6 +6,8 @@ abruptly the engine core can live on as an orphan, still holding the store's wri
 ``PR_SET_PDEATHSIG``) and makes sure nothing of the server outlives it:
   SIGINT           forwarded to the API server (vLLM's clean shutdown), the rest killed after
   SIGTERM / parent death / server exit  → every other process of the group is killed.
+A SIGKILL of the guard itself (Ray reaps an exiting actor's children that way) is covered
+by a watcher in its own session that kills the group once the guard is gone.
 """
 from __future__ import annotations
 
@@ -40,6 +42,23 @@ def kill_others(pgid: int) -> None:
             pass
 
 
+def _alive(pid: int) -> bool:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def watch(guard: int, pgid: int) -> int:
+    """The watcher: its own session, so a SIGKILL that takes the guard (Ray reaps the actor's
+    children) does not take it; once the guard is gone, nothing of its group may live on."""
+    while _alive(guard):
+        time.sleep(0.5)
+    kill_others(pgid)
+    return 0
+
+
 def main(cmd: list[str]) -> int:
     os.setsid()
     try:
@@ -47,6 +66,8 @@ def main(cmd: list[str]) -> int:
     except OSError:
         pass
     pgid = os.getpgid(0)
+    subprocess.Popen([sys.executable, "-m", "requant.orchestrator.guard", "--watch", str(os.getpid()), str(pgid)],
+                     start_new_session=True, stdin=subprocess.DEVNULL)
     child = subprocess.Popen(cmd)
 
     def on_term(*_):
@@ -68,6 +89,8 @@ def main(cmd: list[str]) -> int:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if args[:1] == ["--watch"]:
+        sys.exit(watch(int(args[1]), int(args[2])))
     if args and args[0] == "--":
         args = args[1:]
     sys.exit(main(args))

@@ -168,16 +168,7 @@ class CaptureJob:
         todo = [p for p in prompts[:first] if p.prompt_id not in self.ledger.done]
         if not todo and spec.coverage is None:  # a rerun of a finished job: nothing to start
             return self._finish()
-        t0 = time.time()
-        init_ray(spec.ray_address, spec.replicas, spec.replica_cpus)
-        self._stage("ray", t0)
         try:
-            t0 = time.time()
-            self.stats.state = "starting replicas"
-            self.replicas = [_Replica(i) for i in range(spec.replicas)]
-            await asyncio.gather(*(self._start(r) for r in self.replicas))
-            self._stage("replicas_start", t0)
-            self.stats.state = "capturing"
             cursor = first
             await self._capture(todo)
             if spec.coverage is not None:
@@ -199,11 +190,26 @@ class CaptureJob:
                 self.stats.coverage["reached"] = self.stats.coverage["min_tokens_per_expert"] >= \
                     spec.coverage.min_tokens_per_expert
         finally:
-            t0 = time.time()
-            self.stats.state = "stopping"
-            await self._stop_all()
-            self._stage("shutdown", t0)
+            if self.replicas:
+                t0 = time.time()
+                self.stats.state = "stopping"
+                await self._stop_all()
+                self._stage("shutdown", t0)
         return self._finish()
+
+    async def _start_replicas(self) -> None:
+        """Ray and the servers, on first need (a rerun with nothing to send starts neither)."""
+        spec = self.spec
+        t0 = time.time()
+        init_ray(spec.ray_address, spec.replicas, spec.replica_cpus)
+        self._stage("ray", t0)
+        t0 = time.time()
+        self.stats.state = "starting replicas"
+        self.replicas = [_Replica(i) for i in range(spec.replicas)]
+        await asyncio.gather(*(self._start(r) for r in self.replicas))
+        self._stage("replicas_start", t0)
+        self.stats.state = "capturing"
+        self._write_status()
 
     def _finish(self) -> dict:
         spec = self.spec
@@ -418,6 +424,10 @@ class CaptureJob:
         from .feeder import FeedConfig
         import aiohttp
 
+        if not todo:
+            return
+        if not self.replicas:
+            await self._start_replicas()
         t0 = time.time()
         self._fatal = None
         if self.progress and self._bar is None:

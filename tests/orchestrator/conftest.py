@@ -36,9 +36,9 @@ def job_config(path: Path, **kw) -> Path:
     return path
 
 
-def start_job(config: Path, status: Path, log: Path) -> subprocess.Popen:
+def start_job(config: Path, status: Path, log: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "requant.orchestrator.cli", "capture-job", "--config", str(config),
-                             "--status-file", str(status), "--json", "--no-progress"],
+                             "--status-file", str(status), "--json", "--no-progress", *extra],
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from requant.orchestrator.guard import group_members
 from requant.orchestrator.ledger import Ledger, StoreIndex, prompt_of
 from requant.orchestrator.prompts import PromptConfig, load_prompts
 from requant.storage import CaptureStore, StoreReader
@@ -73,9 +74,9 @@ def test_killed_job_resumes_exactly_once(run_dir, tiny_dsv3, prompts_parquet):
                       "the replica healthy", proc, log)
         assert st["prompts_skipped"] == 16
         server = st["replicas"][0]["pid"]
-        # Let a new prompt commit, then kill everything of the job while it captures the rest.
-        wait_for(lambda: read_status(status).get("prompts_done", 0) >= 17, 200, "a new prompt committed",
-                 proc, log)
+        # Kill everything of the job while it captures (answered requests not committed yet:
+        # the capture thread commits after ~1 s idle).
+        wait_for(lambda: read_status(status)["replicas"][0]["answered"] >= 3, 200, "requests answered", proc, log)
         kill_group(proc.pid)  # the driver and its local Ray cluster, SIGKILL
         proc.wait(30)
     finally:
@@ -88,20 +89,25 @@ def test_killed_job_resumes_exactly_once(run_dir, tiny_dsv3, prompts_parquet):
         assert proc.wait(500) == 0, log3.read_text()[-4000:]
     finally:
         kill_group(proc.pid)
-    wait_for(lambda: not _alive(server), 60, "the first run's server gone")
+    # Nothing of the killed run's server outlived it (the guard's watcher kills its group).
+    wait_for(lambda: not group_members(server), 60, "the first run's server gone")
     res = job_result(log3)
-    assert 17 <= res["prompts_skipped"] < 40, res
+    assert 16 <= res["prompts_skipped"] < 40, res
     want = _expected(prompts_parquet, 40)
     counts = _store_prompt_counts(run_dir / "cap")
     assert set(counts) == want and all(c == 1 for c in counts.values()), {k: v for k, v in counts.items() if v > 1}
     assert Ledger(run_dir / "cap.ledger.jsonl").done == want
     assert CaptureStore.open(run_dir / "cap").verify() == []
-    # a third run has nothing to do and starts no servers
+    # A third run has nothing to send and starts no servers; its coverage check replays the
+    # MTP router (quantize stage's routing) over the store: top-2 of 8 experts per row.
     status4, log4 = run_dir / "status4.json", run_dir / "log4.txt"
-    proc = start_job(cfg, status4, log4)
-    assert proc.wait(120) == 0, log4.read_text()[-3000:]
+    proc = start_job(cfg, status4, log4, "--min-tokens-per-expert", "1", "--max-prompts", "40")
+    assert proc.wait(200) == 0, log4.read_text()[-3000:]
     res = job_result(log4)
     assert res["prompts_skipped"] == 40 and "replicas_start" not in res["stage_seconds"]
+    cov = res["coverage"]
+    rows = CaptureStore.open(run_dir / "cap").info().rows
+    assert cov["reached"] and len(cov["tokens_per_expert"]) == 8 and sum(cov["tokens_per_expert"]) == 2 * rows
 
 
 def _alive(pid: int) -> bool:
