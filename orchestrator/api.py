@@ -287,7 +287,7 @@ def create_app(cfg: ApiConfig):
         try:
             spec = confine(spec, cfg.data_root)
             _check_inputs(spec)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:  # outside the data root, missing input, output exists
             raise HTTPException(400, str(e)) from None
         return mgr.submit(spec)
 

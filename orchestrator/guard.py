@@ -50,6 +50,11 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _default_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def watch(guard: int, pgid: int) -> int:
     """The watcher: its own session, so a SIGKILL that takes the guard (Ray reaps the actor's
     children) does not take it; once the guard is gone, nothing of its group may live on."""
@@ -68,7 +73,9 @@ def main(cmd: list[str]) -> int:
     pgid = os.getpgid(0)
     subprocess.Popen([sys.executable, "-m", "requant.orchestrator.guard", "--watch", str(os.getpid()), str(pgid)],
                      start_new_session=True, stdin=subprocess.DEVNULL)
-    child = subprocess.Popen(cmd)
+    # Ray workers ignore SIGINT, and an ignored signal stays ignored across exec: give vLLM
+    # the default dispositions so it can shut down cleanly.
+    child = subprocess.Popen(cmd, preexec_fn=_default_signals)
 
     def on_term(*_):
         kill_others(pgid)
