@@ -31,9 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Union
 
+from fastapi import Body, Depends, FastAPI, HTTPException, Request
+from fastapi.responses import PlainTextResponse
 from pydantic import Field
 
 from .spec import CaptureSpec, QuantizeSpec, confine
+
+# Module level: FastAPI resolves the (string) annotations of routes in this module's globals.
+Spec = Annotated[Union[CaptureSpec, QuantizeSpec], Field(discriminator="kind")]
 
 TERMINAL = ("done", "failed", "cancelled")
 
@@ -260,8 +265,6 @@ def _collector(mgr: JobManager):
 # -- the app ----------------------------------------------------------------------------------
 
 def create_app(cfg: ApiConfig):
-    from fastapi import Body, Depends, FastAPI, HTTPException, Request
-    from fastapi.responses import PlainTextResponse
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
     mgr = JobManager(cfg)
@@ -275,8 +278,6 @@ def create_app(cfg: ApiConfig):
         scheme, _, token = h.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), cfg.token.encode()):
             raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
-    Spec = Annotated[Union[CaptureSpec, QuantizeSpec], Field(discriminator="kind")]
 
     @app.get("/healthz")
     def healthz():

@@ -80,6 +80,8 @@ def init_ray(address: str | None, replicas: int, replica_cpus: float) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "auto":
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, log_to_driver=False)
@@ -88,6 +90,20 @@ def init_ray(address: str | None, replicas: int, replica_cpus: float) -> None:
             ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise JobError(f"cannot connect to the Ray cluster at {address!r}: {e}") from None
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds on an unreachable cluster (ray.init retries for minutes)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise JobError(f"Ray address {address!r}: expected host:port (or ray://host:port)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise JobError(f"cannot reach the Ray cluster at {address!r}: {e}") from None
 
 
 class CaptureJob:
