@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/requant quantize-demo
+	$(BIN)/requant demo
 
 test: venv
 	$(BIN)/python -m pytest -q
