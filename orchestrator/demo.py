@@ -41,7 +41,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     model = out / f"tiny-{cfg.arch}"
     if not (model / "config.json").exists():
         (make_dsv3 if cfg.arch == "dsv3" else make_dsv4)(model, seed=cfg.seed)
-    data = write_synthetic(out / "prompts.parquet", max(cfg.prompts, 1), seed=cfg.seed)
+    data = write_synthetic(out / "prompts.parquet", max(64, cfg.prompts), seed=cfg.seed)  # a dataset to sample from
     store = out / "capture"
     t["fixture"] = time.time() - t0
     t0 = time.time()

@@ -6,7 +6,9 @@ def table(rows: list[tuple[str, object]], title: str = "") -> str:
     w = max((len(k) for k, _ in rows), default=0)
     lines = [title, "-" * max(len(title), 20)] if title else []
     for k, v in rows:
-        if isinstance(v, float):
+        if isinstance(v, bool) or v is None:
+            v = str(v)
+        elif isinstance(v, float):
             v = f"{v:,.2f}"
         elif isinstance(v, int):
             v = f"{v:,}"
