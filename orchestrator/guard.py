@@ -53,6 +53,7 @@ def _alive(pid: int) -> bool:
 def _default_signals() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 def watch(guard: int, pgid: int) -> int:
@@ -66,6 +67,8 @@ def watch(guard: int, pgid: int) -> int:
 
 def main(cmd: list[str]) -> int:
     os.setsid()
+    # Ray workers ignore (and may block) SIGINT; both are inherited across fork and exec.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
