@@ -155,22 +155,29 @@ def test_capture_and_quantize_jobs_status_metrics_and_restart(api, demo):
             "replica_cpus": 0.5, "concurrency": 2, "env": {"VLLM_CPU_KVCACHE_SPACE": "1",
                                                             "VLLM_CPU_OMP_THREADS_BIND": "nobind"},
             "vllm_args": ["--gpu-memory-utilization", "0.3"],
-            # the demo's prompts (same file, seed, order) plus two more: only those two are sent
-            "prompts": {"source": "demo/prompts.parquet", "count": DEMO_PROMPTS + 2, "max_tokens": 16}}
+            # the demo's prompts (same file, seed, order) plus two more: only those two are sent;
+            # then the coverage loop (an unreachable target) draws two more within its budget
+            "prompts": {"source": "demo/prompts.parquet", "count": DEMO_PROMPTS + 2, "max_tokens": 16},
+            "coverage": {"min_tokens_per_expert": 10 ** 9, "max_prompts": DEMO_PROMPTS + 4}}
     r = api.call("POST", "/jobs", json=spec)
     assert r.status_code == 201, r.text
     jid = r.json()["id"]
     assert r.json()["spec"]["store"] == str(out / "capture")  # resolved under the data root
     j = _wait_job(api, jid, 400)
     assert j["state"] == "done", j
-    assert j["progress"]["prompts_skipped"] == DEMO_PROMPTS and j["progress"]["prompts_done"] == DEMO_PROMPTS + 2
+    n = DEMO_PROMPTS + 4
+    assert j["progress"]["prompts_skipped"] == DEMO_PROMPTS and j["progress"]["prompts_done"] == n
     info = CaptureStore.open(out / "capture").info()
     idx = StoreIndex(str(out / "capture"))
     idx.refresh()
-    assert info.sequences == DEMO_PROMPTS + 2 and all(c == 1 for c in idx.counts.values())
+    assert info.sequences == n and all(c == 1 for c in idx.counts.values())
+    cov = j["progress"]["coverage"]  # replayed through the MTP router: top-2 of 8 experts per row
+    assert cov["reached"] is False and sum(cov["tokens_per_expert"]) == 2 * info.rows
+    assert j["progress"]["replica_restarts"] == 0  # one server for both passes
     m = _metrics(api)
     lab = (("job", jid),)
-    assert m[("requant_prompts_done_total", lab)] == DEMO_PROMPTS + 2
+    assert m[("requant_prompts_done_total", lab)] == n
+    assert m[("requant_expert_tokens_min", lab)] == min(cov["tokens_per_expert"])
     assert m[("requant_rows_captured_total", lab)] == info.rows
     assert m[("requant_bytes_captured_total", lab)] == info.rows * info.meta.row_width * 2
     assert m[("requant_prompts_failed_total", lab)] == 0
