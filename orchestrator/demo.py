@@ -8,7 +8,6 @@ AVX512-BF16), then the same quantize stage.
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +87,3 @@ def quantize_store(model: Path, store: Path, out: Path, progress: bool) -> dict:
                                    out=str(out / f"quantized-{n}"), workers=1, use_ray=False), progress=progress)
     return {"checkpoint": str(res.out), "shard": str(res.shard), "manifest": str(res.manifest),
             "report": str(res.report), "quantize_summary": res.summary, "quantize_seconds": time.time() - t0}
-
-
-def _cpu_count() -> int:
-    return os.cpu_count() or 1

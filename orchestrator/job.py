@@ -261,11 +261,15 @@ class CaptureJob:
         # hold its group while it shuts down.
         return ReplicaSpec(model=s.model, store=s.store, writer=f"replica{r.index}-{self.run_tag}", replica=r.index,
                            tensor_parallel=s.tensor_parallel, max_model_len=s.max_model_len, point=s.point,
-                           extra_args=tuple(s.vllm_args), env=dict(s.env), log_dir=log_dir)
+                           extra_args=tuple(s.vllm_args), env=dict(s.env), log_dir=log_dir,
+                           driver_ip=self._driver_ip())
+
+    @staticmethod
+    def _driver_ip() -> str:
+        import ray.util
+        return ray.util.get_node_ip_address()
 
     async def _start(self, r: _Replica) -> None:
-        import ray
-
         if r.actor is None:
             r.actor = self._actor_cls().remote(self._replica_spec(r))
         info = await r.actor.start.remote()
@@ -288,7 +292,6 @@ class CaptureJob:
         r.up.set()
         self.stats.replicas_healthy = sum(x.up.is_set() for x in self.replicas)
         self._write_status()
-        del ray
 
     async def _stop_all(self) -> None:
         import ray

@@ -30,6 +30,7 @@ class ReplicaSpec:
     extra_args: tuple[str, ...] = ()  # more vLLM server flags
     env: dict = field(default_factory=dict)
     log_dir: str = ""
+    driver_ip: str = ""               # the feeding driver's node: on it, talk over loopback
 
 
 def server_command(spec: ReplicaSpec, port: int) -> list[str]:
@@ -72,7 +73,14 @@ class ReplicaServer:
                                       *server_command(self.spec, port)], env=env, stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
-        host = socket.gethostbyname(socket.gethostname()) if os.environ.get("RAY_ADDRESS") else "127.0.0.1"
+        host = "127.0.0.1"
+        try:  # another node of the cluster: the driver reaches this server at the node's address
+            import ray.util
+            ip = ray.util.get_node_ip_address()
+            if self.spec.driver_ip and ip != self.spec.driver_ip:
+                host = ip
+        except Exception:  # noqa: BLE001 — not inside Ray (tests of the class itself)
+            pass
         self.url = f"http://{host}:{port}"
         return {"url": self.url, "pid": self.proc.pid, "log": self.log_path, "host": socket.gethostname()}
 
