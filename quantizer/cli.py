@@ -20,7 +20,8 @@ def _quantize(args: argparse.Namespace) -> int:
                       workers=args.gpus, use_ray=False if args.no_ray else None, processes=args.processes,
                       act_order=args.act_order,
                       w2_weighting=args.w2_weighting, min_tokens=args.min_tokens, device=args.device,
-                      damp=args.damp, fp8_scale=args.fp8_scale)
+                      damp=args.damp, fp8_scale=args.fp8_scale, max_bytes=int(args.max_memory_gib * (1 << 30)),
+                      max_rows=args.max_rows)
     res = run_quantize(job, progress=not args.quiet)
     print(format_summary(res.summary))
     print(f"shard {res.shard}\nreport {res.report}\nmanifest {res.manifest}")
@@ -28,6 +29,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .limits import MAX_BYTES, MAX_ROWS
+
     q = sub.add_parser("quantize", help="replay capture stores through the MTP layer, GPTQ its routed experts, "
                                         "assemble a checkpoint (base + MTP W4A16 shard), manifest and report")
     q.add_argument("--store", action="append", required=True, help="capture store (repeat for several)")
@@ -47,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--damp", type=float, default=0.01)
     q.add_argument("--fp8-scale", default="auto", choices=["auto", "keep", ".scale", ".weight_scale_inv", ".weight_scale"],
                    help="scale naming of FP8 MTP tensors passed through (auto: the base's convention)")
+    q.add_argument("--max-memory-gib", type=float, default=MAX_BYTES / (1 << 30),
+                   help="host memory for the rows being replayed, per worker (default %(default)g)")
+    q.add_argument("--max-rows", type=int, default=MAX_ROWS,
+                   help="rows per MTP-block call: bounds the replay's device memory (default %(default)d)")
     q.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_quantize)

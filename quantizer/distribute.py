@@ -28,6 +28,7 @@ import torch
 
 from .experts import ExpertQuantConfig, quantize_experts
 from .gptq import GPTQConfig
+from .limits import MAX_BYTES, MAX_ROWS
 from .replay import ReplayConfig, accumulate_hessians
 
 # Test hook: "<marker path>:<slice index>" makes that slice's first attempt kill its process
@@ -78,7 +79,8 @@ class SliceTask:
     stores: list[str]
     replay: str                      # identity | full | both (quantise with full)
     w2_weighting: str = "none"
-    max_bytes: int = 1 << 30
+    max_bytes: int = MAX_BYTES       # replay's host memory bound
+    max_rows: int | None = MAX_ROWS  # rows per block call (device memory)
     device: str | None = None        # None: cuda if visible else cpu
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     batch: int = 4
@@ -139,7 +141,8 @@ def quantize_slice(task: SliceTask, progress: Callable[[str, int], None] | None 
         rows_cb = (lambda n: progress("rows", n)) if progress else None
         mode = "full" if task.replay in ("full", "both") else "identity"
         res = accumulate_hessians(block, task.stores, ReplayConfig(mode=mode, w2_weighting=task.w2_weighting,
-                                                                   max_bytes=task.max_bytes, device=dev),
+                                                                   max_bytes=task.max_bytes, max_rows=task.max_rows,
+                                                                   device=dev),
                                   experts=task.experts, progress=rows_cb)
         secs[f"replay_{mode}"] = res.seconds
         distance: dict[int, tuple[float, float]] = {}
@@ -148,7 +151,8 @@ def quantize_slice(task: SliceTask, progress: Callable[[str, int], None] | None 
             if dev.startswith("cuda"):  # room on the GPU for the second set (DSV4: 21.5 GB each)
                 res.h_in.h, res.h_mid.h = res.h_in.h.cpu(), res.h_mid.h.cpu()
             ident = accumulate_hessians(block, task.stores, ReplayConfig(mode="identity", w2_weighting=task.w2_weighting,
-                                                                         max_bytes=task.max_bytes, device=dev),
+                                                                         max_bytes=task.max_bytes,
+                                                                         max_rows=task.max_rows, device=dev),
                                         experts=task.experts, progress=rows_cb)
             secs["replay_identity"] = ident.seconds
             tokens_identity = ident.tokens_per_expert.tolist()

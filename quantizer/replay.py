@@ -46,6 +46,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .hessian import HessianSet, swiglu_intermediate
+from .limits import MAX_BYTES, MAX_ROWS
 
 MODES = ("identity", "full")
 WEIGHTINGS = ("none", "routing")
@@ -55,9 +56,9 @@ WEIGHTINGS = ("none", "routing")
 class ReplayConfig:
     mode: str = "identity"          # "identity" | "full"
     w2_weighting: str = "none"      # "none" | "routing" (Σ g²·a·aᵀ)
-    max_bytes: int = 1 << 30        # host memory bound for the rows being replayed
+    max_bytes: int = MAX_BYTES      # host memory bound for the rows being replayed
     device: str | None = None       # None: cuda if available else cpu
-    max_rows: int | None = None     # rows per block call (bounds device memory); None: from max_bytes
+    max_rows: int | None = MAX_ROWS  # rows per block call (bounds device memory); None: from max_bytes
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -66,6 +67,8 @@ class ReplayConfig:
             raise ValueError(f"w2_weighting must be one of {WEIGHTINGS}, got {self.w2_weighting!r}")
         if self.max_rows is not None and self.max_rows < 1:
             raise ValueError(f"max_rows must be positive, got {self.max_rows}")
+        if self.max_bytes < 1:
+            raise ValueError(f"max_bytes must be positive, got {self.max_bytes}")
 
 
 @dataclass

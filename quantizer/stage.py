@@ -35,6 +35,7 @@ from .assemble import (AssembleConfig, check_base_matches, fsync_dir, read_base,
                        write_assembly)
 from .distribute import KILL_ENV, SliceTask, gptq_batch_size, plan_slices, run_local, run_processes, run_ray
 from .gptq import GPTQConfig
+from .limits import MAX_BYTES, MAX_ROWS
 from .replay import check_store_matches
 from .report import write_report
 from .weights import _shards
@@ -59,7 +60,8 @@ class QuantizeJob:
     device: str | None = None       # None: cuda if available else cpu
     damp: float = 0.01
     gptq_batch: int | None = None   # experts per GPTQ batch; None: from the device (fixed per run)
-    max_bytes: int = 1 << 30        # replay's host memory bound per worker
+    max_bytes: int = MAX_BYTES      # replay's host memory bound per worker
+    max_rows: int | None = MAX_ROWS  # rows per block call (bounds the replay's device memory)
     fp8_scale: str = "auto"         # FP8 pass-through scale naming: auto | keep | .scale | .weight_scale_inv | .weight_scale
     ray_retries: int = 2            # retries of a lost worker (Ray task, or spawned process)
     durable: bool = True            # fsync the output before publishing it
@@ -264,6 +266,7 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
     embed_from = _embed_source(spec, where, base)
     tasks = [SliceTask(index=g, experts=ex, master=str(master), embed_from=embed_from, stores=list(job.stores),
                        replay=job.replay, w2_weighting=job.w2_weighting, max_bytes=job.max_bytes,
+                       max_rows=job.max_rows,
                        device=None if use_ray or job.processes else device, gptq=gptq, batch=batch,
                        threads=torch.get_num_threads() if device == "cpu" else None,
                        kill_marker=os.environ.get(KILL_ENV) or None)

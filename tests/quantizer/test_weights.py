@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from requant.quantizer.weights import dequant_mxfp4, load_mtp_weights
+from requant.quantizer.weights import dequant_mxfp4, e8m0_to_float, load_mtp_weights
 
 LUT = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
@@ -70,3 +70,30 @@ def test_both_tiny_fixtures(tmp_path):
     assert v4["ffn.experts.7.w2.weight"].shape == (512, 256) and "hc_head_fn" in v4
     v3 = load_mtp_weights(make_dsv3(tmp_path / "v3"))
     assert "eh_proj.weight" in v3 and v3["mlp.experts.0.gate_proj.weight"].shape == (128, 256)
+
+
+def test_e8m0_is_every_power_of_two_exactly():
+    b = torch.arange(255, dtype=torch.uint8)
+    want = [2.0 ** (i - 127) for i in range(255)]
+    assert e8m0_to_float(b).double().tolist() == want
+    assert e8m0_to_float(b.view(torch.float8_e8m0fnu)).double().tolist() == want
+    with pytest.raises(ValueError, match="0xFF"):
+        e8m0_to_float(torch.tensor([255], dtype=torch.uint8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+def test_dequantised_on_the_gpu_equals_the_cpu_bit_for_bit(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    w8 = (torch.randn(256, 384, generator=g) * 3).to(torch.float8_e4m3fn)
+    packed = torch.randint(-128, 128, (256, 192), generator=g, dtype=torch.int8)
+    d = _ckpt(tmp_path, {"mtp.0.attn.wq_a.weight": w8,
+                         "mtp.0.attn.wq_a.scale": torch.randint(0, 255, (2, 3), generator=g, dtype=torch.uint8),
+                         "mtp.0.ffn.experts.0.w1.weight": packed,
+                         "mtp.0.ffn.experts.0.w1.scale": torch.randint(100, 140, (256, 12), generator=g,
+                                                                         dtype=torch.uint8).view(torch.float8_e8m0fnu),
+                         "mtp.0.enorm.weight": torch.randn(4, generator=g).bfloat16()})
+    cpu, gpu = load_mtp_weights(d), load_mtp_weights(d, device="cuda")
+    assert set(cpu) == set(gpu)
+    for k in cpu:
+        assert gpu[k].is_cuda
+        assert torch.equal(cpu[k].view(torch.int16), gpu[k].cpu().view(torch.int16)), k

@@ -100,14 +100,16 @@ def test_two_writers_in_separate_groups_concurrently(tmp_path):
     assert StoreReader([store.path]).rows == 1040
 
 
-def test_reading_under_a_memory_cap_stays_under_it(tmp_path):
+@pytest.mark.parametrize("threads", [2, 16])
+def test_reading_under_a_memory_cap_stays_under_it(tmp_path, threads):
+    # 16 threads' decode buffers alone exceed the 5 MiB cap: fewer chunks decode at once.
     store = CaptureStore.create(str(tmp_path / "m"), StoreMeta(hidden_size=256, hc_mult=4),
                                 Layout(rows_per_chunk=128, chunks_per_shard=4))
     rng = np.random.default_rng(0)
     with store.writer("a") as w:
         for s in range(24):  # incompressible rows: the worst case for decode buffers
             w.append_sequence(s, rng.integers(0, 65536, (128, 1024), dtype=np.uint16), np.arange(128), np.arange(128))
-    reader = StoreReader(store.path, threads=2)
+    reader = StoreReader(store.path, threads=threads)
     for cap in (5 << 20, 12 << 20):
         for it in (lambda: reader.batches(max_bytes=cap), lambda: reader.sequences(max_bytes=cap),
                    lambda: reader.batches(max_bytes=cap, shuffle=True), lambda: reader.batches(max_bytes=cap, prefetch=False),
@@ -118,6 +120,7 @@ def test_reading_under_a_memory_cap_stays_under_it(tmp_path):
             tracemalloc.stop()
             assert n == 24 * 128
             assert peak <= cap, (cap, peak)
+    assert reader._decoders == min(threads, 6)  # prefetch=3 holds 5 batches: (5 MiB − 5 chunks) // 2.2 chunks
     with pytest.raises(ValueError, match="below one chunk"):
         next(reader.batches(max_bytes=1 << 20))
     with pytest.raises(ValueError, match=r"writers/a: sequence 0 has 128 rows; the memory bound allows 100"):
