@@ -53,10 +53,13 @@ def main() -> None:
     llm = LLM(sys.argv[1], enforce_eager=True, dtype="bfloat16", max_model_len=256, enable_prefix_caching=False,
               gpu_memory_utilization=0.1, disable_log_stats=False, **kw)
     outs = llm.generate(list(PROMPTS),
-                        SamplingParams(max_tokens=int(sys.argv[2]), temperature=0, ignore_eos=True))
+                        SamplingParams(max_tokens=int(sys.argv[2]), temperature=0, ignore_eos=True, logprobs=2))
     metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics() if "spec_decode" in m.name}
-    print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs], "metrics": metrics}),
-          flush=True)
+    # top-2 log-probabilities per generated token: [[token, logprob], ...] (ties show up here)
+    top = [[[[int(t), float(lp.logprob)] for t, lp in sorted(step.items(), key=lambda kv: -kv[1].logprob)]
+            for step in o.outputs[0].logprobs] for o in outs]
+    print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs], "metrics": metrics,
+                                  "top": top}), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 is captured by the requant plugin inside vLLM, and the assembled checkpoint (base shards +
 MTP W4A16 shard) is loaded back by vLLM with MTP speculative decoding. vLLM's own
 compressed-tensors loader must decode the packed experts to exactly what compressed-tensors
-decodes (and the tokens must equal the non-speculative run: greedy speculation is lossless)."""
+decodes (and the tokens must equal the non-speculative run — greedy speculation is lossless —
+up to bf16 near-ties: verification runs the target on other batch shapes)."""
 import json
 import os
 import subprocess
@@ -92,7 +93,7 @@ def test_vllm_loads_the_assembled_checkpoint(env, tmp_path):
     dump = tmp_path / "experts.pt"
     result = _vllm(env["out"], "mtp", dump=dump)
     assert result["metrics"]["vllm:spec_decode_num_drafts"] > 0  # the MTP drafter ran
-    assert result["tokens"] == env["captured"]["tokens"]
+    _same_greedy_tokens(env["captured"], result)
     seen = torch.load(dump)
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=4, type="int", symmetric=True,
                                                                              strategy="group", group_size=128))
@@ -108,6 +109,23 @@ def test_vllm_loads_the_assembled_checkpoint(env, tmp_path):
     for e in range(8):
         assert torch.equal(seen["w13"][e], torch.cat([ct(e, "gate_proj"), ct(e, "up_proj")])), e
         assert torch.equal(seen["w2"][e], ct(e, "down_proj")), e
+
+
+TIE = 0.02  # nats: measured divergences sit at gaps of 0.004 (the original MTP layer diverges there too)
+
+
+def _same_greedy_tokens(plain: dict, spec: dict) -> None:
+    """Each prompt's tokens equal the plain run's until a near-tie: at the first difference the
+    plain run ranks the speculative run's token second, within TIE of its own. A wrong target
+    (a broken base shard or index) differs at the first token, by far more."""
+    for i, (a, b) in enumerate(zip(plain["tokens"], spec["tokens"], strict=True)):
+        j = next((k for k in range(len(a)) if a[k] != b[k]), None)
+        if j is None:
+            continue
+        top = dict((t, lp) for t, lp in plain["top"][i][j])
+        assert b[j] in top and top[a[j]] - top[b[j]] < TIE, \
+            (f"prompt {i} diverges at token {j}: plain {a[j]} vs speculative {b[j]}, not a near-tie "
+             f"(plain top-2 {plain['top'][i][j]})")
 
 
 def test_dsv3_worker_count_does_not_change_the_shard(env, tmp_path):
