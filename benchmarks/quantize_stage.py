@@ -72,11 +72,11 @@ def _fp8_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, (exp + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
 
 
-def _mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _mxfp4(w: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Random MXFP4 codes (two per int8, low nibble first) + E8M0 scales per 32 inputs."""
     o, i = w.shape
-    codes = torch.randint(0, 16, (o, i // 2), dtype=torch.uint8, device=w.device) | \
-        (torch.randint(0, 16, (o, i // 2), dtype=torch.uint8, device=w.device) << 4)
+    codes = torch.randint(0, 16, (o, i // 2), generator=g, dtype=torch.uint8, device=w.device) | \
+        (torch.randint(0, 16, (o, i // 2), generator=g, dtype=torch.uint8, device=w.device) << 4)
     scale = torch.full((o, i // 32), 127 - 6, dtype=torch.uint8, device=w.device)
     return codes.view(torch.int8), scale.view(torch.float8_e8m0fnu)
 
@@ -124,7 +124,7 @@ def fake_master(out: Path, c: dict, dev: torch.device, mxfp4: bool, seed: int = 
     for e in range(E):
         for p, (o, i) in (("w1", (I, D)), ("w3", (I, D)), ("w2", (D, I))):
             if mxfp4:
-                t[f"mtp.0.ffn.experts.{e}.{p}.weight"], t[f"mtp.0.ffn.experts.{e}.{p}.scale"] = _mxfp4(lin(o, i))
+                t[f"mtp.0.ffn.experts.{e}.{p}.weight"], t[f"mtp.0.ffn.experts.{e}.{p}.scale"] = _mxfp4(lin(o, i), g)
             else:
                 t[f"mtp.0.ffn.experts.{e}.{p}.weight"] = lin(o, i).bfloat16()
     out.mkdir(parents=True)
@@ -133,13 +133,15 @@ def fake_master(out: Path, c: dict, dev: torch.device, mxfp4: bool, seed: int = 
     return out
 
 
-def fake_base(out: Path, c: dict, dev: torch.device) -> Path:
-    """FAKE base: the target's embedding/head/norms in an indexed shard, a compressed-tensors config."""
+def fake_base(out: Path, c: dict, dev: torch.device, seed: int = 1) -> Path:
+    """FAKE base: the target's embedding/head/norms in an indexed shard, a compressed-tensors config.
+    Seeded like the master and the store: reruns (other processes) must give the same shard."""
     D, V, hc = c["hidden_size"], c["vocab_size"], c["hc_mult"]
-    t = {"embed.weight": (torch.randn(V, D, device=dev) * 0.02).bfloat16(),
-         "head.weight": (torch.randn(V, D, device=dev) * 0.02).bfloat16(),
+    g = torch.Generator(device=dev).manual_seed(seed)
+    t = {"embed.weight": (torch.randn(V, D, generator=g, device=dev) * 0.02).bfloat16(),
+         "head.weight": (torch.randn(V, D, generator=g, device=dev) * 0.02).bfloat16(),
          "norm.weight": torch.ones(D, dtype=torch.bfloat16, device=dev),
-         "hc_head_fn": torch.randn(hc, hc * D, device=dev) * 0.01, "hc_head_base": torch.zeros(hc, device=dev),
+         "hc_head_fn": torch.randn(hc, hc * D, generator=g, device=dev) * 0.01, "hc_head_base": torch.zeros(hc, device=dev),
          "hc_head_scale": torch.ones(1, device=dev)}
     out.mkdir(parents=True)
     write_safetensors(out / "model-00001-of-00001.safetensors", t, durable=False)
@@ -187,7 +189,10 @@ def run(job_kw: dict, out: Path) -> dict:
         for chunk in iter(lambda: f.read(1 << 26), b""):
             sha.update(chunk)
     sl = m["slices"][0]["seconds"]
-    return {"wall_s": wall, "timings": m["timings"], "slice": sl, "summary": m["summary"],
+    dist = m.get("hessian_distance") or {}
+    d_in = sorted(v[0] for v in dist.values() if v[0] == v[0] and v[0] != float("inf"))
+    return {"hessian_distance_h_in_median_max": [d_in[len(d_in) // 2], d_in[-1]] if d_in else None,
+            "wall_s": wall, "timings": m["timings"], "slice": sl, "summary": m["summary"],
             "gptq_batch": m["gptq"]["batch"], "tokens_min_mean_max": [min(m["tokens_per_expert"]),
                                                                      sum(m["tokens_per_expert"]) / len(m["tokens_per_expert"]),
                                                                      max(m["tokens_per_expert"])],
@@ -201,6 +206,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=None, help="store rows (default 473,000; --small 4,096)")
     ap.add_argument("--mxfp4", action="store_true", help="fake master's routed experts in MXFP4 (as upstream)")
     ap.add_argument("--skip-full", action="store_true")
+    ap.add_argument("--both", action="store_true", help="also run --replay both (full + identity, Hessian distance)")
+    ap.add_argument("--full-twice", action="store_true", help="a second full-replay run: is its shard reproducible?")
     ap.add_argument("--gpus", type=int, default=1, help="also run the identity stage on N GPUs, one process each")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir, removed after)")
     ap.add_argument("--out", default=None, help="JSON result path")
@@ -223,6 +230,8 @@ def main() -> None:
         runs = {}
         plan = [("identity_cold", "identity", 1), ("identity", "identity", 1)]
         plan += [] if args.skip_full else [("full", "full", 1)]
+        plan += [("full_again", "full", 1)] if args.full_twice and not args.skip_full else []
+        plan += [("both", "both", 1)] if args.both else []
         plan += [(f"identity_{args.gpus}gpu", "identity", args.gpus)] if args.gpus > 1 else []
         for name, replay, gpus in plan:
             out = scratch / f"out-{name}"
@@ -230,8 +239,9 @@ def main() -> None:
             shutil.rmtree(out)
             r = runs[name]
             print(f"{name:14s} wall {r['wall_s']:6.2f} s  (load {r['slice']['load']:.2f}, "
-                  f"replay {r['slice'].get('replay_' + replay, 0):.2f}, gptq {r['slice']['gptq']:.2f}, "
-                  f"assemble {r['timings']['assemble']:.2f}, hash wait {r['timings']['hash_wait']:.2f}, "
+                  f"replay {sum(v for k, v in r['slice'].items() if k.startswith('replay_')):.2f}, gptq {r['slice']['gptq']:.2f}, "
+                  + "".join(f"{k} {r['slice'][k]:.2f}, " for k in ("park", "distance") if k in r["slice"])
+                  + f"assemble {r['timings']['assemble']:.2f}, hash wait {r['timings']['hash_wait']:.2f}, "
                   f"report {r['timings'].get('report', 0):.2f})", flush=True)
     finally:
         if args.dir is None:
@@ -261,13 +271,21 @@ def main() -> None:
         ratio = runs["full"]["slice"]["replay_full"] / best["slice"]["replay_identity"]
         print(f"replay cost: identity {best['slice']['replay_identity']:.2f} s, full {runs['full']['slice']['replay_full']:.2f} s "
               f"(full/identity {ratio:.2f}×); whole stage with full replay {runs['full']['wall_s']:.2f} s")
+    full_same = None
+    if "full_again" in runs:
+        full_same = runs["full"]["shard_sha256"] == runs["full_again"]["shard_sha256"]
+        print(f"shard bit-identical across the two full-replay runs: {full_same}")
+    if "both" in runs:
+        b = runs["both"]
+        print(f"replay both: whole stage {b['wall_s']:.2f} s; identity-vs-full w1/w3 Hessian distance per expert "
+              f"(median, max) {b['hessian_distance_h_in_median_max']}")
     result = {"benchmark": "quantize_stage", "small": args.small, "rows": n, "mxfp4_master": args.mxfp4,
               "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "python": platform.python_version(), "config": c,
               "anchor_s": SEED_ANCHOR_S, "runs": runs, "whole_stage_s": ours, "target_s": 20.0,
               "full_over_identity_replay": ratio, "setup_s": setup,
               "multi_gpu_speedup": (ours / multi["wall_s"]) if multi else None,
-              "reproducible_runs": same,
+              "reproducible_runs": same, "reproducible_full_runs": full_same,
               "multi_gpu_identical": (multi["shard_sha256"] == best["shard_sha256"]) if multi else None,
               "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if args.out:

@@ -148,18 +148,23 @@ def quantize_slice(task: SliceTask, progress: Callable[[str, int], None] | None 
         distance: dict[int, tuple[float, float]] = {}
         tokens_identity = None
         if task.replay == "both":
-            if dev.startswith("cuda"):  # room on the GPU for the second set (DSV4: 21.5 GB each)
+            t0 = time.perf_counter()
+            if _must_park(res, dev):  # room on the GPU for the second set (DSV4: 21.5 GB each)
                 res.h_in.h, res.h_mid.h = res.h_in.h.cpu(), res.h_mid.h.cpu()
+            secs["park"] = time.perf_counter() - t0
             ident = accumulate_hessians(block, task.stores, ReplayConfig(mode="identity", w2_weighting=task.w2_weighting,
                                                                          max_bytes=task.max_bytes,
                                                                          max_rows=task.max_rows, device=dev),
                                         experts=task.experts, progress=rows_cb)
             secs["replay_identity"] = ident.seconds
             tokens_identity = ident.tokens_per_expert.tolist()
+            t0 = time.perf_counter()
+            # The replay's activations are gone: both sets fit on the GPU again; the distances run there.
+            res.h_in.h, res.h_mid.h = res.h_in.h.to(dev), res.h_mid.h.to(dev)
             d_in, d_mid = _distances(res.h_in, ident.h_in), _distances(res.h_mid, ident.h_mid)
             distance = {e: (float(d_in[i]), float(d_mid[i])) for i, e in enumerate(task.experts)}
             del ident
-            res.h_in.h, res.h_mid.h = res.h_in.h.to(dev), res.h_mid.h.to(dev)
+            secs["distance"] = time.perf_counter() - t0
         _maybe_die(task)
         t0 = time.perf_counter()
         w1, w2, w3, rows = _weights_for_gptq(block, task.experts, dev)
@@ -175,6 +180,24 @@ def quantize_slice(task: SliceTask, progress: Callable[[str, int], None] | None 
                            _device_name(dev), os.getpid())
     finally:
         torch.set_num_threads(threads)
+
+
+# Device memory the identity pass needs besides its Hessians: the block's activations at
+# 16,384 rows per call (DSV4-Flash shapes: ~18 GiB measured) and a margin.
+REPLAY_HEADROOM = 24 << 30
+
+
+def _must_park(res, dev: str) -> bool:
+    """Whether the full-mode Hessians must leave the GPU while the identity pass runs:
+    only when a second set plus the replay's headroom does not fit (an H100 with DSV4's
+    2 × 21.5 GB). An H200 keeps both: the DSV4-Flash stage with replay=both took 45.7 s
+    parking, 26.9 s not."""
+    if not dev.startswith("cuda"):
+        return False
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(torch.device(dev))
+    need = res.h_in.h.numel() * res.h_in.h.element_size() + res.h_mid.h.numel() * res.h_mid.h.element_size()
+    return free < need + REPLAY_HEADROOM
 
 
 def _experts_to_device(block, experts: list[int], dev: str) -> None:
