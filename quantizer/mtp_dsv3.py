@@ -207,8 +207,9 @@ class DSV3Block:
         if embed.shape[-1] != d.hidden:
             raise ValueError(f"embedding width {embed.shape[-1]} != hidden_size {d.hidden}")
         self.embed = embed
+        # stacked where load_block put the weights (the block's device), as DSV4Block does
         self._w = {p: torch.stack([weights[f"mlp.experts.{e}.{name}.weight"] for e in range(d.n_experts)])
-                   .to(torch.bfloat16).cpu()
+                   .to(torch.bfloat16)
                    for p, name in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))}
         # The gate's correction bias is an fp32 parameter in vLLM and DeepSeek's reference.
         self.W = {k: weights[k].to(self.device, torch.float32 if k == "mlp.gate.e_score_correction_bias" else dtype)

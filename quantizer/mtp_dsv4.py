@@ -163,7 +163,8 @@ class DSV4Block:
         if missing:
             raise ValueError(f"DeepSeek-V4 MTP layer incomplete: missing {', '.join(missing[:5])}"
                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-        # Stacked in bf16 (master precision after dequantisation), on the CPU when loaded from a checkpoint.
+        # Stacked in bf16 (master precision after dequantisation), where load_block put the weights
+        # (the block's device).
         self._w = {p: (weights[f"ffn.experts.{p}"] if stacked else
                        torch.stack([weights[f"ffn.experts.{e}.{p}.weight"] for e in range(E)])).to(torch.bfloat16)
                    for p in ("w1", "w2", "w3")}
