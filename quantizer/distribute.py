@@ -136,7 +136,6 @@ def quantize_slice(task: SliceTask, progress: Callable[[str, int], None] | None 
         secs: dict[str, float] = {}
         t0 = time.perf_counter()
         block = load_block(task.master, device=dev, embed_from=task.embed_from)
-        _experts_to_device(block, task.experts, dev)
         secs["load"] = time.perf_counter() - t0
         rows_cb = (lambda n: progress("rows", n)) if progress else None
         mode = "full" if task.replay in ("full", "both") else "identity"
@@ -200,27 +199,18 @@ def _must_park(res, dev: str) -> bool:
     return free < need + REPLAY_HEADROOM
 
 
-def _experts_to_device(block, experts: list[int], dev: str) -> None:
-    """A GPU worker that owns every expert moves the block's stacked master experts to its GPU
-    once, before the replay: the replay then selects w1/w3 on the device and GPTQ reads them
-    there (otherwise 21.5 GB of DSV4 experts cross PCIe twice from pageable memory). Both
-    blocks keep the stacks in ``_w`` (mtp_dsv3 / mtp_dsv4); a block without it is left alone."""
-    stacks = getattr(block, "_w", None)
-    if not dev.startswith("cuda") or not isinstance(stacks, dict) or len(experts) != block.spec.n_experts:
-        return
-    block._w = {p: w.to(dev) for p, w in stacks.items()}
-
-
 def _weights_for_gptq(block, experts: list[int], dev: str):
-    """(w1, w2, w3, rows) for quantize_experts. On a GPU the slice's experts move there once,
-    in bf16, so GPTQ gathers its batches on the device instead of copying each one from
-    pageable host memory (converting there to fp32 first, which doubles the bytes)."""
+    """(w1, w2, w3, rows) for quantize_experts. On a GPU the slice's experts are handed over
+    on the device, in bf16 (load_block put the stacks there), so GPTQ gathers its batches on
+    the device instead of copying each one from pageable host memory (converting there to fp32
+    first, which doubles the bytes)."""
     w1, w2, w3 = block.expert_weights()
     if not dev.startswith("cuda"):
         return w1, w2, w3, None
-    idx = torch.as_tensor(experts)
-    moved = tuple(w.index_select(0, idx).to(dev) if len(experts) < w.shape[0] else w.to(dev) for w in (w1, w2, w3))
-    return (*moved, {e: i for i, e in enumerate(experts)})
+
+    def mine(w: torch.Tensor) -> torch.Tensor:
+        return w if len(experts) == w.shape[0] else w.index_select(0, torch.as_tensor(experts, device=w.device))
+    return (*(mine(w).to(dev) for w in (w1, w2, w3)), {e: i for i, e in enumerate(experts)})
 
 
 def _device_name(dev: str) -> str:
