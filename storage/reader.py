@@ -129,8 +129,8 @@ class StoreReader:
     def _cap(self, s: CaptureStore, max_rows: int | None, max_bytes: int | None, held: int) -> int | None:
         """Rows per batch so that ``held`` batches plus decode buffers fit in ``max_bytes``;
         sets how many chunks decode at once (as many threads as leave room for a whole
-        chunk per held batch — a 1 GiB bound on a 16-core host fits ~10 of DSV4's 32 MiB
-        chunks, not 16)."""
+        chunk per held batch — 512 MiB beside three held batches of DSV4's 32 MiB chunks
+        fits 5 decode threads' buffers, not 16)."""
         cap = max_rows
         if max_bytes is not None:
             chunk = s.layout.rows_per_chunk
