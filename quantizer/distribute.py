@@ -487,7 +487,11 @@ def run_local(task: StageTask, progress: Callable[[str, int], None] | None = Non
     """One worker (all experts, all partitions) in this process."""
     if task.world != 1:
         raise ValueError(f"run_local runs one worker; the task has {task.world} slices")
-    return _drive(_LocalPool(task), task, 0, progress)
+    threads = torch.get_num_threads()  # the worker sets the task's; the caller keeps its own
+    try:
+        return _drive(_LocalPool(task), task, 0, progress)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # -- spawned processes ------------------------------------------------------------------------
