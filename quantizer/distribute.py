@@ -143,6 +143,14 @@ class WorkerResult:
     pid: int
 
 
+@dataclass
+class RunOutcome:
+    results: list[WorkerResult]      # rank order
+    steps: list[dict]                # every replay / reduce step's statistics, per rank
+    walls: dict[str, float]          # driver wall seconds: "replay <split>/<mode>", "reduce …", "gptq"
+    cluster: dict | None = None      # Ray facts
+
+
 class Worker:
     """One rank's state across the phases: its sums while replaying, then its experts'
     fp32 Hessians per phase, then GPTQ. Runs in this process, a spawned one or a Ray actor."""
@@ -233,7 +241,7 @@ class Worker:
         import torch.distributed as dist
 
         if self.dev.startswith("cuda"):
-            torch.cuda.set_device(torch.device(self.dev))
+            torch.cuda.set_device(torch.device(self.dev).index or 0)
         dist.init_process_group("nccl" if self.dev.startswith("cuda") else "gloo", init_method=f"tcp://{addr}:{port}",
                                 rank=self.rank, world_size=self.task.world, timeout=timedelta(minutes=30))
 
@@ -383,10 +391,9 @@ class _LostInCollective(Exception):
     pass
 
 
-def _drive(pool, task: StageTask, max_retries: int, progress: Callable[[str, int], None] | None
-           ) -> tuple[list[WorkerResult], list[dict]]:
+def _drive(pool, task: StageTask, max_retries: int, progress: Callable[[str, int], None] | None) -> RunOutcome:
     """Run the phases and GPTQ on ``pool`` (submit/wait/restart over ranks), replacing lost
-    workers (module docstring). Returns results in rank order and every step's statistics."""
+    workers (module docstring)."""
     lost_count = [0] * task.world
     for attempt in range(max_retries + 1):
         try:
@@ -399,9 +406,10 @@ def _drive(pool, task: StageTask, max_retries: int, progress: Callable[[str, int
     raise AssertionError("unreachable")
 
 
-def _attempt(pool, task: StageTask, lost_count: list[int], max_retries: int, progress) -> tuple[list, list[dict]]:
+def _attempt(pool, task: StageTask, lost_count: list[int], max_retries: int, progress) -> RunOutcome:
     W, plan = task.world, task.plan
     steps: list[dict] = []
+    walls: dict[str, float] = {}
     finished: list[int] = []         # phases whose Hessians sit on their owners
 
     def replaced(r: int) -> None:
@@ -437,6 +445,8 @@ def _attempt(pool, task: StageTask, lost_count: list[int], max_retries: int, pro
 
     for ph, phase in enumerate(task.phases):
         parts = plan.parts(phase.split)
+        name = f"{phase.split}/{phase.mode}"
+        t0 = time.perf_counter()
         if task.parallel == "replicated":  # ranks without experts have nothing to replay
             calls = {r: ("replay", ph, list(range(len(parts))), task.slices[r]) for r in range(W) if task.slices[r]}
         else:
@@ -446,6 +456,8 @@ def _attempt(pool, task: StageTask, lost_count: list[int], max_retries: int, pro
             steps.append(st)
             if progress:
                 progress("rows", st["rows"])
+        walls[f"replay {name}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         if task.parallel == "replicated":
             run_step({r: ("keep", ph) for r in calls})
         else:
@@ -460,9 +472,12 @@ def _attempt(pool, task: StageTask, lost_count: list[int], max_retries: int, pro
                     steps.append(st)
             else:
                 run_step({0: ("keep", ph)})
+        walls[f"reduce {name}"] = time.perf_counter() - t0
         finished.append(ph)
+    t0 = time.perf_counter()
     results = run_step({r: ("quantize",) for r in range(W)})
-    return [results[r] for r in range(W)], steps
+    walls["gptq"] = time.perf_counter() - t0
+    return RunOutcome([results[r] for r in range(W)], steps, walls)
 
 
 class _LocalPool:
@@ -482,8 +497,7 @@ class _LocalPool:
         return {r: self.call(r, *c) for r, c in calls.items()}, []
 
 
-def run_local(task: StageTask, progress: Callable[[str, int], None] | None = None
-              ) -> tuple[list[WorkerResult], list[dict]]:
+def run_local(task: StageTask, progress: Callable[[str, int], None] | None = None) -> RunOutcome:
     """One worker (all experts, all partitions) in this process."""
     if task.world != 1:
         raise ValueError(f"run_local runs one worker; the task has {task.world} slices")
@@ -588,7 +602,7 @@ def _process_main(task: StageTask, rank: int, visible: str | None, cmds, results
 
 
 def run_processes(task: StageTask, gpus: int = 0, max_retries: int = 2,
-                  progress: Callable[[str, int], None] | None = None) -> tuple[list[WorkerResult], list[dict]]:
+                  progress: Callable[[str, int], None] | None = None) -> RunOutcome:
     """One spawned process per worker (no Ray: one host, or where Ray cannot be installed);
     with ``gpus`` ≥ 1, worker r runs alone on GPU r % gpus (CUDA_VISIBLE_DEVICES)."""
     if torch.distributed.is_available() is False:
@@ -680,10 +694,9 @@ class _RayPool:
             self.ray.kill(a, no_restart=True)
 
 
-def run_ray(task: StageTask, max_retries: int = 2, progress: Callable[[str, int], None] | None = None
-            ) -> tuple[list[WorkerResult], list[dict], dict]:
+def run_ray(task: StageTask, max_retries: int = 2, progress: Callable[[str, int], None] | None = None) -> RunOutcome:
     """One Ray actor per worker on the cluster at ``RAY_ADDRESS`` (else a local one started
-    here and shut down after). Returns results in rank order, step statistics, cluster facts."""
+    here and shut down after)."""
     import ray
 
     started = False
@@ -704,10 +717,11 @@ def run_ray(task: StageTask, max_retries: int = 2, progress: Callable[[str, int]
             opts = {"num_cpus": min(1.0, cpus / task.world)}
         pool = _RayPool(task, opts)
         try:
-            results, steps = _drive(pool, task, max_retries, progress)
+            out = _drive(pool, task, max_retries, progress)
         finally:
             pool.close()
-        return results, steps, {"ray": ray.__version__, "gpus": gpus, "address": os.environ.get("RAY_ADDRESS") or "local"}
+        out.cluster = {"ray": ray.__version__, "gpus": gpus, "address": os.environ.get("RAY_ADDRESS") or "local"}
+        return out
     finally:
         if started:
             ray.shutdown()

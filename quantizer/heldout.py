@@ -29,11 +29,13 @@ def tensor_errors(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor, spec: Quan
     return relative_output_error(w, wq, h), relative_output_error(w, wr, h)
 
 
-def written_weights(tensors: dict[str, torch.Tensor], name: str, spec: QuantSpec = QuantSpec()) -> torch.Tensor:
-    """fp32 weights [out, in] a compressed-tensors ``pack-quantized`` tensor decodes to."""
+def written_weights(tensors: dict[str, torch.Tensor], name: str, spec: QuantSpec = QuantSpec(),
+                    device: str | torch.device = "cpu") -> torch.Tensor:
+    """fp32 weights [out, in] a compressed-tensors ``pack-quantized`` tensor holds: its integers
+    × group scales, in fp32 as the in-sample figure dequantises (decoded on ``device``)."""
     out_f, in_f = (int(v) for v in tensors[f"{name}.weight_shape"])
-    q = unpack_int32(tensors[f"{name}.weight_packed"], spec.num_bits)[:, :in_f]
-    return dequantize(q, tensors[f"{name}.weight_scale"].float(), spec)[:out_f]
+    q = unpack_int32(tensors[f"{name}.weight_packed"].to(device), spec.num_bits)[:, :in_f]
+    return dequantize(q, tensors[f"{name}.weight_scale"].to(device).float(), spec)[:out_f]
 
 
 def heldout_records(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, tensors: dict[str, torch.Tensor],
@@ -51,7 +53,7 @@ def heldout_records(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, tensor
         ids = [experts[i] for i in local]
         for proj, stack, hs in (("w1", w1, h_in), ("w3", w3, h_in), ("w2", w2, h_mid)):
             w = torch.stack([stack[r(e)] for e in ids]).to(device).float()
-            wq = torch.stack([written_weights(tensors, name_fn(e, proj), spec) for e in ids]).to(device)
+            wq = torch.stack([written_weights(tensors, name_fn(e, proj), spec, device) for e in ids])
             err_q, err_r = tensor_errors(w, wq, hs.h[local].to(device), spec)
             for j, e in enumerate(ids):
                 q, rt = float(err_q[j]), float(err_r[j])

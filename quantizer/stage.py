@@ -297,18 +297,19 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
                       f"GPTQ batches): they only replay and reduce", stacklevel=2)
     copies = 1 if job.parallel == "data" else task.world
     bars = _Bars(progress, copies * sum(plan.rows(p.split) for p in phases), 3 * spec.n_experts)
-    ray_info = None
     tmp = None
     try:
         t0 = time.perf_counter()
         if use_ray:
-            results, steps, ray_info = run_ray(task, job.ray_retries, bars)
+            run = run_ray(task, job.ray_retries, bars)
         elif not local:
-            results, steps = run_processes(task, torch.cuda.device_count() if device.startswith("cuda") else 0,
-                                           job.ray_retries, bars)
+            run = run_processes(task, torch.cuda.device_count() if device.startswith("cuda") else 0,
+                                job.ray_retries, bars)
         else:
-            results, steps = run_local(task, bars)
+            run = run_local(task, bars)
+        results, steps, ray_info = run.results, run.steps, run.cluster
         timings["hessians_gptq"] = time.perf_counter() - t0
+        timings |= run.walls  # the phases inside it, as the driver saw them
         bars("tensors", 3 * spec.n_experts)
         bars.close()
 
