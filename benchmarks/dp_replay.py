@@ -45,7 +45,7 @@ def one(job: dict, out: Path) -> dict:
     replay = sum(v for k, v in t.items() if k.startswith("replay "))
     reduce = sum(v for k, v in t.items() if k.startswith("reduce "))
     rows = s["rows_calibration"] + s["rows_heldout"]
-    return {"wall_s": wall, "replay_s": replay, "reduce_s": reduce, "gptq_s": t["gptq"],
+    return {"wall_s": wall, "start_s": t["start"], "replay_s": replay, "reduce_s": reduce, "gptq_s": t["gptq"],
             "rows_per_s": rows / replay, "bytes_read_per_worker": s["bytes_read_per_worker"],
             "rows_per_worker": s["rows_per_worker"],
             "bytes_reduced_per_worker": [w["bytes_reduced"] for w in m["workers"]],

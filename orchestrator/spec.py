@@ -82,7 +82,6 @@ class QuantizeSpec(_Strict):
     replay: Literal["identity", "full", "both"] = "identity"
     workers: int = Field(1, ge=1)
     use_ray: bool | None = None
-    parallel: Literal["data", "replicated"] = "data"
     partitions: int | None = Field(None, ge=1)
     holdout: float = Field(0.1, ge=0.0, lt=1.0)
     holdout_seed: int = 0

@@ -18,7 +18,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
     job = QuantizeJob(stores=args.store, master=args.master, base=args.base, out=args.out, replay=args.replay,
                       workers=args.gpus, use_ray=False if args.no_ray else None, processes=args.processes,
-                      parallel=args.parallel, partitions=args.partitions, holdout=args.holdout,
+                      partitions=args.partitions, holdout=args.holdout,
                       holdout_seed=args.holdout_seed, act_order=args.act_order,
                       w2_weighting=args.w2_weighting, min_tokens=args.min_tokens, device=args.device,
                       damp=args.damp, fp8_scale=args.fp8_scale, max_bytes=int(args.max_memory_gib * (1 << 30)),
@@ -45,9 +45,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--no-ray", action="store_true", help="no Ray: one worker in this process (or --processes)")
     q.add_argument("--processes", action="store_true",
                    help="with --no-ray: one spawned process per worker, worker g on GPU g")
-    q.add_argument("--parallel", choices=["data", "replicated"], default="data",
-                   help="data: each worker reads and replays only its partitions, Hessians reduced to the expert "
-                        "owners; replicated: every worker replays every row for its own experts (same shard)")
     q.add_argument("--partitions", type=int, default=None,
                    help="calibration partitions of whole sequences (default: one per 65,536 rows, at most 64); "
                         "fixed per job, not per worker count: more workers than partitions leaves some idle")

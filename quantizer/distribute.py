@@ -167,6 +167,11 @@ class Worker:
         self.seconds: dict[str, float] = {}
 
     # -- replay --------------------------------------------------------------------------
+    def setup(self) -> dict:
+        """Load the block and open the stores (the driver times worker start-up with it)."""
+        self._setup()
+        return {"rank": self.rank, "pid": os.getpid(), "seconds": self.seconds["load"]}
+
     def _setup(self) -> None:
         if self.block is None:
             from requant.storage import StoreReader
@@ -312,7 +317,12 @@ class Worker:
             i_in, i_mid = self.owned[ident[0]]
             d_in, d_mid = _distances(h_in, i_in), _distances(h_mid, i_mid)
             distance = {e: (float(d_in[i]), float(d_mid[i])) for i, e in enumerate(experts)}
+            del self.owned[ident[0]], i_in, i_mid
             self.seconds["distance"] = time.perf_counter() - t0
+        held = [i for i, p in enumerate(task.phases) if p.split == "heldout"]
+        if held and self.dev.startswith("cuda"):  # GPTQ's batch assumes one Hessian set resident
+            for hs in self.owned[held[0]]:
+                hs.h = hs.h.cpu()
         t0 = time.perf_counter()
         w1, w2, w3, rows = _weights_for_gptq(self.block, experts, self.dev)
         cfg = ExpertQuantConfig(gptq=task.gptq, name_fn=self.block.spec.expert_name, batch_size=task.batch,
@@ -322,7 +332,6 @@ class Worker:
             torch.cuda.synchronize()
         self.seconds["gptq"] = time.perf_counter() - t0
         out = [r.as_dict() for r in records]
-        held = [i for i, p in enumerate(task.phases) if p.split == "heldout"]
         if held:
             t0 = time.perf_counter()
             ho_in, ho_mid = self.owned[held[0]]
@@ -443,6 +452,9 @@ def _attempt(pool, task: StageTask, lost_count: list[int], max_retries: int, pro
                 replaced(r)
         return done
 
+    t0 = time.perf_counter()
+    run_step({r: ("setup",) for r in range(W)})
+    walls["start"] = time.perf_counter() - t0  # processes / actors up, block loaded, stores opened
     for ph, phase in enumerate(task.phases):
         parts = plan.parts(phase.split)
         name = f"{phase.split}/{phase.mode}"

@@ -60,7 +60,10 @@ class QuantizeJob:
     workers: int = 1                # workers (GPUs); >1 uses Ray unless use_ray=False
     use_ray: bool | None = None     # None: Ray when workers > 1
     processes: bool = False         # no Ray, workers > 1: one spawned process per worker (GPU g each)
-    parallel: str = "data"          # data: each worker replays its partitions | replicated: every worker all
+    # data: each worker replays its partitions. replicated: every worker replays every row for its
+    # own experts — the same shard, slower at every worker count measured (benchmarks/dp_replay.py,
+    # whose anchor it is); not offered on the CLI or the API
+    parallel: str = "data"
     partitions: int | None = None   # calibration partitions (None: one per 65,536 rows, ≤ 64); not the worker count
     holdout: float = 0.1            # fraction of prompts held out for the quality figures (0: none)
     holdout_seed: int = 0
