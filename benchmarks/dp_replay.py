@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import shutil
 import sys
@@ -109,7 +110,7 @@ def main() -> None:
     result = {"benchmark": "dp_replay", "rows": n, "seqs": args.seqs, "partitions": args.partitions,
               "replay": args.replay, "runner": "ray" if args.ray else "processes", "threads": args.threads,
               "store_bytes": store_bytes, "config": c, "device": platform.processor() or "cpu",
-              "cores": __import__("os").cpu_count(), "torch": torch.__version__, "runs": runs,
+              "cores": os.cpu_count(), "torch": torch.__version__, "runs": runs,
               "shards_identical": same, "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -257,6 +257,8 @@ class Worker:
         import torch.distributed as dist
 
         t0 = time.perf_counter()
+        if ph not in self.sums:
+            raise RuntimeError(f"worker {self.rank} holds no sums of phase {ph} to reduce")
         sums = self.sums.pop(ph)
         owner = {e: r for r, sl in enumerate(self.task.slices) for e in sl}
         nbytes = 0
@@ -478,7 +480,8 @@ def _attempt(pool, task: StageTask, lost_count: list[int], max_retries: int, pro
                 raise RuntimeError(f"{phase.split} partitions folded {folded}, expected each of 0…{len(parts) - 1} "
                                    "exactly once: refusing to reduce a wrong sum")
             if W > 1:
-                addr, port = pool.call(0, "free_port")
+                # from here on a lost worker takes its sums of this phase along: start over
+                addr, port = run_step({0: ("free_port",)}, collective=True)[0]
                 run_step({r: ("init_group", addr, port) for r in range(W)}, collective=True)
                 for st in run_step({r: ("reduce", ph) for r in range(W)}, collective=True).values():
                     steps.append(st)
