@@ -11,9 +11,14 @@ index, a compressed-tensors config) to assemble into.
 Runs ``run_quantize`` (one process, this GPU) with identity replay twice (cold: first CUDA
 and Triton use; warm) and full replay once, and prints each phase against the seed's anchor
 (seed 002: ~3 min Hessians + GPTQ, ~2 min splice into the checkpoint) and the identity vs
-full replay cost ratio. Writes JSON under benchmarks/results/.
+full replay cost ratio. ``--workers N`` adds the stage on N workers (one per GPU: spawned
+processes, or ``--ray`` actors) in ``--parallel`` mode(s) — data-parallel replay with the
+NCCL reduction, replicated replay, or both — with each phase's wall time, store bytes read
+and Hessian bytes reduced per worker, and whether the shard equals the one-GPU one. Writes
+JSON under benchmarks/results/.
 
     python3 benchmarks/quantize_stage.py --out benchmarks/results/quantize_stage_h100.json
+    python3 benchmarks/quantize_stage.py --skip-full --workers 8 --parallel both   # 8 GPUs
     python3 benchmarks/quantize_stage.py --small          # CPU smoke test, seconds
 """
 from __future__ import annotations
@@ -188,11 +193,16 @@ def run(job_kw: dict, out: Path) -> dict:
     with open(res.shard, "rb") as f:  # after the timing: is the shard reproducible?
         for chunk in iter(lambda: f.read(1 << 26), b""):
             sha.update(chunk)
-    sl = m["slices"][0]["seconds"]
+    sl = m["workers"][0]["seconds"]
     dist = m.get("hessian_distance") or {}
     d_in = sorted(v[0] for v in dist.values() if v[0] == v[0] and v[0] != float("inf"))
+    walls = m["timings"]
     return {"hessian_distance_h_in_median_max": [d_in[len(d_in) // 2], d_in[-1]] if d_in else None,
-            "wall_s": wall, "timings": m["timings"], "slice": sl, "summary": m["summary"],
+            "wall_s": wall, "timings": walls, "slice": sl, "summary": m["summary"],
+            "replay_s": sum(v for k, v in walls.items() if k.startswith("replay ")),
+            "reduce_s": sum(v for k, v in walls.items() if k.startswith("reduce ")),
+            "bytes_read_per_worker": m["summary"]["bytes_read_per_worker"],
+            "bytes_reduced_per_worker": [w["bytes_reduced"] for w in m["workers"]],
             "gptq_batch": m["gptq"]["batch"], "tokens_min_mean_max": [min(m["tokens_per_expert"]),
                                                                      sum(m["tokens_per_expert"]) / len(m["tokens_per_expert"]),
                                                                      max(m["tokens_per_expert"])],
@@ -208,7 +218,13 @@ def main() -> None:
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--both", action="store_true", help="also run --replay both (full + identity, Hessian distance)")
     ap.add_argument("--full-twice", action="store_true", help="a second full-replay run: is its shard reproducible?")
-    ap.add_argument("--gpus", type=int, default=1, help="also run the identity stage on N GPUs, one process each")
+    ap.add_argument("--workers", "--gpus", dest="gpus", type=int, default=1,
+                    help="also run the identity stage on N workers (GPUs), one process each")
+    ap.add_argument("--parallel", choices=["data", "replicated", "both"], default="data",
+                    help="replay mode(s) of the N-worker run (both: one run each, same store)")
+    ap.add_argument("--ray", action="store_true", help="the N-worker run on Ray actors instead of processes")
+    ap.add_argument("--partitions", type=int, default=None, help="calibration partitions (default: the stage's)")
+    ap.add_argument("--holdout", type=float, default=0.1, help="held-out prompt fraction (default %(default)g)")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir, removed after)")
     ap.add_argument("--out", default=None, help="JSON result path")
     args = ap.parse_args()
@@ -226,23 +242,28 @@ def main() -> None:
         setup = time.perf_counter() - t
         print(f"setup (not timed): fake master + base + {n:,}-row store in {setup:.1f} s on {dev}", flush=True)
         job = {"stores": [str(scratch / "store")], "master": str(master), "base": str(base), "workers": 1,
-               "use_ray": False}
+               "use_ray": False, "partitions": args.partitions, "holdout": args.holdout}
         runs = {}
-        plan = [("identity_cold", "identity", 1), ("identity", "identity", 1)]
-        plan += [] if args.skip_full else [("full", "full", 1)]
-        plan += [("full_again", "full", 1)] if args.full_twice and not args.skip_full else []
-        plan += [("both", "both", 1)] if args.both else []
-        plan += [(f"identity_{args.gpus}gpu", "identity", args.gpus)] if args.gpus > 1 else []
-        for name, replay, gpus in plan:
+        plan = [("identity_cold", "identity", 1, "data"), ("identity", "identity", 1, "data")]
+        plan += [] if args.skip_full else [("full", "full", 1, "data")]
+        plan += [("full_again", "full", 1, "data")] if args.full_twice and not args.skip_full else []
+        plan += [("both", "both", 1, "data")] if args.both else []
+        if args.gpus > 1:
+            modes = ["data", "replicated"] if args.parallel == "both" else [args.parallel]
+            plan += [(f"identity_{args.gpus}gpu_{m}", "identity", args.gpus, m) for m in modes]
+        for name, replay, gpus, mode in plan:
             out = scratch / f"out-{name}"
-            runs[name] = run({**job, "replay": replay, "workers": gpus, "processes": gpus > 1}, out)
+            multi = {"use_ray": True} if args.ray and gpus > 1 else {"processes": gpus > 1}
+            runs[name] = run({**job, "replay": replay, "workers": gpus, "parallel": mode, **multi}, out)
             shutil.rmtree(out)
             r = runs[name]
-            print(f"{name:14s} wall {r['wall_s']:6.2f} s  (load {r['slice']['load']:.2f}, "
-                  f"replay {sum(v for k, v in r['slice'].items() if k.startswith('replay_')):.2f}, gptq {r['slice']['gptq']:.2f}, "
-                  + "".join(f"{k} {r['slice'][k]:.2f}, " for k in ("park", "distance") if k in r["slice"])
-                  + f"assemble {r['timings']['assemble']:.2f}, hash wait {r['timings']['hash_wait']:.2f}, "
-                  f"report {r['timings'].get('report', 0):.2f})", flush=True)
+            t = r["timings"]
+            print(f"{name:22s} wall {r['wall_s']:6.2f} s  (load {r['slice']['load']:.2f}, replay {r['replay_s']:.2f}, "
+                  f"reduce {r['reduce_s']:.2f}, gptq {t['gptq']:.2f}, "
+                  + "".join(f"{k} {r['slice'][k]:.2f}, " for k in ("distance", "heldout_errors") if k in r["slice"])
+                  + f"assemble {t['assemble']:.2f}, hash wait {t['hash_wait']:.2f}, "
+                  f"report {t.get('report', 0):.2f}; GB read per worker "
+                  f"{[round(b / 1e9, 2) for b in r['bytes_read_per_worker']]})", flush=True)
     finally:
         if args.dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -260,16 +281,16 @@ def main() -> None:
     print(f"| whole stage | **{ours:.2f}** | ~{anchor:.0f} ({anchor / ours:.1f}× ours) |")
     same = runs["identity_cold"]["shard_sha256"] == best["shard_sha256"]
     print(f"shard bit-identical across the two identity runs: {same}")
-    multi = runs.get(f"identity_{args.gpus}gpu")
-    if multi:
-        print(f"shard bit-identical with {args.gpus} processes: {multi['shard_sha256'] == best['shard_sha256']}")
-    if multi:
-        print(f"{args.gpus} GPUs (one process each): whole stage {multi['wall_s']:.2f} s, "
-              f"{ours / multi['wall_s']:.2f}× one GPU (target ≥ 1.8× for 2)")
+    multis = {k: v for k, v in runs.items() if k.startswith(f"identity_{args.gpus}gpu")}
+    for name, multi in multis.items():
+        print(f"{name}: shard bit-identical with one GPU: {multi['shard_sha256'] == best['shard_sha256']}; "
+              f"whole stage {multi['wall_s']:.2f} s, {ours / multi['wall_s']:.2f}× one GPU; replay "
+              f"{multi['replay_s']:.2f} s ({best['replay_s'] / multi['replay_s']:.2f}× one GPU), reduce "
+              f"{multi['reduce_s']:.2f} s for {max(multi['bytes_reduced_per_worker']) / 1e9:.1f} GB per worker")
     ratio = None
     if "full" in runs:
-        ratio = runs["full"]["slice"]["replay_full"] / best["slice"]["replay_identity"]
-        print(f"replay cost: identity {best['slice']['replay_identity']:.2f} s, full {runs['full']['slice']['replay_full']:.2f} s "
+        ratio = runs["full"]["replay_s"] / best["replay_s"]
+        print(f"replay cost: identity {best['replay_s']:.2f} s, full {runs['full']['replay_s']:.2f} s "
               f"(full/identity {ratio:.2f}×); whole stage with full replay {runs['full']['wall_s']:.2f} s")
     full_same = None
     if "full_again" in runs:
@@ -284,9 +305,10 @@ def main() -> None:
               "torch": torch.__version__, "python": platform.python_version(), "config": c,
               "anchor_s": SEED_ANCHOR_S, "runs": runs, "whole_stage_s": ours, "target_s": 20.0,
               "full_over_identity_replay": ratio, "setup_s": setup,
-              "multi_gpu_speedup": (ours / multi["wall_s"]) if multi else None,
+              "multi_gpu_speedup": {k: ours / v["wall_s"] for k, v in multis.items()} or None,
               "reproducible_runs": same, "reproducible_full_runs": full_same,
-              "multi_gpu_identical": (multi["shard_sha256"] == best["shard_sha256"]) if multi else None,
+              "multi_gpu_identical": {k: v["shard_sha256"] == best["shard_sha256"] for k, v in multis.items()} or None,
+              "runner": "ray" if args.ray else "processes", "parallel": args.parallel,
               "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,12 @@ def quantize_store(model: Path, store: Path, out: Path, progress: bool) -> dict:
     n = 0
     while (out / f"quantized-{n}").exists():  # never overwrite an earlier run
         n += 1
+    from requant.storage import CaptureStore
+
+    # 10% of the prompts held out for the report's held-out figures, when there are enough to spare
+    holdout = 0.1 if CaptureStore.open(str(store)).info().sequences >= 5 else 0.0
     res = run_quantize(QuantizeJob(stores=[str(store)], master=str(model), base=str(base),
-                                   out=str(out / f"quantized-{n}"), workers=1, use_ray=False), progress=progress)
+                                   out=str(out / f"quantized-{n}"), workers=1, use_ray=False, holdout=holdout),
+                       progress=progress)
     return {"checkpoint": str(res.out), "shard": str(res.shard), "manifest": str(res.manifest),
             "report": str(res.report), "quantize_summary": res.summary, "quantize_seconds": time.time() - t0}

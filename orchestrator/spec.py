@@ -82,6 +82,9 @@ class QuantizeSpec(_Strict):
     replay: Literal["identity", "full", "both"] = "identity"
     workers: int = Field(1, ge=1)
     use_ray: bool | None = None
+    partitions: int | None = Field(None, ge=1)
+    holdout: float = Field(0.1, ge=0.0, lt=1.0)
+    holdout_seed: int = 0
     act_order: bool = False
     w2_weighting: Literal["none", "routing"] = "none"
     min_tokens: int = Field(64, ge=0)

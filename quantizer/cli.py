@@ -18,7 +18,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
     job = QuantizeJob(stores=args.store, master=args.master, base=args.base, out=args.out, replay=args.replay,
                       workers=args.gpus, use_ray=False if args.no_ray else None, processes=args.processes,
-                      act_order=args.act_order,
+                      partitions=args.partitions, holdout=args.holdout,
+                      holdout_seed=args.holdout_seed, act_order=args.act_order,
                       w2_weighting=args.w2_weighting, min_tokens=args.min_tokens, device=args.device,
                       damp=args.damp, fp8_scale=args.fp8_scale, max_bytes=int(args.max_memory_gib * (1 << 30)),
                       max_rows=args.max_rows)
@@ -40,10 +41,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--replay", choices=["identity", "full", "both"], default="identity",
                    help="identity: attention sub-layer skipped (seed's approximation); full: the real MTP block over "
                         "whole sequences; both: quantise with full, report the Hessian distance")
-    q.add_argument("--gpus", type=int, default=1, help="expert-parallel workers (one GPU each; >1 runs on Ray)")
-    q.add_argument("--no-ray", action="store_true", help="no Ray: run the workers' slices in this process")
+    q.add_argument("--gpus", type=int, default=1, help="workers (one GPU each; >1 runs on Ray)")
+    q.add_argument("--no-ray", action="store_true", help="no Ray: one worker in this process (or --processes)")
     q.add_argument("--processes", action="store_true",
                    help="with --no-ray: one spawned process per worker, worker g on GPU g")
+    q.add_argument("--partitions", type=int, default=None,
+                   help="calibration partitions of whole sequences (default: one per 65,536 rows, at most 64); "
+                        "fixed per job, not per worker count: more workers than partitions leaves some idle")
+    q.add_argument("--holdout", type=float, default=0.1,
+                   help="fraction of prompts held out for the held-out error figures (0: none; default %(default)g)")
+    q.add_argument("--holdout-seed", type=int, default=0, help="seed of the held-out prompt choice")
     q.add_argument("--act-order", action="store_true", help="GPTQ with act-order (lower error, static groups)")
     q.add_argument("--w2-weighting", choices=["none", "routing"], default="none")
     q.add_argument("--min-tokens", type=int, default=64, help="report flags experts with fewer routed tokens")

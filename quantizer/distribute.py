@@ -1,26 +1,40 @@
-"""Expert-parallel Hessians + GPTQ: worker g owns a slice of the routed experts, streams the
-capture stores through the MTP block (``replay.accumulate_hessians(experts=slice)``), keeps
-only its experts' Hessians and runs GPTQ for them on the same device.
+"""Data-parallel replay, exact Hessian reduction, expert-parallel GPTQ.
 
-Bit-identical whatever the number of workers: every worker replays every row in store
-order (routing is computed for all rows, only owned experts' Hessians are kept), and GPTQ
-runs over a fixed *plan* of expert batches — slices are unions of whole batches — so each
-batched factorisation / GEMM sees the same operands whether one process or eight run it.
-On CPU each slice also runs with the same thread count.
+W workers (ranks 0 … W-1). Each owns a contiguous slice of the routed experts made of whole
+GPTQ batches (``plan_slices``) and, in every replay *phase* (a split of the partition plan ×
+a replay mode, ``phases_for``), a contiguous share of that split's partitions
+(``partition.assign``). A worker reads and replays only its partitions, folding each into
+int64 fixed-point sums of all experts' Hessians (``replay.replay_partitions``); the sums are
+then reduced to each chunk's owner with a real collective — ``torch.distributed.reduce``
+(SUM) per GPTQ batch, NCCL on GPUs, gloo on CPUs — and the owner turns its slice back into
+fp32 Hessians. Integer addition is associative, so the reduced sums, and the shard, are the
+same bits for any worker count and any assignment of partitions to workers (on CPUs every
+worker also runs with the same thread count). Memory: one all-expert fp32 partial plus the
+int64 sums (3× an fp32 set: DSV4-Flash 64.5 GB) during replay; the reduce works in place,
+batch by batch.
 
-Ray: one task per slice (``num_gpus=1`` when the cluster has GPUs), retried when its worker
-dies (``max_retries``); a retried slice recomputes the same numbers. Without Ray the same
-``quantize_slice`` runs in this process, slice after slice (``run_local``), or in one spawned
-process per slice, GPU g each (``run_processes``: one host, no Ray installed).
+``parallel="replicated"``: every worker replays every partition but keeps only its own
+experts — no collective; the same bits again. It is also how a replacement catches up.
 
-Replay is replicated, not split: each worker reads every row (its Hessians need all rows
-routed to its experts), so N workers divide the Hessian and GPTQ work, not the store reading.
+Losing a worker (Ray actor or spawned process dying): while replaying, it is replaced and
+its partitions rerun; the replacement first recomputes, alone and for its experts only,
+the phases already reduced (their Hessians lived on the lost worker; held-out, the
+smallest, runs first). Lost inside a collective, the survivors may be blocked in it: all
+workers are stopped and the attempt starts over. Each rank may be lost ``max_retries``
+times. A worker's sums refuse partitions of another plan (``replay.replay_partitions``) and
+the driver checks that each phase's partitions were folded exactly once before reducing.
+
+Runners: ``run_local`` (one worker in this process), ``run_processes`` (one spawned process
+per worker, GPU g each; one host, no Ray) and ``run_ray`` (one Ray actor per worker, on the
+cluster at ``RAY_ADDRESS`` or a local one).
 """
 from __future__ import annotations
 
 import os
+import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -29,11 +43,13 @@ import torch
 from .experts import ExpertQuantConfig, quantize_experts
 from .gptq import GPTQConfig
 from .limits import MAX_BYTES, MAX_ROWS
-from .replay import ReplayConfig, accumulate_hessians
+from .partition import PartitionPlan, assign
 
-# Test hook: "<marker path>:<slice index>" makes that slice's first attempt kill its process
-# (os._exit) after the replay, leaving the marker so the retry runs through.
-KILL_ENV = "REQUANT_TEST_KILL_SLICE"
+# Test hook: "<marker path>:<rank>" makes that rank's first attempt kill its process
+# (os._exit) right after it folded its first calibration partition, leaving the marker so
+# the replacement runs through.
+KILL_ENV = "REQUANT_TEST_KILL_WORKER"
+PARALLEL = ("data", "replicated")
 
 
 def plan_batches(n_experts: int, batch: int) -> list[list[int]]:
@@ -44,15 +60,15 @@ def plan_batches(n_experts: int, batch: int) -> list[list[int]]:
 
 
 def plan_slices(n_experts: int, batch: int, workers: int) -> list[list[int]]:
-    """Contiguous expert slices made of whole batches, as even as the batches allow;
-    never more slices than batches (an idle worker gets nothing)."""
+    """One contiguous expert slice per worker, made of whole batches, as even as the batches
+    allow; workers beyond the number of batches get none (they replay and reduce only)."""
     batches = plan_batches(n_experts, batch)
-    workers = max(1, min(workers, len(batches)))
+    owners = max(1, min(workers, len(batches)))
     out = []
-    for g in range(workers):
-        lo, hi = g * len(batches) // workers, (g + 1) * len(batches) // workers
+    for g in range(owners):
+        lo, hi = g * len(batches) // owners, (g + 1) * len(batches) // owners
         out.append([e for b in batches[lo:hi] for e in b])
-    return out
+    return out + [[] for _ in range(workers - owners)]
 
 
 def gptq_batch_size(n_experts: int, hidden: int, inter: int, device: str) -> int:
@@ -71,36 +87,267 @@ def gptq_batch_size(n_experts: int, hidden: int, inter: int, device: str) -> int
 
 
 @dataclass(frozen=True)
-class SliceTask:
-    index: int
-    experts: list[int]
+class Phase:
+    split: str     # calibration | heldout
+    mode: str      # identity | full
+
+
+def phases_for(replay: str, heldout: bool) -> list[Phase]:
+    """Replay passes in order: held-out first (the cheapest for a replacement to redo), with
+    ``both`` the identity calibration pass, and last the calibration pass GPTQ uses."""
+    mode = "full" if replay in ("full", "both") else "identity"
+    out = [Phase("heldout", mode)] if heldout else []
+    if replay == "both":
+        out.append(Phase("calibration", "identity"))
+    return out + [Phase("calibration", mode)]
+
+
+@dataclass(frozen=True)
+class StageTask:
+    """What every worker of one stage run gets (rank-independent)."""
     master: str
     embed_from: str | None
-    stores: list[str]
-    replay: str                      # identity | full | both (quantise with full)
+    plan: PartitionPlan
+    phases: list[Phase]
+    slices: list[list[int]]          # experts per rank (whole GPTQ batches; empty beyond the batches)
+    batch: int                       # experts per GPTQ batch
+    replay: str = "identity"         # identity | full | both (quantise with full)
+    parallel: str = "data"           # data | replicated
     w2_weighting: str = "none"
     max_bytes: int = MAX_BYTES       # replay's host memory bound
     max_rows: int | None = MAX_ROWS  # rows per block call (device memory)
     device: str | None = None        # None: cuda if visible else cpu
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
-    batch: int = 4
     threads: int | None = None       # CPU: torch threads (same in every worker → same sums)
     kill_marker: str | None = None   # test hook, see KILL_ENV
 
+    def __post_init__(self):
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+
+    @property
+    def world(self) -> int:
+        return len(self.slices)
+
 
 @dataclass
-class SliceResult:
-    index: int
+class WorkerResult:
+    rank: int
     experts: list[int]
     tensors: dict[str, torch.Tensor]           # packed, CPU, keyed by checkpoint name
-    records: list[dict]                        # TensorRecord.as_dict(), expert order
-    tokens: list[int]                          # [n_experts] routed tokens (quantising mode)
-    tokens_identity: list[int] | None          # replay=both: identity routing's counts
+    records: list[dict]                        # TensorRecord.as_dict() (+ held-out fields), expert order
+    tokens: dict[int, list[int]]               # phase → [n_experts] routed tokens (totals)
     distance: dict[int, tuple[float, float]]   # replay=both: expert → (rel. Frobenius h_in, h_mid)
-    rows: int
     seconds: dict[str, float]
     device: str
     pid: int
+
+
+@dataclass
+class RunOutcome:
+    results: list[WorkerResult]      # rank order
+    steps: list[dict]                # every replay / reduce step's statistics, per rank
+    walls: dict[str, float]          # driver wall seconds: "replay <split>/<mode>", "reduce …", "gptq"
+    cluster: dict | None = None      # Ray facts
+
+
+class Worker:
+    """One rank's state across the phases: its sums while replaying, then its experts'
+    fp32 Hessians per phase, then GPTQ. Runs in this process, a spawned one or a Ray actor."""
+
+    def __init__(self, task: StageTask, rank: int):
+        self.task, self.rank = task, rank
+        if task.threads:
+            torch.set_num_threads(task.threads)
+        self.dev = task.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.block = self.reader = None
+        self.sums: dict[int, object] = {}                  # phase → replay.PartitionSums
+        self.owned: dict[int, tuple] = {}                  # phase → (h_in, h_mid) of this rank's experts
+        self.tokens: dict[int, list[int]] = {}
+        self.seconds: dict[str, float] = {}
+
+    # -- replay --------------------------------------------------------------------------
+    def setup(self) -> dict:
+        """Load the block and open the stores (the driver times worker start-up with it)."""
+        self._setup()
+        return {"rank": self.rank, "pid": os.getpid(), "seconds": self.seconds["load"]}
+
+    def _setup(self) -> None:
+        if self.block is None:
+            from requant.storage import StoreReader
+
+            from .arch import load_block
+
+            t0 = time.perf_counter()
+            self.block = load_block(self.task.master, device=self.dev, embed_from=self.task.embed_from)
+            self.reader = StoreReader(list(self.task.plan.stores))
+            self.seconds["load"] = time.perf_counter() - t0
+
+    def _cfg(self, mode: str):
+        from .replay import ReplayConfig
+
+        t = self.task
+        return ReplayConfig(mode=mode, w2_weighting=t.w2_weighting, max_bytes=t.max_bytes, max_rows=t.max_rows,
+                            device=self.dev)
+
+    def replay(self, ph: int, parts: list[int], experts: list[int] | None) -> dict:
+        """Fold partitions ``parts`` of phase ``ph`` into this rank's sums: of all experts
+        (``experts`` None: a data-parallel share) or only of ``experts``."""
+        from .replay import new_sums, replay_partitions
+
+        self._setup()
+        phase = self.task.phases[ph]
+        if ph not in self.sums:
+            self.sums[ph] = new_sums(self.block, self.task.plan, phase.split, phase.mode, experts, self.dev,
+                                     self.task.w2_weighting)
+        before = self.reader.bytes_read
+        kill = self._maybe_die if phase.split == "calibration" else None
+        sums = replay_partitions(self.block, self.reader, self.task.plan, self.sums[ph], parts, self._cfg(phase.mode),
+                                 after_each=kill)
+        self.seconds[f"replay_{phase.split}_{phase.mode}"] = sums.seconds
+        return {"rank": self.rank, "phase": ph, "split": phase.split, "mode": phase.mode, "partitions": list(parts),
+                "rows": sum(self.task.plan.parts(phase.split)[i].rows for i in parts),
+                "bytes_read": self.reader.bytes_read - before, "seconds": sums.seconds, "pid": os.getpid(),
+                "all_experts": experts is None}
+
+    def keep(self, ph: int) -> dict:
+        """Sums of this rank's own experts over all partitions (replicated, or catching up)
+        become its fp32 Hessians of phase ``ph``."""
+        sums = self.sums.pop(ph)
+        self.owned[ph] = (sums.h_in.to_set(), sums.h_mid.to_set())
+        self.tokens[ph] = sums.tokens.tolist()
+        self._park(ph)
+        return {"rank": self.rank, "phase": ph, "partitions": list(sums.partitions)}
+
+    def _maybe_die(self, _partition: int) -> None:
+        if not self.task.kill_marker:
+            return
+        path, _, rank = self.task.kill_marker.rpartition(":")
+        if int(rank) == self.rank and not Path(path).exists():
+            Path(path).write_text(str(os.getpid()))
+            os._exit(17)  # a worker lost mid-replay: no exception, no cleanup
+
+    # -- reduction -----------------------------------------------------------------------
+    def free_port(self) -> tuple[str, int]:
+        """An address and a free port on this worker's host for the process group's rendezvous."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        try:
+            import ray
+
+            addr = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        except ImportError:
+            addr = "127.0.0.1"
+        return addr, port
+
+    def init_group(self, addr: str, port: int) -> None:
+        """Join the process group of all ranks for one reduce: NCCL on GPUs, gloo on CPUs."""
+        import torch.distributed as dist
+
+        if self.dev.startswith("cuda"):
+            torch.cuda.set_device(torch.device(self.dev).index or 0)
+        dist.init_process_group("nccl" if self.dev.startswith("cuda") else "gloo", init_method=f"tcp://{addr}:{port}",
+                                rank=self.rank, world_size=self.task.world, timeout=timedelta(minutes=30))
+
+    def reduce(self, ph: int) -> dict:
+        """Collective: every rank's all-expert sums of phase ``ph`` are summed onto each GPTQ
+        batch's owner (``dist.reduce`` per batch, in place: no second set); the owner keeps
+        its slice as fp32 Hessians. Token counts are all-reduced."""
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        if ph not in self.sums:
+            raise RuntimeError(f"worker {self.rank} holds no sums of phase {ph} to reduce")
+        sums = self.sums.pop(ph)
+        owner = {e: r for r, sl in enumerate(self.task.slices) for e in sl}
+        nbytes = 0
+        for b in plan_batches(len(owner), self.task.batch):
+            e0, e1 = b[0], b[-1] + 1
+            for fp in (sums.h_in, sums.h_mid):
+                chunk = fp.q[e0:e1]
+                dist.reduce(chunk, dst=owner[e0], op=dist.ReduceOp.SUM)
+                nbytes += chunk.numel() * chunk.element_size()
+        tokens = sums.tokens.to(self.dev)
+        dist.all_reduce(tokens, op=dist.ReduceOp.SUM)
+        # no group outlives its reduce: a worker lost while replaying never leaves one
+        # (an NCCL communicator with a dead peer) for the others to tear down
+        dist.destroy_process_group()
+        sums.h_in.count = sums.h_mid.count = tokens.cpu()
+        mine = self.task.slices[self.rank]
+        if mine:  # a rank beyond the GPTQ batches only contributes
+            own = slice(mine[0], mine[-1] + 1)
+            self.owned[ph] = (sums.h_in.to_set(own), sums.h_mid.to_set(own))
+        self.tokens[ph] = tokens.cpu().tolist()
+        del sums
+        self._park(ph)
+        secs = time.perf_counter() - t0
+        self.seconds[f"reduce_{self.task.phases[ph].split}_{self.task.phases[ph].mode}"] = secs
+        return {"rank": self.rank, "phase": ph, "bytes_reduced": nbytes, "seconds": secs}
+
+    def _park(self, ph: int) -> None:
+        """Earlier phases' Hessians go to the host when the GPU lacks room for the next
+        phase's sums (int64, all experts) and partial (fp32) plus the replay's activations."""
+        if not self.dev.startswith("cuda") or ph == len(self.task.phases) - 1 or ph not in self.owned:
+            return
+        spec = self.block.spec
+        need = 12 * spec.n_experts * (spec.hidden ** 2 + spec.moe_inter ** 2) + REPLAY_HEADROOM
+        torch.cuda.empty_cache()
+        free, _ = torch.cuda.mem_get_info(torch.device(self.dev))
+        if free < need:
+            for hs in self.owned[ph]:
+                hs.h = hs.h.cpu()
+
+    # -- GPTQ ----------------------------------------------------------------------------
+    def quantize(self) -> WorkerResult:
+        """GPTQ of this rank's experts from the last phase's Hessians; the identity-vs-full
+        distance (replay=both) and the held-out errors where those phases ran."""
+        from .heldout import heldout_records
+
+        self._setup()
+        task, experts = self.task, self.task.slices[self.rank]
+        if not experts:  # more workers than GPTQ batches: this one only replayed
+            return WorkerResult(self.rank, [], {}, [], self.tokens, {}, dict(self.seconds), _device_name(self.dev),
+                                os.getpid())
+        last = len(task.phases) - 1
+        h_in, h_mid = self.owned[last]
+        h_in.h, h_mid.h = h_in.h.to(self.dev), h_mid.h.to(self.dev)
+        distance: dict[int, tuple[float, float]] = {}
+        ident = [i for i, p in enumerate(task.phases) if p.split == "calibration" and i != last]
+        if ident:
+            t0 = time.perf_counter()
+            i_in, i_mid = self.owned[ident[0]]
+            d_in, d_mid = _distances(h_in, i_in), _distances(h_mid, i_mid)
+            distance = {e: (float(d_in[i]), float(d_mid[i])) for i, e in enumerate(experts)}
+            del self.owned[ident[0]], i_in, i_mid
+            self.seconds["distance"] = time.perf_counter() - t0
+        held = [i for i, p in enumerate(task.phases) if p.split == "heldout"]
+        if held and self.dev.startswith("cuda"):  # GPTQ's batch assumes one Hessian set resident
+            for hs in self.owned[held[0]]:
+                hs.h = hs.h.cpu()
+        t0 = time.perf_counter()
+        w1, w2, w3, rows = _weights_for_gptq(self.block, experts, self.dev)
+        cfg = ExpertQuantConfig(gptq=task.gptq, name_fn=self.block.spec.expert_name, batch_size=task.batch,
+                                device=self.dev)
+        tensors, records = quantize_experts(w1, w2, w3, h_in, h_mid, cfg, rows=rows)
+        if self.dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        self.seconds["gptq"] = time.perf_counter() - t0
+        out = [r.as_dict() for r in records]
+        if held:
+            t0 = time.perf_counter()
+            ho_in, ho_mid = self.owned[held[0]]
+            ho = heldout_records(w1, w2, w3, tensors, ho_in, ho_mid, self.block.spec.expert_name, rows=rows,
+                                 batch=task.batch, device=self.dev, spec=task.gptq.spec)
+            out = [r | ho[(r["expert"], r["proj"])] for r in out]
+            self.seconds["heldout_errors"] = time.perf_counter() - t0
+        return WorkerResult(self.rank, list(experts), tensors, out, self.tokens, distance, dict(self.seconds),
+                            _device_name(self.dev), os.getpid())
+
+
+# Device memory the replay needs besides its Hessians: the block's activations at 16,384
+# rows per call (DSV4-Flash shapes: ~18 GiB measured) and a margin.
+REPLAY_HEADROOM = 24 << 30
 
 
 def _rel_frobenius(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -119,84 +366,8 @@ def _distances(full, ident, chunk: int = 16) -> torch.Tensor:
     time (a full copy of DSV4's input Hessians is 17 GB)."""
     n = len(full.experts)
     return torch.cat([_rel_frobenius(full.mean(list(range(s, min(s + chunk, n)))),
-                                     ident.mean(list(range(s, min(s + chunk, n)))))
+                                     ident.mean(list(range(s, min(s + chunk, n)))).to(full.device))
                       for s in range(0, n, chunk)])
-
-
-def quantize_slice(task: SliceTask, progress: Callable[[str, int], None] | None = None) -> SliceResult:
-    """Replay + Hessians + GPTQ for one slice of experts. ``progress(phase, n)``: rows
-    replayed ("rows") and tensors quantised ("tensors")."""
-    from .arch import load_block
-
-    threads = torch.get_num_threads()
-    if task.threads:
-        torch.set_num_threads(task.threads)
-    try:
-        dev = task.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        secs: dict[str, float] = {}
-        t0 = time.perf_counter()
-        block = load_block(task.master, device=dev, embed_from=task.embed_from)
-        secs["load"] = time.perf_counter() - t0
-        rows_cb = (lambda n: progress("rows", n)) if progress else None
-        mode = "full" if task.replay in ("full", "both") else "identity"
-        res = accumulate_hessians(block, task.stores, ReplayConfig(mode=mode, w2_weighting=task.w2_weighting,
-                                                                   max_bytes=task.max_bytes, max_rows=task.max_rows,
-                                                                   device=dev),
-                                  experts=task.experts, progress=rows_cb)
-        secs[f"replay_{mode}"] = res.seconds
-        distance: dict[int, tuple[float, float]] = {}
-        tokens_identity = None
-        if task.replay == "both":
-            t0 = time.perf_counter()
-            if _must_park(res, dev):  # room on the GPU for the second set (DSV4: 21.5 GB each)
-                res.h_in.h, res.h_mid.h = res.h_in.h.cpu(), res.h_mid.h.cpu()
-            secs["park"] = time.perf_counter() - t0
-            ident = accumulate_hessians(block, task.stores, ReplayConfig(mode="identity", w2_weighting=task.w2_weighting,
-                                                                         max_bytes=task.max_bytes,
-                                                                         max_rows=task.max_rows, device=dev),
-                                        experts=task.experts, progress=rows_cb)
-            secs["replay_identity"] = ident.seconds
-            tokens_identity = ident.tokens_per_expert.tolist()
-            t0 = time.perf_counter()
-            # The replay's activations are gone: both sets fit on the GPU again; the distances run there.
-            res.h_in.h, res.h_mid.h = res.h_in.h.to(dev), res.h_mid.h.to(dev)
-            d_in, d_mid = _distances(res.h_in, ident.h_in), _distances(res.h_mid, ident.h_mid)
-            distance = {e: (float(d_in[i]), float(d_mid[i])) for i, e in enumerate(task.experts)}
-            del ident
-            secs["distance"] = time.perf_counter() - t0
-        _maybe_die(task)
-        t0 = time.perf_counter()
-        w1, w2, w3, rows = _weights_for_gptq(block, task.experts, dev)
-        cfg = ExpertQuantConfig(gptq=task.gptq, name_fn=block.spec.expert_name, batch_size=task.batch, device=dev)
-        tensors, records = quantize_experts(w1, w2, w3, res.h_in, res.h_mid, cfg, rows=rows,
-                                            progress=(lambda n: progress("tensors", n)) if progress else None)
-        del w1, w2, w3
-        if dev.startswith("cuda"):
-            torch.cuda.synchronize()
-        secs["gptq"] = time.perf_counter() - t0
-        return SliceResult(task.index, list(task.experts), tensors, [r.as_dict() for r in records],
-                           res.tokens_per_expert.tolist(), tokens_identity, distance, res.rows, secs,
-                           _device_name(dev), os.getpid())
-    finally:
-        torch.set_num_threads(threads)
-
-
-# Device memory the identity pass needs besides its Hessians: the block's activations at
-# 16,384 rows per call (DSV4-Flash shapes: ~18 GiB measured) and a margin.
-REPLAY_HEADROOM = 24 << 30
-
-
-def _must_park(res, dev: str) -> bool:
-    """Whether the full-mode Hessians must leave the GPU while the identity pass runs:
-    only when a second set plus the replay's headroom does not fit (an H100 with DSV4's
-    2 × 21.5 GB). An H200 keeps both: the DSV4-Flash stage with replay=both took 45.7 s
-    parking, 26.9 s not."""
-    if not dev.startswith("cuda"):
-        return False
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info(torch.device(dev))
-    need = res.h_in.h.numel() * res.h_in.h.element_size() + res.h_mid.h.numel() * res.h_mid.h.element_size()
-    return free < need + REPLAY_HEADROOM
 
 
 def _weights_for_gptq(block, experts: list[int], dev: str):
@@ -219,75 +390,243 @@ def _device_name(dev: str) -> str:
     return "cpu"
 
 
-def _maybe_die(task: SliceTask) -> None:
-    if not task.kill_marker:
-        return
-    path, _, index = task.kill_marker.rpartition(":")
-    if int(index) == task.index and not Path(path).exists():
-        Path(path).write_text(str(os.getpid()))
-        os._exit(17)  # a worker lost mid-run: no exception, no cleanup
+# -- the driver (runner-independent) ------------------------------------------------------------
+
+class WorkerLost(Exception):
+    def __init__(self, ranks: list[int]):
+        super().__init__(f"worker(s) {ranks} lost")
+        self.ranks = ranks
 
 
-def run_local(tasks: list[SliceTask], progress: Callable[[str, int], None] | None = None) -> list[SliceResult]:
-    """All slices in this process, one after the other (same code as a Ray worker)."""
-    return [quantize_slice(t, progress) for t in tasks]
+class _LostInCollective(Exception):
+    pass
 
 
-def run_processes(tasks: list[SliceTask], gpus: int = 0, max_retries: int = 2,
-                  progress: Callable[[str, int], None] | None = None) -> list[SliceResult]:
-    """One spawned process per slice (no Ray: for a single host, and where Ray cannot be
-    installed); with ``gpus`` ≥ 1, slice g runs alone on GPU g % gpus (CUDA_VISIBLE_DEVICES).
-    A process that dies without a result is started again (up to ``max_retries``), as Ray
-    would. Results come back through torch's shared-memory queue, one buffer per slice."""
-    import queue as queue_mod
+def _drive(pool, task: StageTask, max_retries: int, progress: Callable[[str, int], None] | None) -> RunOutcome:
+    """Run the phases and GPTQ on ``pool`` (submit/wait/restart over ranks), replacing lost
+    workers (module docstring)."""
+    lost_count = [0] * task.world
+    for attempt in range(max_retries + 1):
+        try:
+            return _attempt(pool, task, lost_count, max_retries, progress)
+        except _LostInCollective as e:
+            if attempt == max_retries:
+                raise RuntimeError(f"a worker was lost inside a collective {attempt + 1} times; giving up") from e
+            for r in range(task.world):
+                pool.restart(r)
+    raise AssertionError("unreachable")
 
-    import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
-    queue, done = ctx.Queue(), ctx.Event()
+def _attempt(pool, task: StageTask, lost_count: list[int], max_retries: int, progress) -> RunOutcome:
+    W, plan = task.world, task.plan
+    steps: list[dict] = []
+    walls: dict[str, float] = {}
+    finished: list[int] = []         # phases whose Hessians sit on their owners
 
-    def start(t: SliceTask):
-        dev = str(t.index % gpus) if gpus else None
-        p = ctx.Process(target=_process_main, args=(_with(t, device="cuda" if gpus else t.device), dev, queue, done))
-        p.start()
-        return p
-
-    procs = {t.index: start(t) for t in tasks}
-    retries = {t.index: 0 for t in tasks}
-    stale = []
-    results: dict[int, SliceResult] = {}
-    try:
-        while len(results) < len(tasks):
+    def replaced(r: int) -> None:
+        """A new worker for rank r, caught up on the finished phases for its experts alone."""
+        while True:
+            lost_count[r] += 1
+            if lost_count[r] > max_retries:
+                raise RuntimeError(f"worker {r} lost {lost_count[r]} times (limit {max_retries} retries)")
+            pool.restart(r)
             try:
-                index, res, err = queue.get(timeout=2)
-            except queue_mod.Empty:  # nothing yet: restart workers that died without a result
-                for t in tasks:
-                    p = procs[t.index]
-                    if t.index in results or p.exitcode in (None, 0):
-                        continue
-                    if retries[t.index] >= max_retries:
-                        raise RuntimeError(f"slice {t.index} worker died {retries[t.index] + 1} times "
-                                           f"(last exit code {p.exitcode})") from None
-                    retries[t.index] += 1
-                    stale.append(p)
-                    procs[t.index] = start(t)
+                for q in finished if task.slices[r] else []:
+                    parts = list(range(len(plan.parts(task.phases[q].split))))
+                    steps.append(pool.call(r, "replay", q, parts, task.slices[r]) | {"catch_up": True})
+                    pool.call(r, "keep", q)
+                return
+            except WorkerLost:
                 continue
+
+    def run_step(calls: dict[int, tuple], collective: bool = False) -> dict[int, dict]:
+        """Run ``calls`` (rank → (method, *args)) until each succeeded, replacing lost workers."""
+        done: dict[int, dict] = {}
+        todo = dict(calls)
+        while todo:
+            out, lost = pool.run(todo, collective=collective)
+            if lost and collective:
+                raise _LostInCollective(str(lost))
+            done.update(out)
+            for r in out:
+                todo.pop(r)
+            for r in lost:
+                replaced(r)
+        return done
+
+    t0 = time.perf_counter()
+    run_step({r: ("setup",) for r in range(W)})
+    walls["start"] = time.perf_counter() - t0  # processes / actors up, block loaded, stores opened
+    for ph, phase in enumerate(task.phases):
+        parts = plan.parts(phase.split)
+        name = f"{phase.split}/{phase.mode}"
+        t0 = time.perf_counter()
+        if task.parallel == "replicated":  # ranks without experts have nothing to replay
+            calls = {r: ("replay", ph, list(range(len(parts))), task.slices[r]) for r in range(W) if task.slices[r]}
+        else:
+            share = assign(parts, W)
+            calls = {r: ("replay", ph, share[r], None) for r in range(W)}
+        for st in run_step(calls).values():
+            steps.append(st)
+            if progress:
+                progress("rows", st["rows"])
+        walls[f"replay {name}"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if task.parallel == "replicated":
+            run_step({r: ("keep", ph) for r in calls})
+        else:
+            folded = sorted(i for st in steps if st["phase"] == ph and st["all_experts"] for i in st["partitions"])
+            if folded != list(range(len(parts))):
+                raise RuntimeError(f"{phase.split} partitions folded {folded}, expected each of 0…{len(parts) - 1} "
+                                   "exactly once: refusing to reduce a wrong sum")
+            if W > 1:
+                # from here on a lost worker takes its sums of this phase along: start over
+                addr, port = run_step({0: ("free_port",)}, collective=True)[0]
+                run_step({r: ("init_group", addr, port) for r in range(W)}, collective=True)
+                for st in run_step({r: ("reduce", ph) for r in range(W)}, collective=True).values():
+                    steps.append(st)
+            else:
+                run_step({0: ("keep", ph)})
+        walls[f"reduce {name}"] = time.perf_counter() - t0
+        finished.append(ph)
+    t0 = time.perf_counter()
+    results = run_step({r: ("quantize",) for r in range(W)})
+    walls["gptq"] = time.perf_counter() - t0
+    return RunOutcome([results[r] for r in range(W)], steps, walls)
+
+
+class _LocalPool:
+    """One worker in this process (its losses are this process's)."""
+
+    def __init__(self, task: StageTask):
+        self.task = task
+        self.workers = {0: Worker(task, 0)}
+
+    def restart(self, r: int) -> None:
+        self.workers[r] = Worker(self.task, r)
+
+    def call(self, r: int, method: str, *args):
+        return getattr(self.workers[r], method)(*args)
+
+    def run(self, calls: dict, collective: bool = False):
+        return {r: self.call(r, *c) for r, c in calls.items()}, []
+
+
+def run_local(task: StageTask, progress: Callable[[str, int], None] | None = None) -> RunOutcome:
+    """One worker (all experts, all partitions) in this process."""
+    if task.world != 1:
+        raise ValueError(f"run_local runs one worker; the task has {task.world} slices")
+    threads = torch.get_num_threads()  # the worker sets the task's; the caller keeps its own
+    try:
+        return _drive(_LocalPool(task), task, 0, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# -- spawned processes ------------------------------------------------------------------------
+
+class _ProcessPool:
+    """One spawned process per rank (GPU r % gpus each when ``gpus``), commands over a queue,
+    results back through torch's shared-memory queue."""
+
+    def __init__(self, task: StageTask, gpus: int):
+        import torch.multiprocessing as mp
+
+        self.task, self.gpus = task, gpus
+        self.ctx = mp.get_context("spawn")
+        self.results = self.ctx.Queue()
+        self.procs: dict[int, tuple] = {}
+        self.seq = 0
+        for r in range(task.world):
+            self.restart(r)
+
+    def restart(self, r: int) -> None:
+        old = self.procs.get(r)
+        if old is not None:
+            old[0].kill()
+            old[0].join(timeout=30)
+        task = replace(self.task, device="cuda") if self.gpus else self.task
+        cmds = self.ctx.Queue()
+        p = self.ctx.Process(target=_process_main, args=(task, r, str(r % self.gpus) if self.gpus else None, cmds,
+                                                         self.results), daemon=True)
+        p.start()
+        self.procs[r] = (p, cmds)
+
+    def call(self, r: int, method: str, *args):
+        out, lost = self.run({r: (method, *args)})
+        if lost:
+            raise WorkerLost(lost)
+        return out[r]
+
+    def run(self, calls: dict, collective: bool = False) -> tuple[dict, list[int]]:
+        import queue as queue_mod
+
+        pending = {}
+        for r, (method, *args) in calls.items():
+            self.seq += 1
+            pending[self.seq] = r
+            self.procs[r][1].put((self.seq, method, args))
+        done, lost = {}, []
+        while pending:
+            try:
+                r, seq, res, err = self.results.get(timeout=1)
+            except queue_mod.Empty:
+                for seq, r in list(pending.items()):
+                    if not self.procs[r][0].is_alive():
+                        pending.pop(seq)
+                        lost.append(r)
+                        if collective:  # the others may wait for it inside the collective
+                            return done, lost
+                continue
+            if seq not in pending:
+                continue  # an answer from a process since replaced
+            pending.pop(seq)
             if err is not None:
                 raise err
-            results[index] = res
-            if progress:
-                progress("rows", res.rows)
-                progress("tensors", len(res.records))
-        out = [results[t.index] for t in tasks]
-        for r in out:
-            r.tensors = _unflatten(r.tensors)
-        return out
-    finally:
-        done.set()
-        for p in [*procs.values(), *stale]:
+            if isinstance(res, WorkerResult):
+                res.tensors = _unflatten(res.tensors)
+            done[r] = res
+        return done, lost
+
+    def close(self) -> None:
+        for p, cmds in self.procs.values():
+            if p.is_alive():
+                cmds.put(None)
+        for p, _ in self.procs.values():
             p.join(timeout=60)
             if p.is_alive():
                 p.kill()
+
+
+def _process_main(task: StageTask, rank: int, visible: str | None, cmds, results) -> None:
+    if visible is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible  # before CUDA initialises in this process
+    worker = Worker(task, rank)
+    while True:
+        cmd = cmds.get()
+        if cmd is None:
+            return
+        seq, method, args = cmd
+        try:
+            res = getattr(worker, method)(*args)
+            if isinstance(res, WorkerResult):
+                res.tensors = _flatten(res.tensors)  # one shared-memory buffer, not thousands of fds
+            results.put((rank, seq, res, None))
+        except Exception as e:  # an input error: hand it to the parent as such
+            results.put((rank, seq, None, e))
+
+
+def run_processes(task: StageTask, gpus: int = 0, max_retries: int = 2,
+                  progress: Callable[[str, int], None] | None = None) -> RunOutcome:
+    """One spawned process per worker (no Ray: one host, or where Ray cannot be installed);
+    with ``gpus`` ≥ 1, worker r runs alone on GPU r % gpus (CUDA_VISIBLE_DEVICES)."""
+    if torch.distributed.is_available() is False:
+        raise RuntimeError("torch.distributed is not available in this torch build")
+    pool = _ProcessPool(task, gpus)
+    try:
+        return _drive(pool, task, max_retries, progress)
+    finally:
+        pool.close()
 
 
 def _flatten(tensors: dict[str, torch.Tensor]) -> dict:
@@ -305,22 +644,74 @@ def _unflatten(flat: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def _process_main(task: SliceTask, visible: str | None, queue, done) -> None:
-    if visible is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible  # before CUDA initialises in this process
-    try:
-        res = quantize_slice(task)
-        res.tensors = _flatten(res.tensors)  # one shared-memory buffer, not thousands of fds
-        queue.put((task.index, res, None))
-    except Exception as e:  # an input error: hand it to the parent as such
-        queue.put((task.index, None, e))
-    done.wait()
+# -- Ray ----------------------------------------------------------------------------------------
+
+class _RayWorker(Worker):
+    """The Ray actor: results leave as numpy (the object store takes it without a pickled copy)."""
+
+    def quantize(self) -> WorkerResult:
+        res = super().quantize()
+        flat = _flatten(res.tensors)
+        flat["data"] = flat["data"].numpy()
+        res.tensors = flat
+        return res
 
 
-def run_ray(tasks: list[SliceTask], max_retries: int = 2,
-            progress: Callable[[str, int], None] | None = None) -> tuple[list[SliceResult], dict]:
-    """One Ray task per slice on the cluster at ``RAY_ADDRESS`` (else a local one started
-    here and shut down after). Returns results in slice order and cluster facts."""
+class _RayPool:
+    """One Ray actor per rank (``max_restarts=0``: an actor Ray restarted would come back
+    empty, so the driver replaces lost ones itself)."""
+
+    def __init__(self, task: StageTask, opts: dict):
+        import ray
+
+        self.ray, self.task = ray, task
+        self.cls = ray.remote(max_restarts=0, max_task_retries=0, **opts)(_RayWorker)
+        self.actors: dict[int, object] = {}
+        for r in range(task.world):
+            self.restart(r)
+
+    def restart(self, r: int) -> None:
+        if r in self.actors:
+            self.ray.kill(self.actors[r], no_restart=True)
+        self.actors[r] = self.cls.remote(self.task, r)
+
+    def call(self, r: int, method: str, *args):
+        out, lost = self.run({r: (method, *args)})
+        if lost:
+            raise WorkerLost(lost)
+        return out[r]
+
+    def run(self, calls: dict, collective: bool = False) -> tuple[dict, list[int]]:
+        ray = self.ray
+        refs = {getattr(self.actors[r], m).remote(*a): r for r, (m, *a) in calls.items()}
+        done, lost = {}, []
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            r = refs.pop(ready[0])
+            try:
+                res = ray.get(ready[0])
+            except ray.exceptions.RayActorError:
+                lost.append(r)
+                if collective:  # the others may wait for it inside the collective
+                    return done, lost
+                continue
+            except ray.exceptions.RayTaskError as e:  # an input error inside a worker: raise it as such
+                cause = getattr(e, "cause", None)
+                raise (cause if isinstance(cause, Exception) else e) from None
+            if isinstance(res, WorkerResult):  # out of the (read-only) object store into our memory
+                res.tensors = _unflatten({"meta": res.tensors["meta"],
+                                          "data": torch.from_numpy(res.tensors["data"].copy())})
+            done[r] = res
+        return done, lost
+
+    def close(self) -> None:
+        for a in self.actors.values():
+            self.ray.kill(a, no_restart=True)
+
+
+def run_ray(task: StageTask, max_retries: int = 2, progress: Callable[[str, int], None] | None = None) -> RunOutcome:
+    """One Ray actor per worker on the cluster at ``RAY_ADDRESS`` (else a local one started
+    here and shut down after)."""
     import ray
 
     started = False
@@ -329,38 +720,23 @@ def run_ray(tasks: list[SliceTask], max_retries: int = 2,
                  log_to_driver=False, ignore_reinit_error=True)
         started = True
     try:
-        gpus = ray.cluster_resources().get("GPU", 0)
-        opts = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1}
-        remote = ray.remote(max_retries=max_retries, **opts)(_ray_slice)
-        if gpus >= 1:  # the worker sees its one GPU as cuda:0 (Ray sets CUDA_VISIBLE_DEVICES)
-            tasks = [_with(t, device="cuda") for t in tasks]
-        refs = [remote.remote(t) for t in tasks]
+        res = ray.cluster_resources()
+        gpus, cpus = res.get("GPU", 0), res.get("CPU", 1)
+        if gpus >= 1:  # the actor sees its one GPU as cuda:0 (Ray sets CUDA_VISIBLE_DEVICES)
+            if task.world > gpus:
+                raise ValueError(f"{task.world} workers need {task.world} GPUs at once (they reduce together); "
+                                 f"the Ray cluster has {gpus:g}")
+            opts = {"num_gpus": 1}
+            task = replace(task, device="cuda")
+        else:  # all actors must be up at once: share the CPUs rather than queue
+            opts = {"num_cpus": min(1.0, cpus / task.world)}
+        pool = _RayPool(task, opts)
         try:
-            results = ray.get(refs)
-            for r in results:  # out of the (read-only) object store into our own memory
-                r.tensors = _unflatten({"meta": r.tensors["meta"], "data": torch.from_numpy(r.tensors["data"].copy())})
-        except ray.exceptions.RayTaskError as e:  # an input error inside a worker: raise it as such
-            cause = getattr(e, "cause", None)
-            raise (cause if isinstance(cause, Exception) else e) from None
-        if progress:
-            for r in results:
-                progress("rows", r.rows)
-                progress("tensors", len(r.records))
-        return results, {"ray": ray.__version__, "gpus": gpus, "address": os.environ.get("RAY_ADDRESS") or "local"}
+            out = _drive(pool, task, max_retries, progress)
+        finally:
+            pool.close()
+        out.cluster = {"ray": ray.__version__, "gpus": gpus, "address": os.environ.get("RAY_ADDRESS") or "local"}
+        return out
     finally:
         if started:
             ray.shutdown()
-
-
-def _ray_slice(task: SliceTask) -> SliceResult:
-    res = quantize_slice(task)
-    flat = _flatten(res.tensors)
-    flat["data"] = flat["data"].numpy()  # Ray's object store takes numpy without pickling a copy
-    res.tensors = flat
-    return res
-
-
-def _with(task: SliceTask, **changes) -> SliceTask:
-    from dataclasses import replace
-
-    return replace(task, **changes)

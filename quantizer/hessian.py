@@ -8,6 +8,8 @@ triangle (``hessian_triton``); the inputs are bf16 already, so this is exact up 
 summation order. Elsewhere: one fp32 GEMM per expert segment (no loop over tokens).
 
 Partial sets from several workers merge by addition and round-trip through safetensors.
+``FixedPointSum`` adds partial sets exactly (int64 fixed point), so a sum over partitions
+is the same bits whatever the grouping — any worker count, any collective's order.
 """
 from __future__ import annotations
 
@@ -142,3 +144,75 @@ class HessianSet:
         hs.h = t["h"].to(device)
         hs.count = t["count"]
         return hs
+
+
+# Fixed-point partial sums: fp32 addition is not associative, integer addition is. Each
+# partial set is rounded once onto a per-expert grid of 2^-shift and added as int64, so the
+# total depends only on which partials were added, not on their grouping or order. The grid
+# comes from an a-priori bound on one row's contribution to any entry (``replay.row_bounds``)
+# times the rows that can contribute: the whole sum stays below 2^61 and cannot overflow.
+# Its step (bound·rows/2^61) sits ~40 bits below the typical entry, far under the fp32
+# rounding each partial already carries.
+FIXED_POINT_BITS = 61
+
+
+def fixed_point_shift(row_bound: torch.Tensor, rows: int) -> torch.Tensor:
+    """Per-expert exponents s with rows · row_bound · 2^s ≤ 2^61 (int64 [E])."""
+    bound = row_bound.double().clamp(min=1e-300) * max(rows, 1)
+    return (FIXED_POINT_BITS - torch.ceil(torch.log2(bound))).long()
+
+
+class FixedPointSum:
+    """Σ of ``HessianSet`` partials over experts ``experts`` as int64 multiples of 2^-shift[e].
+
+    ``add_(hs, rows)`` folds one partial built from ``rows`` store rows (checked against the
+    bound: a violation is an error, never a wrapped integer); ``q`` and ``count`` are what
+    workers sum with a collective (integer SUM: any order gives the same bits);
+    ``to_set(index)`` gives fp32 Hessians back. ``chunk`` experts are converted at a time,
+    which bounds the temporary memory."""
+
+    def __init__(self, num_experts: int, dim: int, shift: torch.Tensor, row_bound: torch.Tensor,
+                 device: str | torch.device = "cpu", experts: torch.Tensor | None = None, chunk: int = 16):
+        self.experts = torch.arange(num_experts) if experts is None else experts.cpu().long()
+        self.num_experts, self.dim, self.chunk = num_experts, dim, chunk
+        self.shift = shift.cpu().long()[self.experts]
+        self.row_bound = row_bound.cpu().double()[self.experts]
+        self.q = torch.zeros(len(self.experts), dim, dim, dtype=torch.int64, device=device)
+        self.count = torch.zeros(len(self.experts), dtype=torch.int64)
+
+    def _scale(self, sl: slice, sign: int, device) -> torch.Tensor:
+        exps = sign * self.shift[sl]
+        return torch.ldexp(torch.ones(len(exps), dtype=torch.float64), exps).to(device)[:, None, None]
+
+    def add_(self, hs: HessianSet, rows: int) -> "FixedPointSum":
+        if not torch.equal(hs.experts, self.experts) or hs.dim != self.dim:
+            raise ValueError("partial Hessians cover other experts or dimensions than the sum")
+        for e0 in range(0, len(self.experts), self.chunk):
+            sl = slice(e0, min(e0 + self.chunk, len(self.experts)))
+            h = hs.h[sl].to(self.q.device)
+            limit = (self.row_bound[sl] * rows).to(h.device)
+            peak = h.abs().amax((1, 2)).double()
+            if not bool(torch.isfinite(peak).all()):
+                raise ValueError("non-finite partial Hessian (non-finite activations in the replay)")
+            if bool((peak > limit).any()):
+                e = int(self.experts[sl][int((peak / limit.clamp(min=1e-300)).argmax())])
+                raise RuntimeError(f"expert {e}: a Hessian entry exceeds the fixed-point bound of {rows} rows "
+                                   "(the per-row bound is wrong for this block)")
+            scale = self._scale(sl, 1, h.device).float()  # powers of two: h·2^s is exact in fp32
+            self.q[sl] += torch.round(h * scale).long()
+        self.count += hs.count.cpu()
+        return self
+
+    def to_set(self, index: slice | None = None, device: str | torch.device | None = None) -> HessianSet:
+        """fp32 Hessians of local experts ``index`` (default all), on ``device``."""
+        index = index or slice(0, len(self.experts))
+        ids = self.experts[index]
+        out = HessianSet(self.num_experts, self.dim, device="meta", experts=ids)
+        dev = torch.device(device) if device is not None else self.q.device
+        out.h = torch.empty(len(ids), self.dim, self.dim, dtype=torch.float32, device=dev)
+        for e0 in range(0, len(ids), self.chunk):
+            sl = slice(index.start + e0, index.start + min(e0 + self.chunk, len(ids)))
+            q = self.q[sl]
+            out.h[e0:e0 + q.shape[0]] = (q.double() * self._scale(sl, -1, q.device)).float().to(dev)
+        out.count = self.count[index].clone()
+        return out

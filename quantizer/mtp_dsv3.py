@@ -229,6 +229,15 @@ class DSV3Block:
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._w["w1"], self._w["w2"], self._w["w3"]
 
+    def moe_input_bound(self) -> float:
+        """An upper bound of ‖X‖² for every MoE input row: X = RMSNorm(·)·γ has ‖X‖² ≤ H·max γ²
+        (+5% for the bf16 rounding of X)."""
+        return 1.05 * self.dims.hidden * float(self.W["post_attention_layernorm.weight"].float().abs().max()) ** 2
+
+    def routing_weight_bound(self) -> float:
+        """The largest routing weight: sigmoid/softmax scores ≤ 1, normalised or not, × routed scaling."""
+        return abs(self.dims.routed_scale)
+
     def moe_inputs(self, hidden: torch.Tensor, next_token: torch.Tensor, position: torch.Tensor, mode: str,
                    seq_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         d = self.dims

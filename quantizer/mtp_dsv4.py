@@ -188,6 +188,21 @@ class DSV4Block:
     def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._w["w1"], self._w["w2"], self._w["w3"]
 
+    def moe_input_bound(self) -> float:
+        """An upper bound of ‖X‖² for every MoE input row: X = RMSNorm(·)·γ has ‖X‖² ≤ D·max γ²
+        (+5% for the bf16 rounding of X)."""
+        return 1.05 * self.dims.hidden * float(self.W["ffn_norm.weight"].float().abs().max()) ** 2
+
+    def routing_weight_bound(self) -> float:
+        """The largest routing weight × routed scaling: normalised top-k weights and sigmoid or
+        softmax scores are ≤ 1; unnormalised sqrt(softplus(l)) grows with the logit, itself at
+        most ‖X‖·max‖gate row‖."""
+        d = self.dims
+        if d.norm_topk or d.scoring != "sqrtsoftplus":
+            return abs(d.routed_scale)
+        logit = self.moe_input_bound() ** 0.5 * float(self.W["ffn.gate.weight"].float().norm(dim=1).max())
+        return abs(d.routed_scale) * float(sqrtsoftplus(torch.tensor(logit, dtype=torch.float64))) * 1.05
+
     def moe_inputs(self, hidden: torch.Tensor, next_token: torch.Tensor, position: torch.Tensor, mode: str,
                    seq_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         d = self.dims

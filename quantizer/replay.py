@@ -20,6 +20,11 @@ sequences (attention needs each sequence's earlier rows). Only the requested exp
 Hessians and w1/w3 live on the device. Rows are replayed in store order whatever the
 batching, so the result depends on ``max_bytes`` only through fp32 summation order.
 
+Partitions (``partition.py``): ``replay_partitions`` replays chosen partitions of one split,
+each into an fp32 partial set that is folded into a ``hessian.FixedPointSum`` — a worker's
+share of a data-parallel sum, exact under any grouping. ``split_hessians`` does all of one
+split in this process (the stage's numbers, e.g. held-out Hessians for a policy study).
+
 Making a store to replay from a tiny fixture (CPU, ~1 min)::
 
     from requant.hooks.fixtures import make_dsv4
@@ -45,7 +50,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .hessian import HessianSet, swiglu_intermediate
+from .hessian import FixedPointSum, HessianSet, fixed_point_shift, swiglu_intermediate
 from .limits import MAX_BYTES, MAX_ROWS
 
 MODES = ("identity", "full")
@@ -106,55 +111,57 @@ def check_store_matches(block, stores: list[str]) -> None:
                              "to calibrate); capture first")
 
 
-def _chunks(stores: list[str], cfg: ReplayConfig) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int] | None]]:
-    """(hidden bf16 [T, w], next_token [T], position [T], seq_lens) in store order.
+def _reader(stores: list[str]):
+    from requant.storage import StoreReader  # here: the accumulator alone needs no storage stack
+
+    return StoreReader([str(s) for s in stores])
+
+
+def _chunks(reader, cfg: ReplayConfig, runs: list[tuple[int, str, int, int]] | None = None
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int] | None]]:
+    """(hidden bf16 [T, w], next_token [T], position [T], seq_lens) in store order, of all
+    rows or of the sequences in ``runs`` (see ``StoreReader.sequences``).
 
     identity: the reader's batches as they come. full: whole sequences, gathered into groups
     of at most half of ``max_bytes`` (the reader holds the other half) and ``max_rows`` rows
     (a sequence longer than that is one group of its own)."""
-    from requant.storage import StoreReader  # here: the accumulator alone needs no storage stack
-
-    reader = StoreReader([str(s) for s in stores])
     half = max(cfg.max_bytes // 2, 1)
-    try:
-        if cfg.mode == "identity":
-            for b in reader.batches(max_rows=cfg.max_rows, max_bytes=half):
-                yield (b.hidden_torch(), torch.from_numpy(b.next_token).long(),
-                       torch.from_numpy(b.position).long(), None)
-            return
-        cap = max(half // reader.row_bytes, 1)
-        if cfg.max_rows is not None:  # a longer sequence still goes whole: attention needs all of it
-            cap = min(cap, cfg.max_rows)
-        group: list = []
-        rows = 0
+    if cfg.mode == "identity":
+        for b in reader.batches(max_rows=cfg.max_rows, max_bytes=half, runs=runs):
+            yield (b.hidden_torch(), torch.from_numpy(b.next_token).long(),
+                   torch.from_numpy(b.position).long(), None)
+        return
+    cap = max(half // reader.row_bytes, 1)
+    if cfg.max_rows is not None:  # a longer sequence still goes whole: attention needs all of it
+        cap = min(cap, cfg.max_rows)
+    group: list = []
+    rows = 0
 
-        def flush():
-            return (torch.cat([s.hidden_torch() for s in group]),
-                    torch.cat([torch.from_numpy(s.next_token).long() for s in group]),
-                    torch.cat([torch.from_numpy(s.position).long() for s in group]),
-                    [len(s.next_token) for s in group])
+    def flush():
+        return (torch.cat([s.hidden_torch() for s in group]),
+                torch.cat([torch.from_numpy(s.next_token).long() for s in group]),
+                torch.cat([torch.from_numpy(s.position).long() for s in group]),
+                [len(s.next_token) for s in group])
 
-        for s in reader.sequences(max_bytes=half):
-            n = len(s.next_token)
-            if group and rows + n > cap:
-                yield flush()
-                group, rows = [], 0
-            # the reader reuses nothing, but copy so a group never pins a whole reader batch
-            group.append(type(s)(s.seq, s.prompt_id, s.replica, s.writer, s.hidden.copy(),
-                                 s.next_token.copy(), s.position.copy()))
-            rows += n
-        if group:
+    for s in reader.sequences(max_bytes=half, runs=runs):
+        n = len(s.next_token)
+        if group and rows + n > cap:
             yield flush()
-    finally:
-        reader.close()
+            group, rows = [], 0
+        # the reader reuses nothing, but copy so a group never pins a whole reader batch
+        group.append(type(s)(s.seq, s.prompt_id, s.replica, s.writer, s.hidden.copy(),
+                             s.next_token.copy(), s.position.copy()))
+        rows += n
+    if group:
+        yield flush()
 
 
 def route_counts(block, stores: list[str], cfg: ReplayConfig) -> torch.Tensor:
     """Tokens routed to each expert over the stores: [n_experts] int64 (sums to rows × topk)."""
     check_store_matches(block, stores)
     counts = torch.zeros(block.spec.n_experts, dtype=torch.int64)
-    with torch.no_grad():
-        for hidden, tok, pos, lens in _chunks(stores, cfg):
+    with torch.no_grad(), _reader(stores) as reader:
+        for hidden, tok, pos, lens in _chunks(reader, cfg):
             _, ids, _ = block.moe_inputs(hidden, tok, pos, cfg.mode, lens)
             counts += torch.bincount(ids.reshape(-1).cpu(), minlength=block.spec.n_experts)
     return counts
@@ -190,6 +197,14 @@ class HessianAccumulator:
         self.tokens = torch.zeros(spec.n_experts, dtype=torch.int64)   # every expert, owned or not
         self.rows = 0
 
+    def reset(self) -> None:
+        """Back to empty, memory kept (the next partition's partial)."""
+        for hs in (self.h_in, self.h_mid):
+            hs.h.zero_()
+            hs.count.zero_()
+        self.tokens.zero_()
+        self.rows = 0
+
     def add(self, x: torch.Tensor, ids: torch.Tensor, g: torch.Tensor) -> None:
         k = self.spec.topk
         x, ids, g = x.to(self.device), ids.to(self.device), g.to(self.device)
@@ -221,9 +236,109 @@ def accumulate_hessians(block, stores: list[str], cfg: ReplayConfig, experts: Se
     t0 = time.perf_counter()
     check_store_matches(block, stores)
     acc = HessianAccumulator(block, experts, _device(cfg), cfg.w2_weighting)
-    with torch.no_grad():
-        for hidden, tok, pos, lens in _chunks(stores, cfg):
+    with torch.no_grad(), _reader(stores) as reader:
+        for hidden, tok, pos, lens in _chunks(reader, cfg):
             acc.add(*block.moe_inputs(hidden, tok, pos, cfg.mode, lens))
             if progress is not None:
                 progress(hidden.shape[0])
     return ReplayResult(acc.h_in, acc.h_mid, acc.rows, acc.tokens, time.perf_counter() - t0)
+
+
+# -- partitions → exact (fixed-point) sums -------------------------------------------------------
+
+def row_bounds(block, w2_weighting: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper bounds (float64 [E], per expert) of one store row's contribution to any entry of
+    the expert's w1/w3 input Hessian and of its w2 intermediate Hessian — what fixes the
+    fixed-point grid before any row is seen.
+
+    |x_i x_j| ≤ ‖x‖² ≤ B (``block.moe_input_bound``). The intermediate a_j = silu(clamp(g_j))·
+    clamp(u_j) with |g_j| ≤ ‖x‖·‖w1_j‖, |u_j| ≤ ‖x‖·‖w3_j‖; clamping at L bounds |silu| by
+    max(L, 0.28) and |u| by L; the routing weighting multiplies by g² ≤ max weight²."""
+    spec = block.spec
+    b = float(block.moe_input_bound())
+    w1, _, w3 = block.expert_weights()
+    norm = lambda w: torch.linalg.vector_norm(w, dim=2, dtype=torch.float32).double().cpu()  # noqa: E731
+    n1, n3 = norm(w1) * b ** 0.5, norm(w3) * b ** 0.5          # [E, I]: bounds of |g_j|, |u_j|
+    if spec.swiglu_limit is not None:
+        n1 = n1.clamp(max=max(float(spec.swiglu_limit), 0.2785))
+        n3 = n3.clamp(max=float(spec.swiglu_limit))
+    mid = (n1 * n3).amax(1).square() * 1.05                     # +5%: the bf16 roundings of gate, up, a
+    if w2_weighting == "routing":
+        mid = mid * float(block.routing_weight_bound()) ** 2
+    return torch.full((spec.n_experts,), b, dtype=torch.float64), mid
+
+
+@dataclass
+class PartitionSums:
+    """One worker's exact sums over the partitions of one split it replayed (or, recovering or
+    replicated, over all of them for some experts)."""
+    plan_id: str
+    split: str
+    mode: str
+    h_in: FixedPointSum
+    h_mid: FixedPointSum
+    tokens: torch.Tensor            # [n_experts] int64: routed tokens, every expert
+    partitions: list[int]           # indices folded, in order
+    rows: int = 0
+    seconds: float = 0.0
+
+
+def new_sums(block, plan, split: str, mode: str, experts: Sequence[int] | None, device,
+             w2_weighting: str = "none") -> PartitionSums:
+    """Empty sums whose grid covers all rows of ``split`` (the same grid on every worker)."""
+    spec = block.spec
+    rows = plan.rows(split)
+    b_in, b_mid = row_bounds(block, w2_weighting)
+    ids = torch.arange(spec.n_experts) if experts is None else torch.as_tensor(list(experts), dtype=torch.long)
+    mk = lambda dim, b: FixedPointSum(spec.n_experts, dim, fixed_point_shift(b, rows), b, device, ids)  # noqa: E731
+    return PartitionSums(plan.id, split, mode, mk(spec.hidden, b_in), mk(spec.moe_inter, b_mid),
+                         torch.zeros(spec.n_experts, dtype=torch.int64), [])
+
+
+def replay_partitions(block, reader, plan, sums: PartitionSums, parts: Sequence[int], cfg: ReplayConfig,
+                      progress: Callable[[int], None] | None = None,
+                      after_each: Callable[[int], None] | None = None) -> PartitionSums:
+    """Replay partitions ``parts`` of ``sums.split`` (mode ``cfg.mode``) from ``reader`` (over the
+    plan's stores) and fold each, as one fp32 partial, into ``sums``. A partition is replayed
+    in batches fixed by the partition and ``cfg`` alone, so its partial is the same bits on
+    any worker. ``after_each(index)``: called after each fold."""
+    if sums.plan_id != plan.id:
+        raise ValueError(f"partition plan {plan.id} differs from the plan {sums.plan_id} these sums were "
+                         "started with (the partition count or the stores changed): refusing to mix them")
+    if cfg.mode != sums.mode:
+        raise ValueError(f"replay mode {cfg.mode!r} differs from the sums' mode {sums.mode!r}")
+    t0 = time.perf_counter()
+    split = plan.parts(sums.split)
+    acc = HessianAccumulator(block, sums.h_in.experts.tolist(), _device(cfg), cfg.w2_weighting)
+    with torch.no_grad():
+        for i in parts:
+            if i in sums.partitions:
+                raise ValueError(f"{sums.split} partition {i} added twice")
+            acc.reset()
+            for hidden, tok, pos, lens in _chunks(reader, cfg, split[i].reader_runs()):
+                acc.add(*block.moe_inputs(hidden, tok, pos, cfg.mode, lens))
+                if progress is not None:
+                    progress(hidden.shape[0])
+            if acc.rows != split[i].rows:
+                raise RuntimeError(f"{sums.split} partition {i}: replayed {acc.rows} rows, the plan has {split[i].rows}")
+            sums.h_in.add_(acc.h_in, acc.rows)
+            sums.h_mid.add_(acc.h_mid, acc.rows)
+            sums.tokens += acc.tokens
+            sums.rows += acc.rows
+            sums.partitions.append(i)
+            if after_each is not None:
+                after_each(i)
+    sums.seconds += time.perf_counter() - t0
+    return sums
+
+
+def split_hessians(block, plan, split: str, cfg: ReplayConfig, experts: Sequence[int] | None = None
+                   ) -> tuple[HessianSet, HessianSet, torch.Tensor]:
+    """fp32 (w1/w3 input, w2 intermediate) Hessians and routed tokens of every partition of
+    ``split`` (e.g. "heldout"), in this process — the numbers the stage computes with any
+    number of workers."""
+    check_store_matches(block, list(plan.stores))
+    sums = new_sums(block, plan, split, cfg.mode, experts, _device(cfg), cfg.w2_weighting)
+    with _reader(list(plan.stores)) as reader:
+        replay_partitions(block, reader, plan, sums, range(len(plan.parts(split))), cfg)
+    return sums.h_in.to_set(), sums.h_mid.to_set(), sums.tokens

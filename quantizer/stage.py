@@ -6,8 +6,11 @@ directory with the GPTQ'd MTP shard, a manifest and a quality report.
 
 1. Check inputs (cheap, before any work): master config → ``MTPSpec``, routed experts present,
    stores match the master (hidden size, hc_mult, rows), base has an index and is the same
-   model, ``out`` does not exist.
-2. Hessians + GPTQ, expert-parallel (``distribute``): Ray tasks or this process.
+   model, ``out`` does not exist. Cut the stores into calibration and held-out partitions
+   (``partition``: seeded by prompt; ``holdout`` 0 for none).
+2. Hessians + GPTQ (``distribute``): data-parallel replay of the partitions, an exact
+   reduction to each expert slice's owner, GPTQ there, held-out errors of what is written and
+   of RTN — Ray actors, spawned processes, or this process.
 3. Assemble into ``.<out>.tmp-*`` beside ``out`` (``assemble``), write manifest + report,
    rename into place. Any failure removes the temp dir: no partial output.
 Inputs are hashed on a background thread while the GPU works.
@@ -22,6 +25,7 @@ import platform
 import shutil
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,9 +37,11 @@ import torch
 from .arch import MTPSpec, load_spec
 from .assemble import (AssembleConfig, check_base_matches, fsync_dir, read_base, safetensors_header,
                        write_assembly)
-from .distribute import KILL_ENV, SliceTask, gptq_batch_size, plan_slices, run_local, run_processes, run_ray
+from .distribute import (KILL_ENV, PARALLEL, StageTask, gptq_batch_size, phases_for, plan_slices, run_local,
+                         run_processes, run_ray)
 from .gptq import GPTQConfig
 from .limits import MAX_BYTES, MAX_ROWS
+from .partition import assign, plan_partitions
 from .replay import check_store_matches
 from .report import write_report
 from .weights import _shards
@@ -51,9 +57,16 @@ class QuantizeJob:
     base: str
     out: str
     replay: str = "identity"        # identity | full | both (both: quantise with full, report the distance)
-    workers: int = 1                # expert-parallel workers (GPUs); >1 uses Ray unless use_ray=False
+    workers: int = 1                # workers (GPUs); >1 uses Ray unless use_ray=False
     use_ray: bool | None = None     # None: Ray when workers > 1
-    processes: bool = False         # no Ray, workers > 1: one spawned process per slice (GPU g each)
+    processes: bool = False         # no Ray, workers > 1: one spawned process per worker (GPU g each)
+    # data: each worker replays its partitions. replicated: every worker replays every row for its
+    # own experts — the same shard, slower at every worker count measured (benchmarks/dp_replay.py,
+    # whose anchor it is); not offered on the CLI or the API
+    parallel: str = "data"
+    partitions: int | None = None   # calibration partitions (None: one per 65,536 rows, ≤ 64); not the worker count
+    holdout: float = 0.1            # fraction of prompts held out for the quality figures (0: none)
+    holdout_seed: int = 0
     act_order: bool = False
     w2_weighting: str = "none"
     min_tokens: int = 64            # report flags experts below this
@@ -73,6 +86,12 @@ class QuantizeJob:
             raise ValueError(f"workers must be ≥ 1, got {self.workers}")
         if not self.stores:
             raise ValueError("no capture stores given")
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
+        if self.partitions is not None and self.partitions < 1:
+            raise ValueError(f"partitions must be ≥ 1, got {self.partitions}")
 
 
 @dataclass
@@ -254,37 +273,47 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
         raise FileNotFoundError(f"parent directory of --out {out} does not exist")
     stores = [store_facts(s) for s in job.stores]
     rows = sum(s["rows"] for s in stores)
+    plan = plan_partitions(list(job.stores), job.partitions, job.holdout, job.holdout_seed)
     timings["checks"] = time.perf_counter() - t_start
 
     hasher = ThreadPoolExecutor(1)
     hashes = hasher.submit(_hash_inputs, master, where, spec, base, base_index)
     use_ray = job.use_ray if job.use_ray is not None else job.workers > 1
+    local = not use_ray and not (job.processes and job.workers > 1)
     device = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch = job.gptq_batch or gptq_batch_size(spec.n_experts, spec.hidden, spec.moe_inter, device)
-    slices = plan_slices(spec.n_experts, batch, job.workers)
+    slices = plan_slices(spec.n_experts, batch, 1 if local else job.workers)
     gptq = GPTQConfig(damp=job.damp, act_order=job.act_order)
-    embed_from = _embed_source(spec, where, base)
-    tasks = [SliceTask(index=g, experts=ex, master=str(master), embed_from=embed_from, stores=list(job.stores),
-                       replay=job.replay, w2_weighting=job.w2_weighting, max_bytes=job.max_bytes,
-                       max_rows=job.max_rows,
-                       device=None if use_ray or job.processes else device, gptq=gptq, batch=batch,
-                       threads=torch.get_num_threads() if device == "cpu" else None,
-                       kill_marker=os.environ.get(KILL_ENV) or None)
-             for g, ex in enumerate(slices)]
-    passes = 2 if job.replay == "both" else 1
-    bars = _Bars(progress, rows * passes * len(tasks), 3 * spec.n_experts)
-    ray_info = None
+    phases = phases_for(job.replay, heldout=bool(plan.heldout))
+    task = StageTask(master=str(master), embed_from=_embed_source(spec, where, base), plan=plan, phases=phases,
+                     slices=slices, batch=batch, replay=job.replay, parallel=job.parallel,
+                     w2_weighting=job.w2_weighting, max_bytes=job.max_bytes, max_rows=job.max_rows,
+                     device=device if local else None, gptq=gptq,
+                     threads=torch.get_num_threads() if device == "cpu" else None,
+                     kill_marker=os.environ.get(KILL_ENV) or None)
+    idle = _idle_workers(task)
+    for split, n in idle.items():
+        warnings.warn(f"{n} of {task.world} workers replay no {split} partition ({len(plan.parts(split))} "
+                      f"partitions): they only reduce and quantise", stacklevel=2)
+    if not slices[-1]:
+        warnings.warn(f"{sum(not s for s in slices)} of {task.world} workers own no experts ({len(slices[0])}-expert "
+                      f"GPTQ batches): they only replay and reduce", stacklevel=2)
+    copies = 1 if job.parallel == "data" else task.world
+    bars = _Bars(progress, copies * sum(plan.rows(p.split) for p in phases), 3 * spec.n_experts)
     tmp = None
     try:
         t0 = time.perf_counter()
         if use_ray:
-            results, ray_info = run_ray(tasks, job.ray_retries, bars)
-        elif job.processes and len(tasks) > 1:
-            results = run_processes(tasks, torch.cuda.device_count() if device.startswith("cuda") else 0,
-                                    job.ray_retries, bars)
+            run = run_ray(task, job.ray_retries, bars)
+        elif not local:
+            run = run_processes(task, torch.cuda.device_count() if device.startswith("cuda") else 0,
+                                job.ray_retries, bars)
         else:
-            results = run_local(tasks, bars)
+            run = run_local(task, bars)
+        results, steps, ray_info = run.results, run.steps, run.cluster
         timings["hessians_gptq"] = time.perf_counter() - t0
+        timings |= run.walls  # the phases inside it, as the driver saw them
+        bars("tensors", 3 * spec.n_experts)
         bars.close()
 
         packed: dict[str, torch.Tensor] = {}
@@ -294,9 +323,12 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
             packed.update(r.tensors)
             records += r.records
             distance.update(r.distance)
-        tokens = results[0].tokens
-        if any(r.tokens != tokens for r in results):
+        owners = [r for r in results if r.experts]
+        if any(r.tokens != owners[0].tokens for r in owners):
             raise RuntimeError("workers disagree on the routing counts: replay is not deterministic here")
+        by_phase = {(p.split, p.mode): owners[0].tokens[i] for i, p in enumerate(phases)}
+        quant_mode = phases[-1].mode
+        tokens = by_phase[("calibration", quant_mode)]
 
         t0 = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -309,20 +341,10 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
         inputs = hashes.result()
         timings["hash_wait"] = time.perf_counter() - t0
 
-        errs = [r for r in records if r["path"] != "gptq"]
-        err_g = [r["err_gptq"] for r in records if r["err_gptq"] is not None]
-        err_r = [r["err_rtn"] for r in records if r["err_rtn"] is not None]
-        summary = {
-            "out": str(out), "arch": spec.arch, "experts": spec.n_experts, "tensors": len(records),
-            "rows": rows, "replay": job.replay, "workers": len(tasks), "ray": use_ray,
-            "err_gptq_mean": sum(err_g) / len(err_g) if err_g else None,
-            "err_rtn_mean": sum(err_r) / len(err_r) if err_r else None,
-            "under_covered": sum(t < job.min_tokens for t in tokens),
-            "not_gptq": len(errs), "seconds_total": 0.0,
-            "timings": timings,             # phase → seconds (same dict as the manifest's)
-        }
+        workers = _worker_facts(task, results, steps)
+        summary = _summary(job, spec, out, records, tokens, plan, task, workers, idle, use_ray, rows, timings)
         manifest = {
-            "format": "requant.quantize/1",
+            "format": "requant.quantize/2",
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "versions": _versions() | ({"ray": ray_info["ray"]} if ray_info else {}),
             "job": asdict(job),
@@ -331,16 +353,21 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
             "stores": stores,
             "replay": job.replay,
             "w2_weighting": job.w2_weighting,
+            "partitions": plan.describe(),
+            "phases": [asdict(p) for p in phases],
             "gptq": {"damp": job.damp, "act_order": job.act_order, "block_size": gptq.block_size,
                      "group_size": gptq.spec.group_size, "num_bits": gptq.spec.num_bits, "symmetric": True,
                      "batch": batch, "damp_growth": gptq.damp_growth, "damp_max": gptq.damp_max},
+            "error_definitions": ERROR_DEFINITIONS,
             "tokens_per_expert": tokens,
-            "tokens_per_expert_identity": results[0].tokens_identity,
+            "tokens_per_expert_identity": by_phase.get(("calibration", "identity")) if job.replay == "both" else None,
+            "tokens_per_expert_heldout": by_phase.get(("heldout", quant_mode)),
             "hessian_distance": {str(e): list(v) for e, v in sorted(distance.items())} or None,
             "tensors": records,
-            "errors": [{"tensor": r["name"], "path": r["path"], "tokens": r["tokens"]} for r in errs],
-            "slices": [{"index": r.index, "experts": [r.experts[0], r.experts[-1]], "device": r.device,
-                        "pid": r.pid, "rows": r.rows, "seconds": r.seconds} for r in results],
+            "errors": [{"tensor": r["name"], "path": r["path"], "tokens": r["tokens"]}
+                       for r in records if r["path"] != "gptq"],
+            "heldout_not_below_rtn": [r["name"] for r in records if r.get("heldout_not_below_rtn")],
+            "workers": workers,
             "cluster": ray_info,
             "assembly": facts,
             "timings": timings,
@@ -369,10 +396,84 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
                           report=out / report.name, summary=summary)
 
 
+ERROR_DEFINITIONS = {
+    "err_gptq": "in-sample: tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) of the written tensor on the calibration Hessian GPTQ fitted",
+    "err_rtn": "in-sample: the same for round-to-nearest",
+    "err_gptq_heldout": "held-out: the written tensor's error on the Hessian of the held-out prompts' sequences",
+    "err_rtn_heldout": "held-out: the same for round-to-nearest",
+    "heldout_not_below_rtn": "the written tensor's held-out error is not below RTN's (GPTQ did no good there)",
+}
+
+
+def _idle_workers(task: StageTask) -> dict[str, int]:
+    """Per split with partitions: how many workers replay none of them (data-parallel)."""
+    if task.parallel != "data":
+        return {}
+    out = {}
+    for split in {p.split for p in task.phases}:
+        n = sum(not a for a in assign(task.plan.parts(split), task.world))
+        if n:
+            out[split] = n
+    return out
+
+
+def _worker_facts(task: StageTask, results: list, steps: list[dict]) -> list[dict]:
+    """Per worker: experts, device, the partitions it replayed per phase, rows, store bytes read."""
+    out = []
+    for r in results:
+        mine = [st for st in steps if st["rank"] == r.rank and "partitions" in st and "rows" in st]
+        out.append({"rank": r.rank, "experts": [r.experts[0], r.experts[-1]] if r.experts else [],
+                    "device": r.device, "pid": r.pid,
+                    "replay_pids": sorted({st["pid"] for st in mine}),
+                    "partitions": {f"{st['split']}/{st['mode']}": st["partitions"] for st in mine
+                                   if not st.get("catch_up")},
+                    "caught_up": sorted({f"{st['split']}/{st['mode']}" for st in mine if st.get("catch_up")}),
+                    "rows": sum(st["rows"] for st in mine), "bytes_read": sum(st["bytes_read"] for st in mine),
+                    "bytes_reduced": sum(st.get("bytes_reduced", 0) for st in steps if st["rank"] == r.rank),
+                    "seconds": r.seconds})
+    return out
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _summary(job, spec, out, records, tokens, plan, task, workers, idle, use_ray, rows, timings) -> dict:
+    heldout = bool(plan.heldout)
+    return {
+        "out": str(out), "arch": spec.arch, "experts": spec.n_experts, "tensors": len(records),
+        "rows": rows, "rows_calibration": plan.rows("calibration"), "rows_heldout": plan.rows("heldout"),
+        "replay": job.replay, "workers": task.world, "ray": use_ray, "parallel": job.parallel,
+        "partitions": len(plan.calibration), "partitions_heldout": len(plan.heldout),
+        "idle_replay_workers": idle,
+        "idle_gptq_workers": sum(not sl for sl in task.slices),
+        "bytes_read_per_worker": [w["bytes_read"] for w in workers],
+        "rows_per_worker": [w["rows"] for w in workers],
+        "err_gptq_mean": _mean([r["err_gptq"] for r in records]),          # in-sample
+        "err_rtn_mean": _mean([r["err_rtn"] for r in records]),            # in-sample
+        "err_gptq_heldout_mean": _mean([r.get("err_gptq_heldout") for r in records]) if heldout else None,
+        "err_rtn_heldout_mean": _mean([r.get("err_rtn_heldout") for r in records]) if heldout else None,
+        "heldout_not_below_rtn": sum(bool(r.get("heldout_not_below_rtn")) for r in records) if heldout else None,
+        "under_covered": sum(t < job.min_tokens for t in tokens),
+        "not_gptq": sum(r["path"] != "gptq" for r in records), "seconds_total": 0.0,
+        "timings": timings,             # phase → seconds (same dict as the manifest's)
+    }
+
+
 def format_summary(s: dict) -> str:
-    g = "—" if s["err_gptq_mean"] is None else f"{s['err_gptq_mean']:.3e}"
-    r = "—" if s["err_rtn_mean"] is None else f"{s['err_rtn_mean']:.3e}"
+    def f(x):
+        return "—" if x is None else f"{x:.3e}"
+
+    if s.get("err_gptq_heldout_mean") is not None:
+        quality = (f"held-out rel. output error GPTQ {f(s['err_gptq_heldout_mean'])} vs RTN "
+                   f"{f(s['err_rtn_heldout_mean'])} ({s['heldout_not_below_rtn']} tensor(s) not below RTN; "
+                   f"in-sample {f(s['err_gptq_mean'])} vs {f(s['err_rtn_mean'])})")
+    else:
+        quality = f"in-sample rel. output error GPTQ {f(s['err_gptq_mean'])} vs RTN {f(s['err_rtn_mean'])} (no held-out split)"
+    gb = [b / 1e9 for b in s["bytes_read_per_worker"]]
     return (f"{s['out']}: {s['tensors']} tensors of {s['experts']} {s['arch'].upper()} MTP experts, "
-            f"{s['rows']:,} rows replayed ({s['replay']}), {s['workers']} worker(s){' on Ray' if s['ray'] else ''}, "
-            f"mean rel. output error GPTQ {g} vs RTN {r}, {s['under_covered']} under-covered expert(s), "
+            f"{s['rows']:,} rows ({s['rows_heldout']:,} held out) in {s['partitions']} partitions, replay {s['replay']}, "
+            f"{s['workers']} worker(s){' on Ray' if s['ray'] else ''} ({s['parallel']}; store GB read per worker "
+            f"{', '.join(f'{x:.3g}' for x in gb)}), {quality}, {s['under_covered']} under-covered expert(s), "
             f"{s['not_gptq']} tensor(s) off the GPTQ path, {s['seconds_total']:.1f} s")

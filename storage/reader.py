@@ -8,7 +8,11 @@ flight). ``max_bytes`` bounds everything the reader holds: the caller's batch, t
 being read (and with ``shuffle`` a permuted copy) and ``threads`` chunks' decode buffers
 — tests/storage measure it with tracemalloc. ``sequences()`` yields whole sequences in
 order (attention-included replay needs them): its batches start and end on sequence
-boundaries, so a sequence is never stitched from two reads.
+boundaries, so a sequence is never stitched from two reads. Both take ``runs`` to read only
+some sequences: (store index, writer, k0, k1) ranges of a writer group's sequence index
+(a data-parallel worker reads only its partitions). ``bytes_read`` counts what the reader
+fetched: compressed chunk bytes of the ``hidden`` arrays (the shard index included) on the
+direct path, raw bytes otherwise and for the 16-byte-per-row columns.
 
 bf16 rows come back as numpy uint16 bit patterns (zero-copy, and numpy has no bfloat16);
 ``Batch.hidden_torch()`` / ``SequenceRows.hidden_torch()`` / ``as_bf16_tensor`` view them
@@ -116,6 +120,9 @@ class StoreReader:
         self._slots = threading.BoundedSemaphore(self.threads)
         self._ahead: ThreadPoolExecutor | None = None  # batch reads ahead, made on first use
         self._ahead_n = 0
+        self._index: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+        self._counted = threading.Lock()
+        self.bytes_read = 0
 
     @property
     def rows(self) -> int:
@@ -152,45 +159,90 @@ class StoreReader:
             self._decoders = n
             self._slots = threading.BoundedSemaphore(n)
 
-    def _plan(self, max_rows: int | None, max_bytes: int | None, held: int) -> list[tuple]:
+    def _group_index(self, s: CaptureStore, w: str) -> dict[str, np.ndarray]:
+        key = (self.stores.index(s), w)
+        if key not in self._index:
+            self._index[key] = s.index(w)
+        return self._index[key]
+
+    def _selected(self, runs: Sequence[tuple[int, str, int, int]] | None) -> list[tuple]:
+        """(store, writer, committed rows, k0, k1) per run; every whole group without ``runs``."""
+        if runs is None:
+            return [(s, w, n, None, None) for s, w, n in self.groups]
+        known = {(self.stores.index(s), w): (s, n) for s, w, n in self.groups}
+        out = []
+        for si, w, k0, k1 in runs:
+            if (si, w) not in known:
+                raise ValueError(f"run over store {si} writer {w!r}: not a group of this reader")
+            s, n = known[(si, w)]
+            if not 0 <= k0 < k1 <= s.committed(w)[1]:
+                raise ValueError(f"{s.group_path(w)}: sequences [{k0}, {k1}) outside the committed index")
+            out.append((s, w, n, k0, k1))
+        return out
+
+    def run_rows(self, runs: Sequence[tuple[int, str, int, int]]) -> int:
+        """Rows in ``runs`` (sequence ranges; see ``sequences``)."""
+        total = 0
+        for s, w, _, k0, k1 in self._selected(runs):
+            total += int(self._group_index(s, w)["length"][k0:k1].sum())
+        return total
+
+    def _plan(self, max_rows: int | None, max_bytes: int | None, held: int,
+              runs: Sequence[tuple[int, str, int, int]] | None = None) -> list[tuple]:
         plan = []
-        for s, w, n in self.groups:
+        for s, w, n, k0, k1 in self._selected(runs):
             chunk = s.layout.rows_per_chunk
-            cap = self._cap(s, max_rows, max_bytes, held) or max(n, 1)
+            lo, hi = 0, n
+            if k0 is not None:  # the run's rows: its sequences are contiguous in the group
+                idx = self._group_index(s, w)
+                lo, hi = int(idx["first_row"][k0]), int(idx["first_row"][k1 - 1] + idx["length"][k1 - 1])
+                if hi - lo != int(idx["length"][k0:k1].sum()):
+                    raise ValueError(f"{s.group_path(w)}: sequences [{k0}, {k1}) are not contiguous rows")
+            cap = self._cap(s, max_rows, max_bytes, held)
+            if cap is None:  # no bound: the group (or run) in one batch
+                plan += [(s, w, lo, hi)] if hi > lo else []
+                continue
             if cap >= chunk:
                 cap -= cap % chunk  # whole chunks: no chunk decoded twice
-            for r0 in range(0, n, cap):
-                plan.append((s, w, r0, min(r0 + cap, n)))
+            r0 = lo
+            while r0 < hi:  # batches end on the group's cap grid: a run's inner batches are whole chunks
+                r1 = min(hi, (r0 // cap + 1) * cap)
+                plan.append((s, w, r0, r1))
+                r0 = r1
         return plan
 
-    def _sequence_plan(self, max_rows: int | None, max_bytes: int | None, held: int) -> list[tuple]:
+    def _sequence_plan(self, max_rows: int | None, max_bytes: int | None, held: int,
+                       runs: Sequence[tuple[int, str, int, int]] | None = None) -> list[tuple]:
         """Batches of whole sequences: (store, writer, r0, r1, index, k0, k1)."""
         plan = []
-        for s, w, n in self.groups:
-            idx = s.index(w)
+        for s, w, n, lo, hi in self._selected(runs):
+            idx = self._group_index(s, w)
             first, length = idx["first_row"], idx["length"]
             cap = self._cap(s, max_rows, max_bytes, held) or max(n, 1)
-            k = 0
-            while k < len(first):
+            k = 0 if lo is None else lo
+            end = len(first) if hi is None else hi
+            while k < end:
                 r0 = int(first[k])
                 if int(length[k]) > cap:
                     raise ValueError(f"{s.group_path(w)}: sequence {int(idx['seq'][k])} has {int(length[k])} "
                                      f"rows; the memory bound allows {cap} per batch — raise max_bytes/max_rows")
                 # the last sequence that still ends within r0 + cap
-                k1 = int(np.searchsorted(first + length, r0 + cap, side="right"))
+                k1 = min(int(np.searchsorted(first + length, r0 + cap, side="right")), end)
                 plan.append((s, w, r0, int(first[k1 - 1] + length[k1 - 1]), idx, k, k1))
                 k = k1
         return plan
 
     # -- iteration ----------------------------------------------------------------------
     def batches(self, max_rows: int | None = None, max_bytes: int | None = None,
-                shuffle: bool = False, seed: int = 0, prefetch: int = 1) -> Iterator[Batch]:
-        """All committed rows, in batches of at most ``max_rows`` rows and within
-        ``max_bytes`` of reader memory (no bound: one batch per writer group). With
-        ``shuffle`` the batch order and the rows within each batch are permuted (seeded,
-        reproducible, the same for any ``prefetch``). ``prefetch``: batches read ahead."""
+                shuffle: bool = False, seed: int = 0, prefetch: int = 1,
+                runs: Sequence[tuple[int, str, int, int]] | None = None) -> Iterator[Batch]:
+        """All committed rows (or the rows of ``runs``, see ``sequences``), in batches of at
+        most ``max_rows`` rows and within ``max_bytes`` of reader memory (no bound: one batch
+        per writer group or run). With ``shuffle`` the batch order and the rows within each
+        batch are permuted (seeded, reproducible, the same for any ``prefetch``).
+        ``prefetch``: batches read ahead."""
         prefetch = int(prefetch)
-        plan = self._plan(max_rows, max_bytes, held=2 + prefetch + int(shuffle))
+        plan = self._plan(max_rows, max_bytes, held=2 + prefetch + int(shuffle), runs=runs)
         rng = np.random.default_rng(seed)
         if shuffle:  # per-batch seeds drawn here: batches may be read out of order
             plan = [plan[i] + (int(x),) for i, x in zip(rng.permutation(len(plan)),
@@ -207,11 +259,13 @@ class StoreReader:
         yield from self._stream(plan, load, prefetch)
 
     def sequences(self, max_rows: int | None = None, max_bytes: int | None = None,
-                  prefetch: int = 1) -> Iterator[SequenceRows]:
+                  prefetch: int = 1, runs: Sequence[tuple[int, str, int, int]] | None = None
+                  ) -> Iterator[SequenceRows]:
         """Whole sequences in writer and index order; a sequence larger than the bound
-        is an error naming it."""
+        is an error naming it. ``runs``: only sequences k0 ≤ k < k1 of each
+        (store index, writer, k0, k1), in the order given."""
         prefetch = int(prefetch)
-        plan = self._sequence_plan(max_rows, max_bytes, held=2 + prefetch)
+        plan = self._sequence_plan(max_rows, max_bytes, held=2 + prefetch, runs=runs)
 
         def load(p: tuple) -> tuple[Batch, tuple]:
             return self._read(*p[:4]), p
@@ -252,17 +306,20 @@ class StoreReader:
             if fast:
                 for k in {c0 // per_shard for c0 in starts}:
                     shards[k] = _ShardFile(s, w, k)
+                    self._count(shards[k].index_bytes)
 
             def fill(a: str, c0: int) -> None:
                 c1 = min(c0 - c0 % chunk + chunk, r1)
                 with slots:  # decode buffers in flight stay within the memory bound
                     if fast:
-                        shards[c0 // per_shard].read_rows(c0, c1, cols[a][c0 - r0:c1 - r0])
+                        self._count(shards[c0 // per_shard].read_rows(c0, c1, cols[a][c0 - r0:c1 - r0]))
                     else:
                         cols[a][c0 - r0:c1 - r0] = arrays[a][c0:c1]
+                        self._count(cols[a][c0 - r0:c1 - r0].nbytes)
 
             def fill_column(a: str) -> None:  # 16 B/row: one zarr call per batch, not per chunk
                 cols[a][...] = arrays[a][r0:r1]
+                self._count(cols[a].nbytes)
 
             futs = [self._pool.submit(fill, "hidden", c0) for c0 in starts]
             futs += [self._pool.submit(fill_column, a) for a in ROW_ARRAYS if a != "hidden"]
@@ -271,6 +328,10 @@ class StoreReader:
         except Exception as e:  # noqa: BLE001 — decode/checksum errors vary by codec
             raise StoreError(f"{s.group_path(w)}: rows {r0}–{r1} unreadable: {type(e).__name__}: {e}") from e
         return Batch(store=s.path, writer=w, first_row=r0, **cols)
+
+    def _count(self, n: int) -> None:
+        with self._counted:
+            self.bytes_read += n
 
     def _fast(self, s: CaptureStore) -> bool:
         return self.direct is not False and _ShardFile.usable(s)
@@ -309,6 +370,7 @@ class _ShardFile:
                 tail = f.read()
         except FileNotFoundError:
             raise StoreError(f"{self.path}: shard file missing") from None
+        self.index_bytes = len(tail)
         if len(tail) != 16 * n + 4 or not _crc_ok(tail[:-4], tail[-4:]):
             raise StoreError(f"{self.path}: shard index damaged (truncated file or checksum mismatch)")
         self.index = np.frombuffer(tail[:-4], dtype="<u8").reshape(n, 2)
@@ -317,8 +379,8 @@ class _ShardFile:
     def usable(s: CaptureStore) -> bool:
         return s.is_local and s.layout.compressor in ("zstd", "none")
 
-    def read_rows(self, r0: int, r1: int, out: np.ndarray) -> None:
-        """Rows [r0, r1) of one chunk of this shard into ``out``."""
+    def read_rows(self, r0: int, r1: int, out: np.ndarray) -> int:
+        """Rows [r0, r1) of one chunk of this shard into ``out``; returns the bytes read."""
         j = (r0 - self.first_row) // self.rows_per_chunk
         off, nbytes = (int(v) for v in self.index[j])
         if off == 2**64 - 1:
@@ -342,6 +404,7 @@ class _ShardFile:
             chunk = np.empty((self.rows_per_chunk, self.width), dtype=np.uint16)
             nzstd.decompress(body, chunk)
             out[...] = chunk[r0 - c0:r1 - c0]
+        return nbytes
 
 
 def _crc_ok(data, stored: bytes) -> bool:

@@ -43,7 +43,7 @@ def env(tmp_path_factory):
     base = make_base(ckpt, d / "base", drop_mtp=False)  # a base that kept its (unquantised) MTP layer
     out = d / "out"
     res = run_quantize(QuantizeJob(stores=[str(store)], master=str(ckpt), base=str(base), out=str(out),
-                                   replay="both"), progress=False)
+                                   replay="both", partitions=2), progress=False)
     return {"d": d, "ckpt": ckpt, "store": str(store), "base": base, "out": out, "res": res, "captured": captured}
 
 
@@ -79,7 +79,7 @@ def test_dsv3_shard_index_and_config(env):
         f"re:^model\\.layers\\.{n}\\.mlp\\.experts\\.\\d+\\.(gate_proj|down_proj|up_proj)$"]
     assert f"model.layers.{n}.eh_proj" in qc["ignore"] and f"model.layers.{n}.shared_head.head" in qc["ignore"]
     m = json.loads((out / MANIFEST).read_text())
-    assert sum(m["tokens_per_expert"]) == m["stores"][0]["rows"] * 2 > 100
+    assert sum(m["tokens_per_expert"]) + sum(m["tokens_per_expert_heldout"]) == m["stores"][0]["rows"] * 2 > 100
     assert m["stores"][0]["capture_point"] == "target_pre_head"
 
 
@@ -129,7 +129,9 @@ def _same_greedy_tokens(plain: dict, spec: dict) -> None:
 
 
 def test_dsv3_worker_count_does_not_change_the_shard(env, tmp_path):
+    """Two spawned workers, one partition each, Hessians reduced over gloo: the shard of one."""
     r = run_quantize(QuantizeJob(stores=[env["store"]], master=str(env["ckpt"]), base=str(env["base"]),
-                                 out=str(tmp_path / "two"), replay="full", workers=2, use_ray=False), progress=False)
-    assert r.summary["workers"] == 2
+                                 out=str(tmp_path / "two"), replay="full", workers=2, use_ray=False, processes=True,
+                                 partitions=2), progress=False)
+    assert r.summary["workers"] == 2 and r.summary["rows_per_worker"][1] > 0
     assert r.shard.read_bytes() == (env["out"] / SHARD).read_bytes()
