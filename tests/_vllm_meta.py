@@ -11,7 +11,12 @@ needs only what a CUDA-less process lacks, patched for the duration of ``cuda_le
   the AMD tree) reads the GPU architecture at import;
 * ``torch.cuda.Stream`` / ``torch.Event`` / ``torch.cuda.Event`` / ``torch.xpu.Event`` → the
   placeholders of vLLM's own CPU model runner (``_torch_cuda_wrapper``): the layers create
-  streams and events in ``__init__``.
+  streams and events in ``__init__``;
+* kernel availability, for the quantised layers the matching test builds: the WNA16
+  (W4A16) MoE backends offered → vLLM's own emulation backend, marked usable, and vLLM's
+  CPU FP8 block-scaled linear kernel marked usable (both need AMX/Arm on CPU). A method
+  must pick a kernel to be built; its parameters — what the tests look at — are the
+  scheme's, not the kernel's, and no kernel runs here.
 
 Nothing else is changed: modules, prefixes, quantisation methods and weight loaders are
 vLLM's, built by vLLM's ``initialize_model``. Each tree gets a fresh layer registry
@@ -51,17 +56,28 @@ def cuda_less():
     from vllm.platforms.interface import DeviceCapability
     from vllm.v1.worker.cpu_model_runner import _torch_cuda_wrapper
 
+    from vllm.model_executor.kernels.linear.scaled_mm.cpu import CPUFp8BlockScaledMMKernel
+    from vllm.model_executor.layers.fused_moe.experts.int4_emulation_moe import Int4EmulationTritonExperts
+    from vllm.model_executor.layers.fused_moe.oracle import int_wna16
+
     saved = (current_platform.get_device_capability, torch.cuda.get_device_properties, torch.cuda.Event,
-             torch.xpu.Event)
+             torch.xpu.Event, int_wna16._get_priority_backends,
+             Int4EmulationTritonExperts.__dict__["_supports_current_device"], CPUFp8BlockScaledMMKernel.__dict__[
+                 "is_supported"])
     current_platform.get_device_capability = lambda *a, **k: DeviceCapability(9, 0)
     torch.cuda.get_device_properties = lambda *a, **k: types.SimpleNamespace(gcnArchName="gfx942")
+    int_wna16._get_priority_backends = lambda: [int_wna16.WNA16MoEBackend.EMULATION]
+    Int4EmulationTritonExperts._supports_current_device = staticmethod(lambda: True)
+    CPUFp8BlockScaledMMKernel.is_supported = classmethod(lambda cls, compute_capability=None: (True, None))
     try:
         with _torch_cuda_wrapper():
             torch.cuda.Event = torch.xpu.Event = torch.Event  # the runner's placeholder
             yield
     finally:
         (current_platform.get_device_capability, torch.cuda.get_device_properties, torch.cuda.Event,
-         torch.xpu.Event) = saved
+         torch.xpu.Event, int_wna16._get_priority_backends) = saved[:5]
+        Int4EmulationTritonExperts._supports_current_device = saved[5]
+        CPUFp8BlockScaledMMKernel.is_supported = saved[6]
 
 
 TREES = ("nvidia", "amd", "xpu", "cpu")
