@@ -228,34 +228,31 @@ class WorkerCapture:
     def _point(self, name: str, arch: str):
         """(point, tree root, hidden ref) for ``name`` on this runner's model; refuses a point
         this server cannot give rows for, naming the setting to change."""
-        from .points import CapturePointError, find_point, resolve_hidden
+        from .points import POINTS, CapturePointError, find_point, resolve_hidden
 
         runner = self.runner
         target = runner.get_model()
-        point = find_point(name, "vllm", arch, type(target).__module__)
-        if point.tree == "drafter":
+        if name in {p.name for p in POINTS if p.tree == "drafter"}:
             drafter = getattr(getattr(runner, "drafter", None), "model", None)
             if drafter is None:
                 raise CapturePointError(f"capture point {name!r} reads the MTP layer, but this server runs no MTP "
                                         "speculative decoding (--speculative-config "
                                         "'{\"method\":\"mtp\",\"num_speculative_tokens\":1}'); "
                                         "target_pre_head captures the same rows without it")
-            drafter = getattr(drafter, "runnable", drafter)  # under a CUDA-graph wrapper
-            point = find_point(name, "vllm", arch, type(drafter).__module__)
             if not runner.model_config.enforce_eager:
                 raise CapturePointError(f"capture point {name!r} hooks the MTP layer inside the drafter, which vLLM "
                                         "compiles and runs in CUDA graphs, where hooks do not run: start vLLM with "
                                         "--enforce-eager, or capture target_pre_head (the same rows), which works "
                                         "with compilation on")
+            point = find_point(name, "vllm", arch, type(drafter).__module__)
             ref, _ = resolve_hidden(point, drafter, f"capture point {name!r} hidden")
             return point, drafter, ref
+        point = find_point(name, "vllm", arch, type(target).__module__)
         ref, _ = resolve_hidden(point, target, f"capture point {name!r} hidden")
-        if not ref.at_root and ref.io != "buffer" and not runner.model_config.enforce_eager:
-            compiled = _compiled_scope(runner, target, ref.module)
-            if compiled:
-                raise CapturePointError(f"capture point {name!r} reads {ref.describe()}, inside {compiled}, which "
-                                        "vLLM torch.compiles (a compiled artifact, possibly from vLLM's cache, runs "
-                                        "no Python hooks): start vLLM with --enforce-eager")
+        if not runner.model_config.enforce_eager:
+            refusal = compile_refusal(name, ref, target, runner.compilation_config.mode)
+            if refusal:
+                raise CapturePointError(refusal)
         return point, target, ref
 
     def _capturer(self, name: str, hidden: int, hc: int, ids_offset: int, capturer_cls):
@@ -410,19 +407,28 @@ def close_all() -> None:
         _ACTIVE.pop().close()
 
 
-def _compiled_scope(runner, root, path: str) -> str:
-    """The module on ``path`` (root first) that vLLM torch.compiles, described; "" if none."""
+def compile_refusal(name: str, ref, root, mode) -> str | None:
+    """Why target point ``name``, read at ``ref`` of ``root``, cannot be captured under vLLM
+    compilation mode ``mode`` (None if it can): a hook inside the forward of a module vLLM
+    torch.compiles never runs — the compiled artifact, possibly loaded from vLLM's cache, has
+    no Python hooks. Root refs and buffers the model fills itself are read after the forward."""
     from vllm.config import CompilationMode
 
-    if runner.compilation_config.mode == CompilationMode.STOCK_TORCH_COMPILE:
-        return f"{type(root).__name__} (-cc.mode=STOCK_TORCH_COMPILE)"
-    parts = path.split(".") if path else []
+    if ref.at_root or ref.io == "buffer":
+        return None
+    inside = ""
+    if mode == CompilationMode.STOCK_TORCH_COMPILE:
+        inside = f"{type(root).__name__} (compilation mode STOCK_TORCH_COMPILE)"
+    parts = ref.module.split(".") if ref.module else []
     for i in range(len(parts) + 1):
         sub = ".".join(parts[:i])
         mod = root.get_submodule(sub) if sub else root
-        if getattr(mod, "do_not_compile", True) is False:  # set by vLLM's @support_torch_compile
-            return f"{sub or '<root>'} ({type(mod).__name__})"
-    return ""
+        if not inside and getattr(mod, "do_not_compile", True) is False:  # set by vLLM's @support_torch_compile
+            inside = f"{sub or '<root>'} ({type(mod).__name__})"
+    if not inside:
+        return None
+    return (f"capture point {name!r} reads {ref.describe()}, inside {inside}, which vLLM torch.compiles (compiled "
+            "code runs no Python hooks): start vLLM with --enforce-eager")
 
 
 def _vllm_version() -> str:

@@ -6,7 +6,8 @@ Output directory (built in a temp dir beside ``out`` and renamed into place by t
   checkpoint's expert naming (``MTPSpec.expert_name`` + ``.weight_packed|.weight_scale|
   .weight_shape``), and every other MTP tensor of the master passed through byte for byte:
   BF16/FP32 as they are, FP8 block linears with their scale field renamed to the base
-  checkpoint's convention (upstream DSV4 ``.scale``, vLLM/HF ``.weight_scale_inv``).
+  checkpoint's convention (upstream DSV4 ``.scale``, vLLM/HF ``.weight_scale_inv``,
+  compressed-tensors ``.weight_scale``).
 * the base shards, hard-linked (copied across file systems), never modified; a base shard
   that holds MTP tensors (a base that kept its MTP layer) is written filtered instead, or
   left out when it holds nothing else, since vLLM loads every tensor of every listed file;
@@ -14,7 +15,8 @@ Output directory (built in a temp dir beside ``out`` and renamed into place by t
   where it was, every MTP tensor in the new shard, each name exactly once;
 * ``config.json`` — the base config with ``quantization_config`` merged: a W4A16 group whose
   targets are the MTP routed experts (placed first, so vLLM's first-match picks it), the
-  MTP's unquantised linears added to ``ignore``; the base's groups and ignores kept;
+  MTP's unquantised linears added to ``ignore`` under the checkpoint names and vLLM's; the
+  base's groups and ignores kept; computed and checked before anything is written;
 * tokenizer / generation files of the base, copied.
 """
 from __future__ import annotations

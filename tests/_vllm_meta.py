@@ -31,10 +31,10 @@ from contextlib import contextmanager
 import torch
 
 
-def engine_config(model: str, spec: bool = True, **kw):
+def engine_config(model: str, spec: bool = True, eager: bool = True, **kw):
     from vllm.engine.arg_utils import EngineArgs
 
-    return EngineArgs(model=model, enforce_eager=True, dtype="bfloat16", max_model_len=512,
+    return EngineArgs(model=model, enforce_eager=eager, dtype="bfloat16", max_model_len=512,
                       gpu_memory_utilization=0.3, enable_prefix_caching=False,
                       speculative_config={"method": "mtp", "num_speculative_tokens": 1} if spec else None,
                       **kw).create_engine_config()

@@ -33,6 +33,8 @@ def resolve_points(model: str, port: int) -> tuple[dict, dict]:
     from requant.hooks.points import CapturePointError, find_point, resolve, resolve_hidden, row_shape
     from tests._vllm_meta import TREES, build, engine_config, init_distributed, tree_class
 
+    from requant.hooks.plugin import compile_refusal
+
     configs = {"plain": engine_config(model, spec=False), "spec": engine_config(model, spec=True)}
     init_distributed(configs["spec"], port)
     arch = configs["spec"].model_config.architectures[0]
@@ -63,6 +65,22 @@ def resolve_points(model: str, port: int) -> tuple[dict, dict]:
                             "input_ids": _desc(resolve(point.input_ids, mtp, "ids")),
                             "positions": _desc(resolve(point.positions, mtp, "positions")),
                             "ids_offset": point.ids_offset, "row": row_shape(point, vc.model_config.hf_config)}
+    # Compilation on (no --enforce-eager): which trees' target point the plugin refuses. vLLM
+    # turns on breakable CUDA graphs for DSV4 by default, which sets compilation mode none;
+    # VLLM_USE_BREAKABLE_CUDAGRAPH=0 opts out, and then vLLM torch.compiles the CPU tree's model.
+    # (No JIT-kernel warm-up: registering it imports tilelang, a CUDA-only package; eager mode
+    # skips it too.)
+    os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "0"
+    compiled = engine_config(model, spec=False, eager=False, kernel_config={"enable_jit_warmup": False})
+    res["compiled"] = {"mode": compiled.compilation_config.mode.name}
+    for plat in ("nvidia", "cpu"):
+        tree = build(compiled, tree_class(plat, "target"))
+        point = find_point("target_pre_head", "vllm", arch, type(tree).__module__)
+        ref, _ = resolve_hidden(point, tree, "hidden")
+        res["compiled"][plat] = compile_refusal("target_pre_head", ref, tree, compiled.compilation_config.mode)
+    res["compiled"]["spec_buffer"] = compile_refusal("target_pre_head", find_point(
+        "target_pre_head", "vllm", arch, "vllm.models.deepseek_v4.cpu.model").hidden[0], trees["cpu", "spec"],
+        compiled.compilation_config.mode)
     # Start-up errors: a tree that matches no declared place, an undeclared tree.
     nvidia = find_point("target_pre_head", "vllm", arch, "vllm.models.deepseek_v4.nvidia.model")
     for name, call in (("nvidia_point_on_cpu_tree", lambda: resolve_hidden(nvidia, trees["cpu", "plain"], "hidden")),

@@ -112,6 +112,16 @@ def test_mtp_point_resolves_on_every_mtp_tree(vllm_trees):
         res["mtp"]["cpu"]["find_point"]
 
 
+def test_compilation_refused_only_where_a_hook_would_sit_in_compiled_code(vllm_trees):
+    """Without --enforce-eager: the NVIDIA model is not torch.compiled (CUDA graphs replay the
+    stash copy), so its function hook is allowed; vLLM's CPU tree compiles DeepseekV4Model,
+    so a hook on its HCHeadOp is refused naming the flag; the buffer is read after the forward."""
+    c = vllm_trees[0]["compiled"]
+    assert c["mode"] != "NONE" and c["nvidia"] is None and c["spec_buffer"] is None
+    assert "input of model.hc_head_op (HCHeadOp), inside model (DeepseekV4Model)" in c["cpu"]
+    assert "start vLLM with --enforce-eager" in c["cpu"]
+
+
 def test_trees_that_match_nothing_fail_naming_what_was_looked_for(vllm_trees):
     err = vllm_trees[0]["errors"]
     e = err["nvidia_point_on_cpu_tree"]
