@@ -88,9 +88,6 @@ class Attachment:
         self.handles = []
         self.removed = True
 
-    def __iter__(self):  # handles, for callers that remove them one by one
-        return iter(list(self.handles))
-
 
 def attach(point: CapturePoint, root: torch.nn.Module, on_rows: OnRows, width: int, boundary: bool = False,
            stash_rows: int = 0, dtype: torch.dtype | None = None, device=None) -> Attachment:

@@ -1,11 +1,12 @@
-"""Run by test_vllm_mtp_match.py in its own process: for each assembled DeepSeek-V4 checkpoint
-given, vLLM builds its NVIDIA target and MTP trees on the meta device (tests/_vllm_meta.py)
+"""Run by test_vllm_mtp_match.py in its own process: for each assembled checkpoint given, vLLM
+builds its target and MTP trees on the meta device (tests/_vllm_meta.py; DeepSeek-V4: the
+NVIDIA tree, DeepSeek-V3: its one tree)
 with the CompressedTensorsConfig it reads from the checkpoint's config.json — the target
 first, as the engine does, since the target's weight-name mapper rewrites the shared config.
 Every module the MTP creates is listed with the quantisation vLLM gave it (the method it
 chose, and vLLM's get_scheme_dict for that prefix), and every tensor of the checkpoint's MTP
-shard is fed to vLLM's DeepSeekV4MTP.load_weights on its own, recording the parameters it
-lands on. argv: PORT CKPT... Prints RESULT {json}."""
+shard is fed to vLLM's MTP load_weights (with one anchor tensor of the layer), recording the
+parameters it lands on. argv: PORT CKPT... Prints RESULT {json}."""
 import json
 import os
 import sys
@@ -29,8 +30,14 @@ def match(ckpt: Path) -> dict:
 
     vc = engine_config(str(ckpt))
     qc = vc.quant_config
-    build(vc, tree_class("nvidia", "target"))
-    mtp = build(vc, tree_class("nvidia", "mtp"), vc.speculative_config.draft_model_config)
+    if vc.model_config.hf_config.model_type == "deepseek_v4":
+        target_cls, mtp_cls = tree_class("nvidia", "target"), tree_class("nvidia", "mtp")
+    else:  # DeepSeek-V3: one tree for every platform
+        from vllm.model_executor.models.deepseek_mtp import DeepSeekMTP
+        from vllm.model_executor.models.deepseek_v2 import DeepseekV3ForCausalLM as target_cls
+        mtp_cls = DeepSeekMTP
+    build(vc, target_cls)
+    mtp = build(vc, mtp_cls, vc.speculative_config.draft_model_config)
     modules = {}
     for name, mod in mtp.named_modules():
         method = getattr(mod, "quant_method", None)
@@ -46,9 +53,14 @@ def match(ckpt: Path) -> dict:
     shard = next(p for p in ckpt.glob("model-mtp-*.safetensors"))
     placed, params = {}, set(dict(mtp.named_parameters()))
     with safe_open(str(shard), "pt") as f:
+        # each tensor with an anchor in the MTP layer (enorm): vLLM's loader refuses a call that
+        # loads nothing of the layer (DSV3's MTP embedding lands on the shared model.embed_tokens)
+        anchor = next(n for n in f.keys() if n.endswith("enorm.weight"))
+        anchor_params = mtp.load_weights(iter([(anchor, f.get_tensor(anchor))]))
         for name in f.keys():
             try:
-                placed[name] = sorted(mtp.load_weights(iter([(name, f.get_tensor(name))])))
+                got = mtp.load_weights(iter([(anchor, f.get_tensor(anchor)), (name, f.get_tensor(name))]))
+                placed[name] = sorted(got - anchor_params) if name != anchor else sorted(anchor_params)
             except (KeyError, ValueError, AssertionError, RuntimeError) as e:
                 placed[name] = f"{type(e).__name__}: {e}"
     loaded = {p for v in placed.values() if isinstance(v, list) for p in v}

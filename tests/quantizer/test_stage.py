@@ -378,7 +378,7 @@ def test_fp8_passthrough_renames_scales_to_the_base_convention(env, tmp_path):
 
 
 def test_failure_while_assembling_leaves_nothing(env, tmp_path):
-    """A base config that cannot take the MTP experts is found after the shard is written:
+    """A base config that cannot take the MTP experts is refused (before the shard is written):
     the temp dir goes, ``out`` never appears."""
     base = env["base"]
     odd = tmp_path / "odd-base"

@@ -6,8 +6,9 @@ h_proj, the shared expert, the gate and the shared head nothing; and vLLM's load
 puts every tensor of our shard on a parameter of that tree, leaving none unloaded but the
 two the drafter shares with the target. Three bases: none; regex-target groups (W4A16 routed
 experts + FP8_BLOCK attention, the rest BF16, as pasta-paul/DeepSeek-V4-Flash-W4A16-FP8); and
-one group targeting ``Linear`` with an ignore list. Plus a base the MTP layer cannot be
-merged into, refused before anything is written."""
+one group targeting ``Linear`` with an ignore list — and the last for DeepSeek-V3 too (vLLM's
+DeepSeekMTP). Plus a base the MTP layer cannot be merged into, refused before anything is
+written."""
 import json
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from requant.hooks.fixtures import make_dsv4
+from requant.hooks.fixtures import make_dsv3, make_dsv4
 from requant.quantizer.arch import load_spec
 from requant.quantizer.assemble import AssembleConfig, read_base, write_assembly
 from requant.quantizer.base_fixture import make_base
@@ -95,10 +96,12 @@ def checkpoints(tmp_path_factory):
     linear_qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
                  "config_groups": {"group_0": _scheme("W4A16", ["Linear"], "pack-quantized")},
                  "ignore": ["lm_head", r"re:.*ffn\.gate$"]}
+    dsv3 = make_dsv3(d / "dsv3", seed=0)
     bases = {"none": make_base(master, d / "base-none"),
              "regex": make_base(regex_src, d / "base-regex", quantization_config=regex_qc),
-             "linear": make_base(master, d / "base-linear", quantization_config=linear_qc)}
-    masters = {"none": master, "regex": fp8_master, "linear": master}
+             "linear": make_base(master, d / "base-linear", quantization_config=linear_qc),
+             "dsv3-linear": make_base(dsv3, d / "base-dsv3-linear", quantization_config=linear_qc)}
+    masters = {"none": master, "regex": fp8_master, "linear": master, "dsv3-linear": dsv3}
     out = {k: _assemble(masters[k], b, d / f"out-{k}") for k, b in bases.items()}
     return {"out": out, "fp8_master": fp8_master, "d": d}
 
@@ -140,6 +143,21 @@ def test_vllm_gives_each_mtp_module_the_intended_scheme(vllm_view, base):
         quantised = not m["method"].startswith("Unquantized")
         assert quantised == (expected[prefix] is not None), (prefix, m["method"])
     assert by_prefix[L + "ffn.experts"]["class"] == "RoutedExperts"
+
+
+def test_dsv3_linear_base(vllm_view):
+    """DeepSeek-V3's MTP keeps the checkpoint prefixes (model.layers.{n}.*, its shared head as
+    .head): only the routed experts get a scheme; every shard tensor lands on a parameter."""
+    view = vllm_view["dsv3-linear"]
+    by_prefix = {m["prefix"]: m for m in view["modules"].values()}
+    experts = "model.layers.2.mlp.experts"
+    assert by_prefix[experts]["weights"] == W4A16 and by_prefix[experts]["method"] == "CompressedTensorsWNA16MoEMethod"
+    others = {p: m for p, m in by_prefix.items() if p != experts}
+    assert "model.layers.2.head" in others and "model.layers.2.self_attn.o_proj" in others
+    assert all(m["weights"] is None and m["method"].startswith("Unquantized") for m in others.values()), others
+    bad = {n: p for n, p in view["placed"].items() if not isinstance(p, list) or not p}
+    assert not bad and len(view["placed"]) > 72, bad
+    assert not [p for p in view["unloaded"] if ".experts." in p or ".self_attn." in p], view["unloaded"]
 
 
 @pytest.mark.parametrize("base", ["none", "regex", "linear"])
