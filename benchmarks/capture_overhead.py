@@ -56,10 +56,9 @@ def main() -> int:
         model = str(make_dsv3(work / "model", seed=0, **BENCH_SIZE))
     os.environ.update(REQUANT_CAPTURE=str(work / "store"), REQUANT_CAPTURE_WRITER="bench",
                       REQUANT_CAPTURE_STATS=str(work / "stats.json"), VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
-    from requant.capture import Capturer
-    from requant.hooks.plugin import WorkerCapture, close_all, pause_all
+    from requant.hooks.plugin import WorkerCapture, close_all
 
     # Time spent in capture code on the serving thread (hooks, bookkeeping): a load-robust
     # upper bound of what capture adds to each step there (the writer thread runs beside it).
@@ -73,38 +72,12 @@ def main() -> int:
             finally:
                 spent["s"] += time.perf_counter() - t
         return wrapper
-    for cls, names in ((Capturer, ("add_step", "finish")), (WorkerCapture, ("_take_layout", "after_sampling"))):
-        for name in names:
-            setattr(cls, name, timed(getattr(cls, name)))
+    for name in ("before_forward", "after_forward", "after_sampling", "finish"):  # the runner's calls into capture
+        setattr(WorkerCapture, name, timed(getattr(WorkerCapture, name)))
 
     llm = LLM(model, enforce_eager=True, dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=1024,
               enable_prefix_caching=False, max_num_seqs=args.prompts)
-    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
-    prompts = [{"prompt_token_ids": [0] + [(7 * i + 13 * j) % (vocab - 10) + 5 for j in range(24 + 4 * i)]}
-               for i in range(args.prompts)]
-    sp = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
-
-    def rows_of(outs):
-        return sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outs)
-
-    expected = rows_of(llm.generate(prompts[:2], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
-                                    use_tqdm=False))  # warm-up, captured
-    runs = []
-    for i in range(2 * args.pairs):
-        capture = (i % 2 == 1) != ((i // 2) % 2 == 1)  # A B, B A, A B, ...: order effects cancel
-        pause_all(not capture)
-        spent["s"] = 0.0
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, sp, use_tqdm=False)
-        dt = time.perf_counter() - t0
-        hook_s = spent["s"]
-        gen = sum(len(o.outputs[0].token_ids) for o in outs)
-        if capture:
-            expected += rows_of(outs)
-        runs.append({"capture": capture, "seconds": dt, "generated": gen, "tok_per_s": gen / dt,
-                     "serving_thread_capture_seconds": hook_s})
-        print(f"run {i:2d}: capture {'on ' if capture else 'off'} {gen / dt:8.1f} tok/s  ({gen} tokens, {dt:.2f} s; "
-              f"in capture code on the serving thread {1e3 * hook_s:.1f} ms)", flush=True)
+    runs, expected = interleaved_runs(llm, bench_prompts(model, args.prompts), args.tokens, args.pairs, spent)
     t0 = time.perf_counter()
     close_all()
     close_s = time.perf_counter() - t0
@@ -132,6 +105,49 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     return 0 if st["rows"] == expected and st["dropped_sequences"] == 0 else 1
+
+
+def bench_prompts(model: str, n: int) -> list[dict]:
+    """``n`` token-id prompts of 25, 29, … tokens (no tokenizer involved)."""
+    vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
+    return [{"prompt_token_ids": [0] + [(7 * i + 13 * j) % (vocab - 10) + 5 for j in range(24 + 4 * i)]}
+            for i in range(n)]
+
+
+def interleaved_runs(llm, prompts: list[dict], tokens: int, pairs: int, spent: dict | None = None):
+    """A warm-up (captured), then ``2 × pairs`` timed generates of the whole batch, capture
+    paused (A) and on (B) in pairs ordered A B, B A, A B, … (order effects cancel). Returns
+    (runs, rows the store must hold: prompt + generated − 1 per captured request)."""
+    from vllm import SamplingParams
+
+    from requant.hooks.plugin import pause_all
+
+    sp = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+
+    def rows_of(outs):
+        return sum(len(o.prompt_token_ids) + len(o.outputs[0].token_ids) - 1 for o in outs)
+
+    expected = rows_of(llm.generate(prompts[:2], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                                    use_tqdm=False))
+    runs = []
+    spent = spent if spent is not None else {"s": 0.0}
+    for i in range(2 * pairs):
+        capture = (i % 2 == 1) != ((i // 2) % 2 == 1)
+        pause_all(not capture)
+        spent["s"] = 0.0
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        hook_s = spent["s"]
+        gen = sum(len(o.outputs[0].token_ids) for o in outs)
+        if capture:
+            expected += rows_of(outs)
+        runs.append({"capture": capture, "seconds": dt, "generated": gen, "tok_per_s": gen / dt,
+                     "serving_thread_capture_seconds": hook_s})
+        print(f"run {i:2d}: capture {'on ' if capture else 'off'} {gen / dt:8.1f} tok/s  ({gen} tokens, {dt:.2f} s; "
+              f"in capture code on the serving thread {1e3 * hook_s:.1f} ms)", flush=True)
+    pause_all(False)
+    return runs, expected
 
 
 class _ListSink:

@@ -86,7 +86,7 @@ def capture_hf(cfg: HFCaptureConfig, prompts: list) -> dict:
         current["pos"] += t
         cap.add_step([current["req"]], [t], h, ids, pos)
 
-    handles = attach(point, model, on_rows, hidden * hc)
+    hooks = attach(point, model, on_rows, hidden * hc)
     requests = []
     try:
         for i, p in enumerate(prompts):
@@ -102,8 +102,7 @@ def capture_hf(cfg: HFCaptureConfig, prompts: list) -> dict:
             cap.finish(current["req"], tokens)
             requests.append({"req": current["req"], "tokens": tokens})
     finally:
-        for h in handles:
-            h.remove()
+        hooks.remove()
         cap.close()
     return {"stats": cap.stats.as_dict(), "requests": requests}
 

@@ -4,11 +4,22 @@ Registered under the ``vllm.general_plugins`` entry point, so vLLM calls ``regis
 every process it starts (front end, engine core, workers); it does nothing unless
 ``REQUANT_CAPTURE`` names a store. Then, in each worker, right after the model (and the
 MTP drafter) loads, the configured capture points (``hooks/points.py``) are resolved on
-the real module tree — a point that matches nothing, a missing MTP drafter, CUDA graphs /
-torch.compile, prefix caching or an unusable store stop the server before it serves.
-Only tensor-parallel rank 0 writes (states are replicated after the all-reduce). vLLM's
-V1 model runner only: a server on Model Runner V2 (the GPU default with Triton) is refused
-at start-up (``VLLM_USE_V2_MODEL_RUNNER=0``).
+the real module tree — picked by the architecture and the Python module of the model class
+actually built (vLLM builds DeepSeek-V4 from a different tree per platform). A point that
+matches nothing, a missing MTP drafter, a mode the point cannot be read in, prefix caching,
+async scheduling or an unusable store stop the server before it serves. Only
+tensor-parallel rank 0 writes (states are replicated after the all-reduce). vLLM's V1 model
+runner only: a server on Model Runner V2 (the GPU default with Triton) is refused at
+start-up (``VLLM_USE_V2_MODEL_RUNNER=0``).
+
+Compilation: target-model points are emitted after the runner's model call returns
+(``GPUModelRunner._model_forward``), outside torch.compile'd code and CUDA graphs, so they
+run with compilation and CUDA graphs on. Their hidden state is the root's output, a buffer
+the model fills itself (DSV4's ``_mtp_hidden_buffer``), or a hook inside the forward that
+only copies into a stash allocated here, before graph capture (captured graphs replay the
+copy). A hook inside a module vLLM torch.compiles is refused unless ``--enforce-eager``
+(the compiled artifact, possibly loaded from vLLM's cache, would not contain it). Drafter
+points (``mtp_input``) hook the MTP layer inside the drafter and need ``--enforce-eager``.
 
 Row bookkeeping (vLLM V1): a forward's rows are the scheduled tokens of the persistent
 batch's requests in batch order (``input_batch.req_ids`` × ``num_scheduled_tokens``), taken
@@ -114,6 +125,7 @@ def register() -> None:
     except Exception:  # noqa: BLE001 — not importable here (CPU build): V2 is never used
         pass
     execute_model = GPUModelRunner.execute_model
+    model_forward = GPUModelRunner._model_forward
     sample_tokens = GPUModelRunner.sample_tokens
     removed = GPUModelRunner._on_request_state_removed
 
@@ -122,6 +134,15 @@ def register() -> None:
         if cap is not None:
             cap.scheduler_output = scheduler_output
         return execute_model(self, scheduler_output, *args, **kwargs)
+
+    def model_forward_with_capture(self, *args, **kwargs):
+        cap = getattr(self, "_requant", None)
+        if cap is None:
+            return model_forward(self, *args, **kwargs)
+        cap.before_forward()
+        out = model_forward(self, *args, **kwargs)
+        cap.after_forward(args, kwargs, out)
+        return out
 
     def sample_tokens_with_capture(self, *args, **kwargs):
         out = sample_tokens(self, *args, **kwargs)
@@ -137,6 +158,7 @@ def register() -> None:
         return removed(self, req_id, req_state, *args, **kwargs)
 
     GPUModelRunner.execute_model = execute_model_with_capture
+    GPUModelRunner._model_forward = model_forward_with_capture
     GPUModelRunner.sample_tokens = sample_tokens_with_capture
     GPUModelRunner._on_request_state_removed = removed_with_capture
     GPUModelRunner._requant_capture = True
@@ -157,7 +179,7 @@ class WorkerCapture:
         from requant.capture import Capturer
 
         from .attach import attach
-        from .points import CapturePointError, find_point, row_shape
+        from .points import row_shape
 
         self.runner, self.cfg = runner, cfg
         self.scheduler_output = None
@@ -167,9 +189,6 @@ class WorkerCapture:
         self.checked: dict[str, int] = {}  # output tokens already stop-checked, per request
         self.paused = False
         mc = runner.model_config
-        if not mc.enforce_eager:
-            raise RuntimeError("requant capture needs eager mode (enforce_eager=True / --enforce-eager): "
-                               "forward hooks do not run inside CUDA graphs or torch.compile'd code")
         if getattr(runner, "use_async_scheduling", False):
             raise RuntimeError("requant capture needs async scheduling off (--no-async-scheduling): with it the "
                                "worker holds placeholder ids for sampled tokens, so rows cannot be paired with "
@@ -183,30 +202,58 @@ class WorkerCapture:
         except Exception:  # noqa: BLE001 — no distributed state: a single rank
             self.writes = True
         arch = (mc.architectures or [type(runner.get_model()).__name__])[0]
-        target = runner.get_model()
-        # Batch layout: taken when the target forward starts (scheduler output → rows).
-        target.register_forward_pre_hook(self._take_layout)
-        self.capturers = {}
+        max_tokens = runner.scheduler_config.max_num_batched_tokens
+        # Every point is resolved and hooked before any store is created: a refused start
+        # writes nothing.
+        self.capturers: dict = {}
+        self.boundary = []  # target attachments, emitted after each target forward
+        shapes = {}
         for name in cfg.points:
-            point = find_point(name, "vllm", arch)
-            if point.tree == "drafter":
-                drafter = getattr(getattr(runner, "drafter", None), "model", None)
-                if drafter is None:
-                    raise CapturePointError(f"capture point {name!r} reads the MTP layer, but this server runs no MTP "
-                                            "speculative decoding (--speculative-config "
-                                            "'{\"method\":\"mtp\",\"num_speculative_tokens\":1}'); "
-                                            "target_pre_head captures the same rows without it")
-                root = drafter
-            else:
-                root = target
+            point, root, hidden_ref = self._point(name, arch)
             hidden, hc = row_shape(point, mc.hf_config)
-            cap = self._capturer(name, hidden, hc, point.ids_offset, Capturer) if self.writes else None
-            self.capturers[name] = cap
-            attach(point, root, self._on_rows(cap, point.tree == "drafter", point.fresh), hidden * hc)
+            shapes[name] = (hidden, hc, point.ids_offset)
+            target = point.tree == "target"
+            fresh = point.fresh and hidden_ref.at_root and mc.enforce_eager  # else a buffer graphs rewrite
+            att = attach(point, root, self._on_rows(name, not target, fresh), hidden * hc, boundary=target,
+                         stash_rows=max_tokens, dtype=mc.dtype, device=runner.device)
+            if target:
+                self.boundary.append(att)
+        for name, (hidden, hc, ids_offset) in shapes.items():
+            self.capturers[name] = self._capturer(name, hidden, hc, ids_offset, Capturer) if self.writes else None
         # Flush before the interpreter shuts thread pools down (plain atexit runs too late
         # for the store writer's encode pool); atexit stays as a fallback.
         (getattr(threading, "_register_atexit", None) or atexit.register)(self.close)
         _ACTIVE.append(self)
+
+    def _point(self, name: str, arch: str):
+        """(point, tree root, hidden ref) for ``name`` on this runner's model; refuses a point
+        this server cannot give rows for, naming the setting to change."""
+        from .points import POINTS, CapturePointError, find_point, resolve_hidden
+
+        runner = self.runner
+        target = runner.get_model()
+        if name in {p.name for p in POINTS if p.tree == "drafter"}:
+            drafter = getattr(getattr(runner, "drafter", None), "model", None)
+            if drafter is None:
+                raise CapturePointError(f"capture point {name!r} reads the MTP layer, but this server runs no MTP "
+                                        "speculative decoding (--speculative-config "
+                                        "'{\"method\":\"mtp\",\"num_speculative_tokens\":1}'); "
+                                        "target_pre_head captures the same rows without it")
+            if not runner.model_config.enforce_eager:
+                raise CapturePointError(f"capture point {name!r} hooks the MTP layer inside the drafter, which vLLM "
+                                        "compiles and runs in CUDA graphs, where hooks do not run: start vLLM with "
+                                        "--enforce-eager, or capture target_pre_head (the same rows), which works "
+                                        "with compilation on")
+            point = find_point(name, "vllm", arch, type(drafter).__module__)
+            ref, _ = resolve_hidden(point, drafter, f"capture point {name!r} hidden")
+            return point, drafter, ref
+        point = find_point(name, "vllm", arch, type(target).__module__)
+        ref, _ = resolve_hidden(point, target, f"capture point {name!r} hidden")
+        if not runner.model_config.enforce_eager:
+            refusal = compile_refusal(name, ref, target, runner.compilation_config.mode)
+            if refusal:
+                raise CapturePointError(refusal)
+        return point, target, ref
 
     def _capturer(self, name: str, hidden: int, hc: int, ids_offset: int, capturer_cls):
         from requant.storage import CaptureStore, StoreMeta
@@ -226,7 +273,18 @@ class WorkerCapture:
         return capturer_cls(writer, width=hidden * hc, rows_per_step=max_tokens, ids_offset=ids_offset,
                             slots=cfg.slots, replica=cfg.replica, first_seq_id=writer.stats.sequences)
 
-    def _take_layout(self, module, args) -> None:
+    def before_forward(self) -> None:
+        """The runner is about to call the target model."""
+        self._take_layout()
+
+    def after_forward(self, args: tuple, kwargs: dict, output) -> None:
+        """The runner's target-model call returned: emit the target points' rows."""
+        if self.layout is None:
+            return
+        for att in self.boundary:
+            att.after_forward(args, kwargs, output)
+
+    def _take_layout(self) -> None:
         so, self.scheduler_output = self.scheduler_output, None  # dummy/profile runs: none
         self.mtp_pending = so is not None
         if so is None or self.paused:
@@ -235,8 +293,9 @@ class WorkerCapture:
         req_ids = list(self.runner.input_batch.req_ids)
         self.layout = (req_ids, [so.num_scheduled_tokens.get(r, 0) for r in req_ids])
 
-    def _on_rows(self, cap, drafter: bool, fresh: bool):
+    def _on_rows(self, name: str, drafter: bool, fresh: bool):
         def on_rows(hidden, ids, positions):
+            cap = self.capturers.get(name)
             if cap is None or self.layout is None:
                 return
             if drafter:  # only the first MTP call of a step takes target states
@@ -346,6 +405,30 @@ def close_all() -> None:
     (in-process engines: VLLM_ENABLE_V1_MULTIPROCESSING=0); otherwise this happens at exit."""
     while _ACTIVE:
         _ACTIVE.pop().close()
+
+
+def compile_refusal(name: str, ref, root, mode) -> str | None:
+    """Why target point ``name``, read at ``ref`` of ``root``, cannot be captured under vLLM
+    compilation mode ``mode`` (None if it can): a hook inside the forward of a module vLLM
+    torch.compiles never runs — the compiled artifact, possibly loaded from vLLM's cache, has
+    no Python hooks. Root refs and buffers the model fills itself are read after the forward."""
+    from vllm.config import CompilationMode
+
+    if ref.at_root or ref.io == "buffer":
+        return None
+    inside = ""
+    if mode == CompilationMode.STOCK_TORCH_COMPILE:
+        inside = f"{type(root).__name__} (compilation mode STOCK_TORCH_COMPILE)"
+    parts = ref.module.split(".") if ref.module else []
+    for i in range(len(parts) + 1):
+        sub = ".".join(parts[:i])
+        mod = root.get_submodule(sub) if sub else root
+        if not inside and getattr(mod, "do_not_compile", True) is False:  # set by vLLM's @support_torch_compile
+            inside = f"{sub or '<root>'} ({type(mod).__name__})"
+    if not inside:
+        return None
+    return (f"capture point {name!r} reads {ref.describe()}, inside {inside}, which vLLM torch.compiles (compiled "
+            "code runs no Python hooks): start vLLM with --enforce-eager")
 
 
 def _vllm_version() -> str:

@@ -6,7 +6,8 @@ Output directory (built in a temp dir beside ``out`` and renamed into place by t
   checkpoint's expert naming (``MTPSpec.expert_name`` + ``.weight_packed|.weight_scale|
   .weight_shape``), and every other MTP tensor of the master passed through byte for byte:
   BF16/FP32 as they are, FP8 block linears with their scale field renamed to the base
-  checkpoint's convention (upstream DSV4 ``.scale``, vLLM/HF ``.weight_scale_inv``).
+  checkpoint's convention (upstream DSV4 ``.scale``, vLLM/HF ``.weight_scale_inv``,
+  compressed-tensors ``.weight_scale``).
 * the base shards, hard-linked (copied across file systems), never modified; a base shard
   that holds MTP tensors (a base that kept its MTP layer) is written filtered instead, or
   left out when it holds nothing else, since vLLM loads every tensor of every listed file;
@@ -14,7 +15,8 @@ Output directory (built in a temp dir beside ``out`` and renamed into place by t
   where it was, every MTP tensor in the new shard, each name exactly once;
 * ``config.json`` — the base config with ``quantization_config`` merged: a W4A16 group whose
   targets are the MTP routed experts (placed first, so vLLM's first-match picks it), the
-  MTP's unquantised linears added to ``ignore``; the base's groups and ignores kept;
+  MTP's unquantised linears added to ``ignore`` under the checkpoint names and vLLM's; the
+  base's groups and ignores kept; computed and checked before anything is written;
 * tokenizer / generation files of the base, copied.
 """
 from __future__ import annotations
@@ -98,10 +100,18 @@ def expert_modules(spec: MTPSpec) -> set[str]:
     return {spec.expert_name(e, p) for e in range(spec.n_experts) for p in ("w1", "w2", "w3")}
 
 
-def resolve_fp8_scale(cfg: AssembleConfig, base_names: list[str]) -> str:
-    """The scale suffix FP8 pass-through tensors get ("keep" = as in the master)."""
+def resolve_fp8_scale(cfg: AssembleConfig, base_names: list[str], fp8_modules: set[str] | None = None) -> str:
+    """The scale suffix FP8 pass-through tensors get ("keep" = as in the master): the one the
+    base's FP8 linears (``fp8_modules``, when known) carry — compressed-tensors FP8 names it
+    ``.weight_scale``, DeepSeek/vLLM ``.weight_scale_inv``, upstream ``.scale``."""
     if cfg.fp8_scale != "auto":
         return cfg.fp8_scale
+    if fp8_modules is not None:
+        names = set(base_names)
+        for suffix in (".weight_scale_inv", ".scale", ".weight_scale"):
+            if any(m + suffix in names for m in fp8_modules):
+                return suffix
+        return "keep"
     if any(n.endswith(".weight_scale_inv") for n in base_names):
         return ".weight_scale_inv"
     if any(n.endswith(".scale") for n in base_names):
@@ -139,13 +149,42 @@ def passthrough_tensors(master: Path, spec: MTPSpec, scale_to: str) -> tuple[dic
 
 
 # -- quantization_config -----------------------------------------------------------------
+#
+# vLLM matches a checkpoint's quantization_config against the prefixes its modules are built
+# with, after mapping layer-path entries through the target's weight-name mapper (DSV4's
+# drops every entry containing "mtp."). DSV4's MTP (vllm/models/deepseek_v4/*/mtp.py) builds
+# its layer as model.layers.{num_hidden_layers}.* — e_proj, h_proj, attn.* and ffn.* directly
+# under it, the shared expert's w2 as down_proj, the shared head as .head — and fuses
+# wq_a + wkv (fused_wqa_wkv) and the shared expert's w1 + w3 (gate_up_proj). DSV3's MTP keeps
+# the checkpoint prefixes, its shared head again as .head. Entries are therefore written under
+# both the checkpoint names (what compressed-tensors itself matches) and vLLM's.
+
+_FUSED = {"dsv4": (("attn.wq_a", "attn.wkv"), ("ffn.shared_experts.w1", "ffn.shared_experts.w3")),
+          "dsv3": (("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"),
+                   ("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj"))}
+
 
 def _matches(target: str, name: str) -> bool:
     """compressed-tensors / vLLM target matching: ``re:`` regex (re.match) or the exact module
-    name; the class target ``Linear`` matches every linear module."""
+    name; a class target (no dot, e.g. ``Linear``) is taken to match every linear module."""
     if target.startswith("re:"):
         return re.match(target[3:], name) is not None
-    return target == name or target == "Linear"
+    return target == name or ("." not in target and target.endswith("Linear"))
+
+
+def _mtp_layer(spec: MTPSpec, master_config: dict) -> str:
+    return (f"model.layers.{master_config['num_hidden_layers']}." if spec.arch == "dsv4" else spec.prefix)
+
+
+def vllm_names(spec: MTPSpec, master_config: dict, module: str) -> list[str]:
+    """The names under which vLLM matches MTP checkpoint module ``module`` (itself included)."""
+    rest = module.removeprefix(spec.prefix)
+    if rest == "shared_head.head":
+        rest = "head"
+    if spec.arch == "dsv4":
+        rest = rest.replace("ffn.shared_experts.w2", "ffn.shared_experts.down_proj")
+    out = [module, _mtp_layer(spec, master_config) + rest]
+    return list(dict.fromkeys(out))
 
 
 def expert_targets(spec: MTPSpec, master_config: dict) -> list[str]:
@@ -161,22 +200,60 @@ def expert_targets(spec: MTPSpec, master_config: dict) -> list[str]:
     return out
 
 
+def _scheme_of(qc: dict, names: list[str]) -> str | None:
+    """vLLM's view of one module: None if an ignore entry matches any of its names, else the
+    first config group (in order) with a matching target; "" when none does."""
+    if any(_matches(e, n) for e in qc.get("ignore") or [] for n in names):
+        return None
+    for gname, g in (qc.get("config_groups") or {}).items():
+        if any(_matches(t, n) for t in g.get("targets", []) for n in names):
+            return gname
+    return ""
+
+
+def check_mtp_view(qc: dict, spec: MTPSpec, master_config: dict, mtp_linears: list[str], fp8_modules: list[str],
+                   group_name: str) -> None:
+    """What vLLM will make of the merged config, before anything is written: the routed experts
+    in ``group_name``, every MTP linear written in BF16 unquantised, and both halves of each
+    module vLLM fuses under the same scheme. Raises naming the module."""
+    for e, proj in ((0, "w1"), (spec.n_experts - 1, "w2")):
+        m = spec.expert_name(e, proj)
+        got = _scheme_of(qc, vllm_names(spec, master_config, m))
+        if got != group_name:
+            raise ValueError(f"MTP routed expert {m}: vLLM would give it "
+                             f"{'no scheme (ignored)' if got is None else repr(got) if got else 'no scheme'}, "
+                             f"not the MTP group {group_name!r}")
+    views = {}
+    for m in mtp_linears:
+        views[m] = _scheme_of(qc, vllm_names(spec, master_config, m))
+        if m not in fp8_modules and views[m]:
+            raise ValueError(f"base quantization_config group {views[m]!r} would quantise the MTP module {m} "
+                             f"(vLLM: {vllm_names(spec, master_config, m)[-1]}), which the shard holds unquantised")
+    for a, b in _FUSED[spec.arch]:
+        a, b = spec.prefix + a, spec.prefix + b
+        if a in views and b in views and views[a] != views[b]:
+            raise ValueError(f"vLLM fuses the MTP modules {a} and {b} into one layer, but the merged "
+                             f"quantization_config gives them different schemes ({views[a]!r} vs {views[b]!r}): "
+                             "the base's groups must serve both or neither")
+
+
 def merge_quant_config(base_qc: dict | None, spec: MTPSpec, master_config: dict, mtp_linears: list[str],
                        fp8_modules: list[str], base_modules: list[str], cfg: AssembleConfig) -> tuple[dict, list[str]]:
     """Base ``quantization_config`` (or none) + the MTP experts' W4A16 group + MTP ignores.
-    Returns (config, notes). Refuses a base whose config cannot take the MTP experts."""
+    Returns (config, notes). Refuses a base whose config cannot take the MTP layer."""
     notes: list[str] = []
     qc = copy.deepcopy(base_qc) if base_qc else {}
     if qc and qc.get("quant_method") not in (None, "compressed-tensors"):
         raise ValueError(f"base quantization_config has quant_method {qc.get('quant_method')!r}: the MTP shard is "
                          "compressed-tensors pack-quantized and can only merge into a compressed-tensors config")
     experts = sorted(expert_modules(spec))
+    expert_names = [n for m in experts for n in vllm_names(spec, master_config, m)]
     targets = expert_targets(spec, master_config)
     # base ignores that would switch our experts off: drop them if they only cover the MTP
     ignore = list(qc.get("ignore") or [])
     kept = []
     for entry in ignore:
-        if not any(_matches(entry, n) for n in experts):
+        if not any(_matches(entry, n) for n in expert_names):
             kept.append(entry)
             continue
         if any(_matches(entry, m) for m in base_modules if not m.startswith(spec.prefix)):
@@ -189,24 +266,27 @@ def merge_quant_config(base_qc: dict | None, spec: MTPSpec, master_config: dict,
     while name in groups:
         name += "_"
     for gname, g in groups.items():
-        if any(_matches(t, experts[0]) for t in g.get("targets", [])):
+        if any(_matches(t, n) for t in g.get("targets", []) for n in expert_names[:2]):
             notes.append(f"base group {gname!r} also targets the MTP experts; {name!r} is listed first so it applies")
     qc["config_groups"] = {name: group, **groups}
-    # the MTP's other linears stay unquantised unless a base group serves them (FP8 pass-through)
+    # The MTP's other linears stay unquantised (under every name vLLM matches them by) unless
+    # they are FP8 and a base group serves them (FP8 pass-through); the shared head always.
     new_ignore = []
-    for m in mtp_linears:
-        served = any(_matches(t, m) for g in groups.values() for t in g.get("targets", []))
+    for m in mtp_linears + [spec.prefix + "shared_head.head"]:
+        names = vllm_names(spec, master_config, m)
+        served = any(_matches(t, n) for g in groups.values() for t in g.get("targets", []) for n in names)
         if m in fp8_modules and served:
             continue
         if m in fp8_modules:
             notes.append(f"FP8 MTP module {m} is matched by no base quantization group; listed in ignore")
-        new_ignore.append(m)
-    qc["ignore"] = kept + [m for m in new_ignore if m not in kept]
+        new_ignore += names
+    qc["ignore"] = kept + [m for m in dict.fromkeys(new_ignore) if m not in kept]
     qc.setdefault("quant_method", "compressed-tensors")
     qc.setdefault("format", "pack-quantized" if not groups else "mixed-precision")
     qc.setdefault("quantization_status", "compressed")
     if groups and qc.get("format") not in ("mixed-precision", "pack-quantized"):
         notes.append(f"base format {qc['format']!r} kept; the MTP group carries format 'pack-quantized' itself")
+    check_mtp_view(qc, spec, master_config, mtp_linears, fp8_modules, name)
     return qc, notes
 
 
@@ -328,7 +408,9 @@ def write_assembly(tmp: Path, base: Path, base_config: dict, base_index: dict, s
             raise ValueError(f"base index maps {n} to {f}, which does not hold it")
     if cfg.shard_name in base_files:
         raise ValueError(f"base checkpoint already has a shard named {cfg.shard_name}")
-    scale_to = resolve_fp8_scale(cfg, base_names)
+    base_fp8 = {n[: -len(".weight")] for h in headers.values() for n, v in h.items()
+                if n.endswith(".weight") and v["dtype"] == "F8_E4M3"}
+    scale_to = resolve_fp8_scale(cfg, base_names, base_fp8)
     passthrough, fp8_modules = passthrough_tensors(master, spec, scale_to)
     shard = {**passthrough, **packed}
     expected = {spec.expert_name(e, p) + s for e in range(spec.n_experts) for p in ("w1", "w2", "w3")
@@ -336,14 +418,15 @@ def write_assembly(tmp: Path, base: Path, base_config: dict, base_index: dict, s
     if set(packed) != expected:
         missing = sorted(expected - set(packed))
         raise RuntimeError(f"packed experts incomplete: {len(missing)} tensors missing (first {missing[:2]})")
+    base_modules = sorted({n.rsplit(".", 1)[0] for n in base_names})
+    # the config first: a base it cannot take is refused before anything is written
+    qc, notes = merge_quant_config(base_config.get("quantization_config"), spec, master_config,
+                                   mtp_linear_modules(spec, list(shard)), fp8_modules, base_modules, cfg)
     write_safetensors(tmp / cfg.shard_name, shard, durable=durable)
     links = {f: place_base_shard(base / f, tmp / f, headers[f], spec.prefix, durable) for f in base_files}
     links = {f: how for f, how in links.items() if how != "dropped"}
     index, dropped = union_index(base_index, base_sizes, spec.prefix, cfg.shard_name, shard)
     (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    base_modules = sorted({n.rsplit(".", 1)[0] for n in base_names})
-    qc, notes = merge_quant_config(base_config.get("quantization_config"), spec, master_config,
-                                   mtp_linear_modules(spec, list(shard)), fp8_modules, base_modules, cfg)
     config = dict(base_config)
     config["quantization_config"] = qc
     n_mtp = int(master_config.get("num_nextn_predict_layers", 1) or 1)

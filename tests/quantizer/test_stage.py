@@ -179,7 +179,9 @@ def test_merge_keeps_base_config_and_refuses_conflicts(env):
     base_modules = ["layers.0.ffn.experts.0.w1", "head", "lm_head"]
     qc, notes = merge_quant_config(base_qc, spec, master_cfg, ["mtp.0.e_proj"], [], base_modules, AssembleConfig())
     assert list(qc["config_groups"]) == ["group_mtp_experts", "group_0"] and qc["config_groups"]["group_0"] == base_group
-    assert qc["ignore"] == ["lm_head", "mtp.0.e_proj"] and "kv_cache_scheme" in qc
+    # the MTP's unquantised linears under the checkpoint name and vLLM's (model.layers.{n}.*), the shared head too
+    assert qc["ignore"] == ["lm_head", "mtp.0.e_proj", "model.layers.2.e_proj", "mtp.0.shared_head.head",
+                            "model.layers.2.head"] and "kv_cache_scheme" in qc
     assert any("re:^mtp" in n for n in notes)
     bad = dict(base_qc, ignore=["re:.*experts.*"])
     with pytest.raises(ValueError, match="matches the MTP routed experts and base modules"):
@@ -520,7 +522,7 @@ def test_fp8_passthrough_renames_scales_to_the_base_convention(env, tmp_path):
 
 
 def test_failure_while_assembling_leaves_nothing(env, tmp_path):
-    """A base config that cannot take the MTP experts is found after the shard is written:
+    """A base config that cannot take the MTP experts is refused (before the shard is written):
     the temp dir goes, ``out`` never appears."""
     base = env["base"]
     odd = tmp_path / "odd-base"
