@@ -29,12 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from .arch import MTPSpec
+from .arch import MTPSpec, check_config
 from .pack import w4a16_config_group
 from .quant import QuantSpec
-from .weights import SCALE_SUFFIXES, _shards
+from .weights import SCALE_SUFFIXES, _shards, open_tensors, read_header, read_json
 
 INDEX = "model.safetensors.index.json"
 SCALE_CONVENTIONS = ("auto", "keep", ".scale", ".weight_scale_inv", ".weight_scale")
@@ -57,12 +56,9 @@ class AssembleConfig:
 # -- base checkpoint ---------------------------------------------------------------------
 
 def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (names → dtype, shape, data_offsets)."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        head = json.loads(f.read(n))
-    head.pop("__metadata__", None)
-    return head
+    """The JSON header of a safetensors file (names → dtype, shape, data_offsets), checked
+    against the file (a cut or damaged shard is an error naming it, never linked in)."""
+    return read_header(path)
 
 
 def read_base(base: Path) -> tuple[dict, dict]:
@@ -75,13 +71,14 @@ def read_base(base: Path) -> tuple[dict, dict]:
     if not index_file.exists():
         raise FileNotFoundError(f"base checkpoint {base} has no {INDEX}: the MTP shard is added through the "
                                 "index; re-save the base sharded (safetensors with an index)")
-    index = json.loads(index_file.read_text())
-    if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
+    index = read_json(index_file, "checkpoint index")
+    wm = index.get("weight_map")
+    if not isinstance(wm, dict) or not wm or not all(isinstance(f, str) for f in wm.values()):
         raise ValueError(f"{index_file}: no weight_map")
-    missing = sorted({f for f in index["weight_map"].values() if not (base / f).is_file()})
+    missing = sorted({f for f in wm.values() if not (base / f).is_file()})
     if missing:
         raise FileNotFoundError(f"{index_file} names shards that are not there: {', '.join(missing[:3])}")
-    return json.loads(cfg_file.read_text()), index
+    return check_config(read_json(cfg_file, "checkpoint config"), str(cfg_file)), index
 
 
 def check_base_matches(spec: MTPSpec, base_config: dict, master_config: dict) -> None:
@@ -122,7 +119,7 @@ def passthrough_tensors(master: Path, spec: MTPSpec, scale_to: str) -> tuple[dic
         for n in names:
             p = where[n]
             if p not in handles:
-                handles[p] = safe_open(str(p), "pt")
+                handles[p] = open_tensors(p)
             out[n] = handles[p].get_tensor(n)
     finally:
         handles.clear()
@@ -278,7 +275,7 @@ def place_base_shard(src: Path, dst: Path, header: dict, prefix: str, durable: b
         return link_or_copy(src, dst)
     if len(mtp) == len(header):
         return "dropped"
-    with safe_open(str(src), "pt") as f:
+    with open_tensors(src) as f:
         keep = {n: f.get_tensor(n) for n in header if not n.startswith(prefix)}
         meta = f.metadata()
     write_safetensors(dst, keep, metadata=meta, durable=durable)

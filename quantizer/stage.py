@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from .arch import MTPSpec, load_spec
+from .arch import MTPSpec, check_config, load_spec
 from .assemble import (AssembleConfig, check_base_matches, fsync_dir, read_base, safetensors_header,
                        write_assembly)
 from .distribute import KILL_ENV, SliceTask, gptq_batch_size, plan_slices, run_local, run_processes, run_ray
@@ -38,7 +38,7 @@ from .gptq import GPTQConfig
 from .limits import MAX_BYTES, MAX_ROWS
 from .replay import check_store_matches
 from .report import write_report
-from .weights import _shards
+from .weights import _shards, read_json
 
 REPLAYS = ("identity", "full", "both")
 MANIFEST = "requant-manifest.json"
@@ -90,7 +90,7 @@ def _master_config(master: Path) -> dict:
     f = (master if master.is_dir() else master.parent) / "config.json"
     if not f.exists():
         raise FileNotFoundError(f"master {master}: no config.json (needed to identify the MTP layer)")
-    return json.loads(f.read_text())
+    return check_config(read_json(f, "checkpoint config"), str(f))
 
 
 def check_master(master: Path, spec: MTPSpec) -> dict[str, Path]:
@@ -170,9 +170,13 @@ def _hash_inputs(master: Path, where: dict[str, Path], spec: MTPSpec, base: Path
 def store_facts(path: str) -> dict:
     """Identity of a capture store: its metadata, committed rows per writer group, and an id
     (sha256 of both) that changes whenever rows are added."""
-    from requant.storage import CaptureStore
+    from requant.storage import CaptureStore, CorruptStoreError
 
     st = CaptureStore.open(path)
+    problems = st.verify(read_rows=False)  # damage found in seconds, not after the master is loaded
+    if problems:
+        raise CorruptStoreError(problems[0] + (f" (and {len(problems) - 1} more problems: requant store verify {path})"
+                                               if len(problems) > 1 else ""))
     groups = {g: dict(zip(("rows", "sequences"), st.committed(g))) for g in st.writer_names()}
     meta = st.meta.to_json()
     ident = hashlib.sha256(json.dumps([meta, groups], sort_keys=True).encode()).hexdigest()[:16]
@@ -252,6 +256,8 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
     check_base_matches(spec, base_config, master_config)
     if not out.parent.exists():
         raise FileNotFoundError(f"parent directory of --out {out} does not exist")
+    if not os.access(out.parent, os.W_OK):  # before the work, not after it (a read-only mount too)
+        raise PermissionError(f"parent directory of --out {out} is not writable")
     stores = [store_facts(s) for s in job.stores]
     rows = sum(s["rows"] for s in stores)
     timings["checks"] = time.perf_counter() - t_start
@@ -275,6 +281,7 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
     bars = _Bars(progress, rows * passes * len(tasks), 3 * spec.n_experts)
     ray_info = None
     tmp = None
+    writing = False
     try:
         t0 = time.perf_counter()
         if use_ray:
@@ -299,6 +306,7 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
             raise RuntimeError("workers disagree on the routing counts: replay is not deterministic here")
 
         t0 = time.perf_counter()
+        writing = True
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         facts = write_assembly(tmp, base, base_config, base_index, spec, master, master_config, packed,
                                AssembleConfig(fp8_scale=job.fp8_scale, spec=gptq.spec,
@@ -360,6 +368,12 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
         tmp = None
         if job.durable:
             fsync_dir(out.parent)
+    except OSError as e:
+        if not writing or tmp is None or e.errno is None:  # not a failed write into the temp dir
+            raise
+        # disk full, I/O error: the temp dir goes (below), nothing is published
+        raise OSError(e.errno, f"{out}: writing the output failed ({e.strerror or e}"
+                      f"{f': {e.filename}' if e.filename else ''}); nothing was published") from e
     finally:
         bars.close()
         hasher.shutdown(wait=True, cancel_futures=True)
