@@ -33,6 +33,8 @@ import torch
 from .arch import MTPSpec, check_config
 from .pack import w4a16_config_group
 from .quant import QuantSpec
+from requant.storage.schema import DamagedInputError
+
 from .weights import SCALE_SUFFIXES, _shards, open_tensors, read_header, read_json
 
 INDEX = "model.safetensors.index.json"
@@ -78,15 +80,30 @@ def read_base(base: Path) -> tuple[dict, dict]:
     missing = sorted({f for f in wm.values() if not (base / f).is_file()})
     if missing:
         raise FileNotFoundError(f"{index_file} names shards that are not there: {', '.join(missing[:3])}")
+    # Index and shards must agree both ways: the shards are linked into the output as they are,
+    # and vLLM loads every tensor of every listed file.
+    heads = {f: safetensors_header(base / f) for f in sorted(set(wm.values()))}
+    wrong = sorted(n for n, f in wm.items() if n not in heads[f])
+    if wrong:
+        raise DamagedInputError(f"{index_file} maps {wrong[0]} to {wm[wrong[0]]}, which does not hold it "
+                                f"({len(wrong)} such entries): the index or the shard is damaged or from "
+                                "another checkpoint")
+    for f, head in heads.items():
+        extra = sorted(n for n in head if wm.get(n) != f)
+        if extra:
+            raise DamagedInputError(f"{base / f}: holds {len(extra)} tensors {index_file.name} does not place in it "
+                                    f"(first {extra[0]}): the shard or the index is from another checkpoint")
     return check_config(read_json(cfg_file, "checkpoint config"), str(cfg_file)), index
 
 
-def check_base_matches(spec: MTPSpec, base_config: dict, master_config: dict) -> None:
-    """The base must be the same model as the master (the MTP layer plugs into it)."""
+def check_base_matches(spec: MTPSpec, base_config: dict, master_config: dict, where: str = "") -> None:
+    """The base must be the same model as the master (the MTP layer plugs into it).
+    ``where``: the two config files, for the message."""
     for key in ("hidden_size", "n_routed_experts", "num_hidden_layers", "moe_intermediate_size", "hc_mult"):
         a, b = master_config.get(key), base_config.get(key)
         if a is not None and b is not None and a != b:
-            raise ValueError(f"base config {key} = {b} but master config {key} = {a}: not the same model")
+            raise ValueError(f"base config {key} = {b!r} but master config {key} = {a!r}: not the same model"
+                             + (f" ({where})" if where else ""))
 
 
 # -- the MTP shard -----------------------------------------------------------------------
@@ -322,7 +339,7 @@ def write_assembly(tmp: Path, base: Path, base_config: dict, base_index: dict, s
     base_sizes = {n: h[n]["data_offsets"][1] - h[n]["data_offsets"][0] for h in headers.values() for n in h}
     for n, f in base_index["weight_map"].items():
         if n not in headers[f]:
-            raise ValueError(f"base index maps {n} to {f}, which does not hold it")
+            raise ValueError(f"{base / INDEX} maps {n} to {f}, which does not hold it")
     if cfg.shard_name in base_files:
         raise ValueError(f"base checkpoint already has a shard named {cfg.shard_name}")
     scale_to = resolve_fp8_scale(cfg, base_names)

@@ -253,7 +253,8 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
     where = check_master(master, spec)
     check_store_matches(SimpleNamespace(spec=spec), list(job.stores))
     base_config, base_index = read_base(base)
-    check_base_matches(spec, base_config, master_config)
+    check_base_matches(spec, base_config, master_config,
+                       where=f"{base / 'config.json'}, {(master if master.is_dir() else master.parent) / 'config.json'}")
     if not out.parent.exists():
         raise FileNotFoundError(f"parent directory of --out {out} does not exist")
     if not os.access(out.parent, os.W_OK):  # before the work, not after it (a read-only mount too)

@@ -91,6 +91,8 @@ def read_header(path: Path) -> dict:
     with open(path, "rb") as f:
         raw = f.read(8)
         n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if size == 0:
+            raise DamagedInputError(f"{path}: empty file, not a safetensors shard")
         if n < 2 or 8 + n > size:
             raise DamagedInputError(f"{path}: not a safetensors file, or cut short (header length "
                                     f"{n if n >= 0 else '?'}, file {size} bytes)")

@@ -206,8 +206,13 @@ class GroupWriter:
         self._closed = True
         try:
             self._put(self._q, (_STOP, None))
-        except StoreError:
-            pass  # the pipeline died; the error is raised below
+        except StoreError:  # the pipeline died (the error is raised below): still wake the writer
+            while self._thread.is_alive():  # thread if it waits for work, or it never ends
+                try:
+                    self._q.put((_STOP, None), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
         self._thread.join()
         self._committer.join()
         self._pool.shutdown()

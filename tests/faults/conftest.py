@@ -19,6 +19,7 @@ A_GROUPS = {"w0": [23, 31, 17, 40, 12, 29, 35, 20, 26, 33, 15, 28],  # 309 rows:
             "w1": [14, 22, 37, 19, 25]}
 A_TAIL = [30, 25, 40]          # written past w0's commit (rows 309–404: into shard 2 and a shard 3)
 B_GROUPS = {"w0": [30] * 14}    # 420 rows
+SHARD = "model-mtp-w4a16.safetensors"
 
 
 def stored_id(prompt: str) -> str:
@@ -74,8 +75,9 @@ def checkpoint(tmp_path_factory):
                                                                     "moe_intermediate_size": 128})
         master = fixtures.make_dsv4(d / "master", seed=0)
     base = make_base(master, d / "base")
+    sharded = make_base(master, d / "master-sharded", drop_mtp=False)  # the same master, indexed, 2 shards
     vocab = json.loads((master / "config.json").read_text())["vocab_size"]
-    return {"master": master, "base": base, "vocab": vocab}
+    return {"master": master, "base": base, "sharded_master": sharded, "vocab": vocab}
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +86,18 @@ def stores(tmp_path_factory, checkpoint):
     a = build_store(d / "a", A_GROUPS, seed=1, vocab=checkpoint["vocab"], tail=A_TAIL)
     build_store(d / "b", B_GROUPS, seed=2, vocab=checkpoint["vocab"])
     return {"a": d / "a", "b": d / "b", "a_prompts": a}
+
+
+@pytest.fixture(scope="session")
+def quantized(stores, checkpoint, tmp_path_factory):
+    """``requant quantize`` of the undamaged store and checkpoints: the shard every
+    successful run on damaged input must reproduce byte for byte."""
+    import hashlib
+
+    from .harness import cli
+
+    out = tmp_path_factory.mktemp("fault-ref") / "out"
+    r = cli("quantize", "--store", str(stores["a"]), "--master", str(checkpoint["master"]),
+            "--base", str(checkpoint["base"]), "--out", str(out), "--no-ray", "--quiet", "--device", "cpu")
+    assert r.rc == 0, r.err
+    return {"out": out, "shard": hashlib.sha256((out / SHARD).read_bytes()).hexdigest()}

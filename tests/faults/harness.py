@@ -177,6 +177,9 @@ class Matrix:
             tot.update(c)
         lines.append(f"  total     {tot['cases']:3d} cases: " + ", ".join(f"{o} {tot[o]}" for o in
                                                                           ACCEPTED + ("WRONG", "UNCLEAR") if tot[o]))
+        if env_flag("REQUANT_FAULTS_VERBOSE"):  # every outcome's note: the first line of each error
+            lines += [f"  {k} / {d} / {c}: {o}: {n}" for (k, d), cmds in self.rows.items()
+                      for c, (o, n) in cmds.items() if n]
         if self.seconds:
             lines.append("seconds: " + ", ".join(f"{c} {t:.1f}" for c, t in self.seconds.most_common()))
         return "\n".join(lines)

@@ -20,11 +20,10 @@ from requant.orchestrator.ledger import Ledger, StoreIndex, ledger_path
 from requant.storage import CaptureStore, StoreError, StoreMeta, StoreReader
 from requant.storage.schema import DamagedInputError
 
-from .conftest import META, append
+from .conftest import META, SHARD, append
 from .harness import DAMAGES, Matrix, call, clear_error, cli, no_partial_output
 
 LEDGER = "<ledger>"
-SHARD = "model-mtp-w4a16.safetensors"
 
 
 @dataclass(frozen=True)
@@ -112,20 +111,17 @@ def _resume_writer(path: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(stores, checkpoint, tmp_path_factory):
+def reference(stores, quantized, tmp_path_factory):
     """What every command gives on the undamaged store."""
-    d = tmp_path_factory.mktemp("fault-ref")
+    d = tmp_path_factory.mktemp("fault-ref-store")
     a = str(stores["a"])
     info = cli("store", "info", a)
-    q = cli("quantize", "--store", a, "--master", str(checkpoint["master"]), "--base", str(checkpoint["base"]),
-            "--out", str(d / "out"), "--no-ray", "--quiet", "--device", "cpu")
-    assert info.rc == 0 and q.rc == 0, (info.err, q.err)
+    assert info.rc == 0, info.err
     # w0 after a resumed writer appended one sequence to an undamaged copy
     shutil.copytree(stores["a"], d / "a")
     _resume_writer(str(d / "a"))
     return {"info": _info_lines(info.out), "read": read_all(a), "done": stores["a_prompts"],
-            "shard": _sha(d / "out" / SHARD),
-            "w0_resumed": _w0(str(d / "a"))}
+            "shard": quantized["shard"], "w0_resumed": _w0(str(d / "a"))}
 
 
 def _case_dir(base: Path, stores: dict) -> Path:
