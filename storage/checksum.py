@@ -65,7 +65,8 @@ def commit_problem(rec, uid: str | None) -> str | None:
     if uid is None:
         return None
     if rec.get("store") != uid:
-        return f"commit record belongs to store {rec.get('store')!r}, not this store ({uid})"
+        return (f"commit record belongs to store {rec.get('store')!r}, not this store ({uid}): this file or the "
+                "store's own zarr.json is from another store")
     if rec.get("crc32c") != crc(f"{uid}:{rows}:{seqs}".encode()):
         return "commit record checksum mismatch"
     return None

@@ -1,6 +1,7 @@
 """Open/create capture stores and their writer groups; info and verify."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -144,8 +145,10 @@ class CaptureStore:
                                  f"not {meta.hc_mult}×{meta.hidden_size}")
             return store
         layout.codecs()  # validate
+        if meta.format < CHECKSUMMED:  # an older format (tests of compatibility): as those had no uid
+            meta = dataclasses.replace(meta, uid="")
         root = _zarr_group(path, "w")
-        doc = {**meta.to_json(), "layout": layout.__dict__}
+        doc = {**{k: v for k, v in meta.to_json().items() if k != "uid" or v}, "layout": layout.__dict__}
         attrs = {ROOT_ATTR: doc}
         if meta.format >= CHECKSUMMED:
             attrs[ROOT_CRC_ATTR] = meta_crc(doc)
@@ -443,8 +446,8 @@ class CaptureStore:
                     else:
                         cols[a] = arrays[a][r0:r1]
                 except Exception as e:  # noqa: BLE001 — codec errors differ by codec
-                    problems.append(f"{gp}/{a}: rows {r0}–{r1} unreadable (chunk {r0 // step}): "
-                                    f"{type(e).__name__}: {e}")
+                    problems.append(str(e) if isinstance(e, StoreError) else  # (names its file already)
+                                    f"{gp}/{a}: rows {r0}–{r1} unreadable (chunk {r0 // step}): {type(e).__name__}: {e}")
                     if a == "hidden":
                         shard = None
             if "seq" in cols:

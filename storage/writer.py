@@ -153,6 +153,8 @@ class GroupWriter:
         self._tail_fut: Future | None = None
         self._next_row, self._next_seq = rows, seqs
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix=f"requant-encode-{name}")
+        # a commit's fsyncs run at once (the journal takes them in one flush), never behind encode work
+        self._fsyncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"requant-fsync-{name}")
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._cq: queue.Queue = queue.Queue(maxsize=1)
         self._buf: list[tuple] = []
@@ -216,6 +218,7 @@ class GroupWriter:
         self._thread.join()
         self._committer.join()
         self._pool.shutdown()
+        self._fsyncs.shutdown()
         if self._lock is not None:
             self._lock.release()
         self._check()
@@ -419,7 +422,7 @@ class GroupWriter:
                 arr.resize((b.m1,) + arr.shape[1:])
             self._write(f"index/{a}", arr, slice(b.m0, b.m1), values)
         if self.durable:
-            fsync_paths(self.store.group_dir(self.name), self._touched(b), self._pool)
+            fsync_paths(self.store.group_dir(self.name), self._touched(b), self._fsyncs)
         commit = commit_record(self.store.meta.uid, b.r1, b.m1) if self.store.checksummed else \
             {"rows": b.r1, "sequences": b.m1}
         self.g.attrs[COMMIT_ATTR] = commit  # the atomic commit
