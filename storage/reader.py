@@ -274,16 +274,15 @@ class StoreReader:
                 try:
                     cols[a][...] = arrays[a][r0:r1]
                 except Exception as e:  # noqa: BLE001 — decode/checksum errors vary by codec
-                    raise StoreError(f"{s.group_path(w)}/{a}: rows {r0}–{r1} unreadable: {type(e).__name__}: {e}") from e
+                    raise StoreError(f"{a} column: {type(e).__name__}: {e}") from e
 
             futs = [self._pool.submit(fill, "hidden", c0) for c0 in starts]
             futs += [self._pool.submit(fill_column, a) for a in ROW_ARRAYS if a != "hidden"]
             for f in futs:
                 f.result()
-        except StoreError:
-            raise
         except Exception as e:  # noqa: BLE001 — decode/checksum errors vary by codec
-            raise StoreError(f"{s.group_path(w)}: rows {r0}–{r1} unreadable: {type(e).__name__}: {e}") from e
+            why = str(e) if isinstance(e, StoreError) else f"{type(e).__name__}: {e}"  # (names its file or column)
+            raise StoreError(f"{s.group_path(w)}: rows {r0}–{r1} unreadable: {why}") from e
         self._check_rows(s, w, r0, r1, cols)
         return Batch(store=s.path, writer=w, first_row=r0, **cols)
 

@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,29 +133,51 @@ class CaptureStore:
     @classmethod
     def create(cls, path: str | Path, meta: StoreMeta, layout: Layout = Layout(),
                exist_ok: bool = False) -> "CaptureStore":
+        """A new store at ``path``; with ``exist_ok`` the store already there (of the same row
+        width). Several processes may create the same local store at once (a job's replicas
+        at start-up): it is built beside ``path`` and renamed into place, so exactly one
+        creation wins and every process opens the same store (the same uid)."""
         path = str(path)
         if meta.hidden_size <= 0 or meta.hc_mult <= 0:
             raise ValueError(f"{path}: hidden_size and hc_mult must be positive")
         local = _local(path)
         if local is not None and local.exists() and any(local.iterdir()):
-            if not exist_ok:
-                raise FileExistsError(f"{path}: exists and is not empty")
-            store = cls.open(path, mode="r+")
-            if store.meta.row_width != meta.row_width:
-                raise ValueError(f"{path}: store has rows of {store.meta.hc_mult}×{store.meta.hidden_size}, "
-                                 f"not {meta.hc_mult}×{meta.hidden_size}")
-            return store
+            return cls._existing(path, meta, exist_ok)
         layout.codecs()  # validate
         if meta.format < CHECKSUMMED:  # an older format (tests of compatibility): as those had no uid
             meta = dataclasses.replace(meta, uid="")
-        root = _zarr_group(path, "w")
         doc = {**{k: v for k, v in meta.to_json().items() if k != "uid" or v}, "layout": layout.__dict__}
         attrs = {ROOT_ATTR: doc}
         if meta.format >= CHECKSUMMED:
             attrs[ROOT_CRC_ATTR] = meta_crc(doc)
-        root.attrs.update(attrs)
-        root.require_group(WRITERS)
-        return cls(path, root, meta, layout, writable=True)
+        if local is None:
+            root = _zarr_group(path, "w")
+            root.attrs.update(attrs)
+            root.require_group(WRITERS)
+            return cls(path, root, meta, layout, writable=True)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.parent / f".{local.name}.creating-{os.getpid()}-{id(doc):x}"
+        try:
+            root = _zarr_group(str(tmp), "w")
+            root.attrs.update(attrs)
+            root.require_group(WRITERS)
+            os.rename(tmp, local)  # atomic; refused when another process's store is already there
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if local.is_dir() and any(local.iterdir()):
+                return cls._existing(path, meta, exist_ok)
+            raise
+        return cls.open(path, mode="r+")
+
+    @classmethod
+    def _existing(cls, path: str, meta: StoreMeta, exist_ok: bool) -> "CaptureStore":
+        if not exist_ok:
+            raise FileExistsError(f"{path}: exists and is not empty")
+        store = cls.open(path, mode="r+")
+        if store.meta.row_width != meta.row_width:
+            raise ValueError(f"{path}: store has rows of {store.meta.hc_mult}×{store.meta.hidden_size}, "
+                             f"not {meta.hc_mult}×{meta.hidden_size}")
+        return store
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> "CaptureStore":

@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import struct
+import zlib
 from pathlib import Path
 
 from .harness import Matrix, clear_error, cli, empty, delete, flip, no_partial_output, replace, truncate
@@ -26,11 +28,9 @@ def _edit_json(fn):
 
 
 def _header_flip(path: Path, other: Path | None, case: str) -> bool:
-    """A flipped byte inside the safetensors JSON header."""
-    n = struct.unpack("<Q", path.read_bytes()[:8])[0]
+    """A flipped byte inside the safetensors JSON header (seeded, as harness.flip)."""
     data = bytearray(path.read_bytes())
-    import random
-    import zlib
+    n = struct.unpack("<Q", data[:8])[0]
     r = random.Random(zlib.crc32(case.encode()))
     data[8 + r.randrange(n)] ^= r.randrange(1, 256)
     path.write_bytes(bytes(data))

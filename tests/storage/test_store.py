@@ -349,3 +349,23 @@ def test_a_chunk_swapped_for_another_stores_is_named(tmp_path):
     assert problems and "hidden rows do not match their checksum" in problems[0] and "hidden/c/0/0" in problems[0]
     with pytest.raises(StoreError, match="do not match their checksum"):
         list(StoreReader(a.path).batches(max_rows=50))
+
+
+def test_processes_creating_one_store_at_once_share_it(tmp_path):
+    import multiprocessing as mp
+
+    from ._create_worker import create_and_write
+
+    path = str(tmp_path / "shared")
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=create_and_write, args=(path, i, barrier, out)) for i in range(3)]
+    for p in procs:
+        p.start()
+    uids = {out.get(timeout=120) for _ in procs}
+    for p in procs:
+        p.join(60)
+    store = CaptureStore.open(path)
+    assert len(uids) == 1 and uids == {store.meta.uid}
+    assert store.writer_names() == ["replica0", "replica1", "replica2"] and store.verify() == []
+    assert not [p for p in tmp_path.iterdir() if ".creating-" in p.name]
