@@ -150,23 +150,30 @@ class CaptureStore:
         attrs = {ROOT_ATTR: doc}
         if meta.format >= CHECKSUMMED:
             attrs[ROOT_CRC_ATTR] = meta_crc(doc)
-        if local is None:
-            root = _zarr_group(path, "w")
+        def init(where: str):
+            root = _zarr_group(where, "w-")  # ("w" would first delete the directory: not a mount point)
             root.attrs.update(attrs)
             root.require_group(WRITERS)
-            return cls(path, root, meta, layout, writable=True)
+            return root
+
+        if local is None:  # object stores: no rename; "w-" refuses to overwrite a store already there
+            try:
+                cls.open(path)
+                return cls._existing(path, meta, exist_ok)
+            except NotAStoreError:
+                return cls(path, init(path), meta, layout, writable=True)
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.parent / f".{local.name}.creating-{os.getpid()}-{id(doc):x}"
         try:
-            root = _zarr_group(str(tmp), "w")
-            root.attrs.update(attrs)
-            root.require_group(WRITERS)
+            init(str(tmp))
             os.rename(tmp, local)  # atomic; refused when another process's store is already there
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
             if local.is_dir() and any(local.iterdir()):
                 return cls._existing(path, meta, exist_ok)
-            raise
+            if not local.is_dir():
+                raise
+            init(path)  # an empty directory that cannot be replaced (a mount point): in place
         return cls.open(path, mode="r+")
 
     @classmethod

@@ -369,3 +369,16 @@ def test_processes_creating_one_store_at_once_share_it(tmp_path):
     assert len(uids) == 1 and uids == {store.meta.uid}
     assert store.writer_names() == ["replica0", "replica1", "replica2"] and store.verify() == []
     assert not [p for p in tmp_path.iterdir() if ".creating-" in p.name]
+
+
+def test_create_on_an_object_store_keeps_what_is_there():
+    """``create(exist_ok=True)`` (every capture server's start-up) opens a remote store that
+    exists instead of recreating it empty; without ``exist_ok`` it is refused."""
+    url = "memory://requant-test-remote"
+    store = CaptureStore.create(url, META, LAYOUT)
+    with store.writer("r0") as w:
+        w.append_sequence(0, np.ones((5, 256), np.uint16), np.arange(5), np.arange(5))
+    again = CaptureStore.create(url, META, LAYOUT, exist_ok=True)
+    assert again.meta.uid == store.meta.uid and again.committed("r0") == (5, 1)
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        CaptureStore.create(url, META, LAYOUT)
