@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -162,7 +163,13 @@ class CaptureStore:
                 return cls._existing(path, meta, exist_ok)
             except NotAStoreError:
                 return cls(path, init(path), meta, layout, writable=True)
-        local.parent.mkdir(parents=True, exist_ok=True)
+        if not local.parent.is_dir():
+            try:
+                local.parent.mkdir(parents=True)
+            except OSError as e:  # (a parent that is a file: "exists")
+                code = errno.ENOTDIR if isinstance(e, FileExistsError) else e.errno
+                raise OSError(code, f"cannot make the store's directory ({os.strerror(code)}: {e.filename})",
+                              path) from None
         tmp = local.parent / f".{local.name}.creating-{os.getpid()}-{id(doc):x}"
         try:
             init(str(tmp))
