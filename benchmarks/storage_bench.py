@@ -11,7 +11,8 @@ not uniform noise. Measured in one run:
   chunk sizes and codecs;
 - the anchor: the seed's way, one loose ``.npy`` file per forward call;
 - reading while a consumer works on each batch, with and without prefetch;
-- with ``--procs``, the aggregate write of several writer processes (one group each).
+- with ``--procs``, the aggregate write of several writer processes (one group each);
+- what the readers' per-sequence checksums cost a read (``--checksums-only``: just that).
 Raw bytes = bf16 rows + token/position/seq columns.
 
     python3 benchmarks/storage_bench.py --rows 8192 --out benchmarks/results/storage_cpu.json
@@ -106,9 +107,10 @@ def _write(path: str, data: np.ndarray, seq_len: int, hidden: int, hc: int, layo
     return time.perf_counter() - t
 
 
-def _read(path: str, threads: int, direct: bool | None, max_bytes: int, consumer_GBps: float = 0) -> float:
+def _read(path: str, threads: int, direct: bool | None, max_bytes: int, consumer_GBps: float = 0,
+          check: bool = True) -> float:
     t = time.perf_counter()
-    with StoreReader(path, threads=threads, direct=direct) as reader:
+    with StoreReader(path, threads=threads, direct=direct, check=check) as reader:
         n = 0
         for b in reader.batches(max_bytes=max_bytes):
             n += len(b)
@@ -142,6 +144,26 @@ def bench_store(root: str, data: np.ndarray, seq_len: int, hidden: int, hc: int,
         res.update(read_cold_GBps=raw / t_cold / 1e9, read_cold_s=t_cold)
     shutil.rmtree(path)
     return res
+
+
+def bench_checksums(root: str, data: np.ndarray, seq_len: int, hidden: int, hc: int, threads: int,
+                    repeat: int) -> dict:
+    """What checking every sequence's rows against its checksum costs a read (warm, 1 GiB
+    batches, default layout): the same store read with and without the check, interleaved,
+    best of ``repeat``. The anchor is the unchecked read."""
+    path = os.path.join(root, "ck")
+    shutil.rmtree(path, ignore_errors=True)
+    _write(path, data, seq_len, hidden, hc, Layout(), None)
+    raw = data.nbytes + data.shape[0] * 16
+    budget = (3 << 30) + int(threads * 2.2 * Layout().rows_per_chunk * (data.shape[1] * 2 + 16)) + (64 << 20)
+    t = {True: float("inf"), False: float("inf")}
+    for _ in range(repeat):
+        for check in (False, True):
+            t[check] = min(t[check], _read(path, threads, None, budget, check=check))
+    shutil.rmtree(path)
+    return {"read_checked_GBps": raw / t[True] / 1e9, "read_unchecked_GBps": raw / t[False] / 1e9,
+            "read_checked_s": t[True], "read_unchecked_s": t[False], "overhead": t[True] / t[False] - 1,
+            "repeat": repeat}
 
 
 def bench_prefetch(root: str, data: np.ndarray, seq_len: int, hidden: int, hc: int, threads: int,
@@ -269,6 +291,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="best of N for each store configuration")
     p.add_argument("--procs", default="", help="comma-separated writer-process counts to measure in aggregate")
     p.add_argument("--probe-bf16", action="store_true", help="only report whether zarr stores bfloat16 natively")
+    p.add_argument("--checksums-only", action="store_true",
+                   help="only the cost of the readers' sequence checksums (checked vs unchecked reads)")
     p.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
     p.add_argument("--out", default="benchmarks/results/storage.json")
     a = p.parse_args()
@@ -282,6 +306,14 @@ def main() -> None:
            "raw_GB": (data.nbytes + a.rows * 16) / 1e9, "zarr": zarr.__version__, "threads": a.threads, "repeat": a.repeat,
            "zarr_bf16": probe_zarr_bf16(), "configs": {}}
     print(f"{a.rows} rows × {data.shape[1]} bf16 ({res['raw_GB']:.2f} GB raw) on {res['machine']}; {res['zarr_bf16']}")
+    r = res["checksums"] = bench_checksums(root, data, a.seq_len, a.hidden, a.hc, a.threads, max(a.repeat, 3))
+    print(f"{'read, sequence checksums checked':38s} {r['read_checked_GBps']:6.2f} GB/s  anchor unchecked "
+          f"{r['read_unchecked_GBps']:6.2f} GB/s  (+{100 * r['overhead']:.0f}% time)", flush=True)
+    if a.checksums_only:
+        shutil.rmtree(root, ignore_errors=True)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        return
 
     res["codecs"] = bench_codecs(data, Layout().rows_per_chunk)
     for k, r in res["codecs"].items():

@@ -105,9 +105,16 @@ class Capturer:
         if self._closed:
             return
         self._closed = True
-        self._put((_STOP,))
+        try:
+            self._put((_STOP,))
+        except RuntimeError:
+            pass  # the writer thread failed and ended; its error is raised below
         self._thread.join()
-        self.sink.close()
+        try:
+            self.sink.close()  # releases the writer group even after a failure
+        except Exception:  # noqa: BLE001 — the sink's own report of the failure raised below
+            if self._error is None:
+                raise
         if self.assembler.pending:
             log.warning("requant capture: %d unfinished requests not written at close",
                         len(self.assembler.pending))

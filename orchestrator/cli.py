@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from requant.storage.schema import StoreError
+    from requant.storage.schema import DamagedInputError, StoreError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, OSError, StoreError) as e:
-        # Bad input: one clear line, no traceback (set REQUANT_DEBUG=1 for the traceback).
+    except (ValueError, OSError, StoreError, DamagedInputError) as e:
+        # Bad or damaged input: one clear line, no traceback (REQUANT_DEBUG=1 for the traceback).
         if os.environ.get("REQUANT_DEBUG"):
             raise
         print(f"requant: error: {e}", file=sys.stderr)

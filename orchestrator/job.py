@@ -175,6 +175,7 @@ class CaptureJob:
             except RuntimeError as e:
                 raise JobError(str(e)) from None
         recon = self.ledger.reconcile(self.index)
+        _report_reconcile(self.ledger.path, recon)
         done_at_start = {p.prompt_id for p in prompts} & self.ledger.done
         self.stats.prompts_total = len(prompts) if spec.coverage is None else (spec.prompts.count or len(prompts))
         self.stats.prompts_skipped = len(done_at_start)
@@ -555,6 +556,15 @@ class CaptureJob:
         with open(tmp, "w") as f:
             json.dump(d, f)
         os.replace(tmp, self.status_file)
+
+
+def _report_reconcile(path: Path, recon: dict) -> None:
+    """Say what the start-up reconcile repaired (the store is the truth; the ledger follows it)."""
+    fixed = [f"{n} {what}" for what, n in (("damaged lines dropped", recon["damaged_lines_dropped"]),
+                                           ("prompts ledgered but not in the store (to capture again)",
+                                            recon["ledgered_not_in_store"])) if n]
+    if fixed:
+        print(f"requant: ledger {path} repaired from the store: {'; '.join(fixed)}", file=sys.stderr)
 
 
 def run_capture(spec: CaptureSpec, progress: bool = True, status_file: str | None = None) -> dict:

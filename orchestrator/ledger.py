@@ -9,7 +9,10 @@ The ledger (JSONL beside the store, append-only, fsynced) records prompt ids as 
 *sees them committed* — never before — plus permanent failures. At start it is reconciled
 with the store's index (a crash can leave committed sequences not yet ledgered; a ledger
 line whose sequence the store lacks — a store deleted or restored — is dropped), so a
-restarted job skips exactly what the store holds.
+restarted job skips exactly what the store holds. A damaged ledger is recovered the same
+way: lines that do not parse (a torn last line, flipped bytes) are counted, dropped and the
+ledger rewritten; a deleted or foreign ledger is rebuilt from the store. Only permanent
+failures are the ledger's alone: a damaged "failed" line means that prompt is tried again.
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ class StoreIndex:
             k = self.seen.get(name, 0)
             if n <= k:
                 continue
-            ids = store.group(name)["index"]["prompt_id"][k:n]
+            ids = store.index(name, start=k)["prompt_id"]  # entries checked against their checksums
             for sid in ids.tolist():
                 pid = prompt_of(str(sid))
                 if pid is not None:
@@ -92,25 +95,31 @@ class Ledger:
         self.path = Path(path)
         self.done: set[str] = set()
         self.failed: dict[str, str] = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a torn last line from a crash: its prompt is re-checked
-                    continue
-                if rec.get("state") == "done":
-                    self.done.add(rec["prompt_id"])
-                elif rec.get("state") == "failed":
-                    self.failed[rec["prompt_id"]] = rec.get("error", "")
+        self.damaged = 0  # lines that did not parse (a torn last line after a crash, damage)
+        data = self.path.read_bytes() if self.path.exists() else b""
+        for line in data.splitlines():
+            rec = _record(line)
+            if rec is None:
+                self.damaged += 1
+            elif rec["state"] == "done":
+                self.done.add(rec["prompt_id"])
+            else:
+                self.failed[rec["prompt_id"]] = rec.get("error", "")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a")
+        self._torn = bool(data) and not data.endswith(b"\n")  # the next record starts on a line of its own
 
     def _append(self, recs: list[dict]) -> None:
         if not recs:
             return
-        self._f.write("".join(json.dumps(r) + "\n" for r in recs))
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        text = ("\n" if self._torn else "") + "".join(json.dumps(r) + "\n" for r in recs)
+        try:
+            self._f.write(text)
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:  # disk full: the store stays the truth; the next start reconciles
+            raise OSError(e.errno, f"{self.path}: cannot append to the capture ledger: {e.strerror or e}") from e
+        self._torn = False
 
     def mark_done(self, prompt_ids: list[str]) -> None:
         new = [p for p in prompt_ids if p not in self.done]
@@ -129,8 +138,9 @@ class Ledger:
         in_store = set(index.counts)
         stale = self.done - in_store
         missing = in_store - self.done
-        if stale:
-            # Rewrite without the stale lines (temp file + atomic rename: never half a ledger).
+        damaged, self.damaged = self.damaged, 0
+        if stale or damaged:
+            # Rewrite without the stale or damaged lines (temp file + atomic rename: never half a ledger).
             keep = [json.dumps({"prompt_id": p, "state": "done", "t": time.time()}) for p in sorted(self.done & in_store)]
             keep += [json.dumps({"prompt_id": p, "state": "failed", "error": e}) for p, e in self.failed.items()]
             self._f.close()
@@ -141,12 +151,26 @@ class Ledger:
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
             self._f = open(self.path, "a")
+            self._torn = False
             self.done &= in_store
         self.mark_done(sorted(missing))
-        return {"ledgered_not_in_store": len(stale), "in_store_not_ledgered": len(missing)}
+        return {"ledgered_not_in_store": len(stale), "in_store_not_ledgered": len(missing),
+                "damaged_lines_dropped": damaged}
 
     def close(self) -> None:
         self._f.close()
+
+
+def _record(line: bytes) -> dict | None:
+    """A ledger line as a record, or None when it is not one (torn, damaged)."""
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if (not isinstance(rec, dict) or rec.get("state") not in ("done", "failed")
+            or not isinstance(rec.get("prompt_id"), str) or not isinstance(rec.get("error", ""), str)):
+        return None
+    return rec
 
 
 def active_writers(store: str) -> list[str]:

@@ -10,14 +10,15 @@ block in ``mtp_dsv3.DSV3Block``.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from .weights import _shards, load_mtp_weights
+from requant.storage.schema import DamagedInputError
+
+from .weights import _shards, load_mtp_weights, open_tensors, read_json
 
 _DSV3_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
@@ -81,8 +82,50 @@ def _arch(config: dict) -> str:
                      "requant handles DeepSeek-V3 and DeepSeek-V4 MTP layers")
 
 
+# Types of the config.json values the quantize stage reads (a key may be absent; when present
+# it must have its type — a damaged or hand-edited config fails here, naming the key).
+_INT_KEYS = ("hidden_size", "hc_mult", "num_hidden_layers", "n_routed_experts", "num_experts_per_tok",
+             "moe_intermediate_size", "num_nextn_predict_layers", "num_attention_heads", "head_dim",
+             "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "kv_lora_rank", "o_groups", "o_lora_rank",
+             "sliding_window", "hc_sinkhorn_iters", "n_group", "topk_group", "n_shared_experts", "vocab_size",
+             "first_k_dense_replace", "intermediate_size", "index_topk")
+_NULLABLE_INT_KEYS = ("q_lora_rank", "sliding_window", "index_topk", "n_group", "topk_group")
+_FLOAT_KEYS = ("rope_theta", "rms_norm_eps", "hc_eps", "routed_scaling_factor", "swiglu_limit")
+_STR_KEYS = ("model_type", "scoring_func", "topk_method")
+_DICT_KEYS = ("quantization_config", "rope_scaling", "rope_parameters")
+
+
+def check_config(config, where: str = "config.json") -> dict:
+    """``config`` if every value the stage reads has its type; else a ``DamagedInputError``."""
+    if not isinstance(config, dict):
+        raise DamagedInputError(f"{where}: holds a {type(config).__name__}, not an object")
+
+    def bad(key: str, want: str):
+        return DamagedInputError(f"{where}: {key} = {config[key]!r:.80} is not {want}")
+
+    for k in _INT_KEYS:
+        v = config.get(k)
+        if k in config and not (type(v) is int and v >= 0 or v is None and k in _NULLABLE_INT_KEYS):
+            raise bad(k, "a non-negative integer")
+    for k in _FLOAT_KEYS:
+        v = config.get(k)
+        if k in config and v is not None and not (type(v) in (int, float) and v == v):
+            raise bad(k, "a number")
+    for k in _STR_KEYS:
+        if k in config and not isinstance(config[k], str):
+            raise bad(k, "a string")
+    for k in _DICT_KEYS:
+        if k in config and config[k] is not None and not isinstance(config[k], dict):
+            raise bad(k, "an object")
+    if "architectures" in config and not (isinstance(config["architectures"], list)
+                                          and all(isinstance(a, str) for a in config["architectures"])):
+        raise bad("architectures", "a list of names")
+    return config
+
+
 def load_spec(config: dict) -> MTPSpec:
     """The MTP layer's spec from a checkpoint's config.json contents."""
+    check_config(config)
     arch = _arch(config)
     if any(k.startswith("dspark") for k in config):
         raise ValueError("this checkpoint revision ships DSpark stages under mtp.*, not a classic MTP layer; "
@@ -105,17 +148,15 @@ def _config(path: Path) -> dict:
     f = (path if path.is_dir() else path.parent) / "config.json"
     if not f.exists():
         raise FileNotFoundError(f"{f}: config.json needed to identify the MTP architecture")
-    return json.loads(f.read_text())
+    return check_config(read_json(f, "checkpoint config"), str(f))
 
 
 def read_tensor(path: str | Path, names: list[str]) -> tuple[str, torch.Tensor] | None:
     """The first of ``names`` present in checkpoint ``path`` (directory or shard), or None."""
-    from safetensors import safe_open
-
     where = _shards(Path(path))
     for n in names:
         if n in where:
-            with safe_open(str(where[n]), "pt") as f:
+            with open_tensors(where[n]) as f:
                 return n, f.get_tensor(n)
     return None
 

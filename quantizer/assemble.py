@@ -31,12 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from .arch import MTPSpec
+from .arch import MTPSpec, check_config
 from .pack import w4a16_config_group
 from .quant import QuantSpec
-from .weights import SCALE_SUFFIXES, _shards
+from requant.storage.schema import DamagedInputError
+
+from .weights import SCALE_SUFFIXES, _shards, open_tensors, read_header, read_json
 
 INDEX = "model.safetensors.index.json"
 SCALE_CONVENTIONS = ("auto", "keep", ".scale", ".weight_scale_inv", ".weight_scale")
@@ -59,12 +60,9 @@ class AssembleConfig:
 # -- base checkpoint ---------------------------------------------------------------------
 
 def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (names → dtype, shape, data_offsets)."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        head = json.loads(f.read(n))
-    head.pop("__metadata__", None)
-    return head
+    """The JSON header of a safetensors file (names → dtype, shape, data_offsets), checked
+    against the file (a cut or damaged shard is an error naming it, never linked in)."""
+    return read_header(path)
 
 
 def read_base(base: Path) -> tuple[dict, dict]:
@@ -77,21 +75,37 @@ def read_base(base: Path) -> tuple[dict, dict]:
     if not index_file.exists():
         raise FileNotFoundError(f"base checkpoint {base} has no {INDEX}: the MTP shard is added through the "
                                 "index; re-save the base sharded (safetensors with an index)")
-    index = json.loads(index_file.read_text())
-    if not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
+    index = read_json(index_file, "checkpoint index")
+    wm = index.get("weight_map")
+    if not isinstance(wm, dict) or not wm or not all(isinstance(f, str) for f in wm.values()):
         raise ValueError(f"{index_file}: no weight_map")
-    missing = sorted({f for f in index["weight_map"].values() if not (base / f).is_file()})
+    missing = sorted({f for f in wm.values() if not (base / f).is_file()})
     if missing:
         raise FileNotFoundError(f"{index_file} names shards that are not there: {', '.join(missing[:3])}")
-    return json.loads(cfg_file.read_text()), index
+    # Index and shards must agree both ways: the shards are linked into the output as they are,
+    # and vLLM loads every tensor of every listed file.
+    heads = {f: safetensors_header(base / f) for f in sorted(set(wm.values()))}
+    wrong = sorted(n for n, f in wm.items() if n not in heads[f])
+    if wrong:
+        raise DamagedInputError(f"{index_file} maps {wrong[0]} to {wm[wrong[0]]}, which does not hold it "
+                                f"({len(wrong)} such entries): the index or the shard is damaged or from "
+                                "another checkpoint")
+    for f, head in heads.items():
+        extra = sorted(n for n in head if wm.get(n) != f)
+        if extra:
+            raise DamagedInputError(f"{base / f}: holds {len(extra)} tensors {index_file.name} does not place in it "
+                                    f"(first {extra[0]}): the shard or the index is from another checkpoint")
+    return check_config(read_json(cfg_file, "checkpoint config"), str(cfg_file)), index
 
 
-def check_base_matches(spec: MTPSpec, base_config: dict, master_config: dict) -> None:
-    """The base must be the same model as the master (the MTP layer plugs into it)."""
+def check_base_matches(spec: MTPSpec, base_config: dict, master_config: dict, where: str = "") -> None:
+    """The base must be the same model as the master (the MTP layer plugs into it).
+    ``where``: the two config files, for the message."""
     for key in ("hidden_size", "n_routed_experts", "num_hidden_layers", "moe_intermediate_size", "hc_mult"):
         a, b = master_config.get(key), base_config.get(key)
         if a is not None and b is not None and a != b:
-            raise ValueError(f"base config {key} = {b} but master config {key} = {a}: not the same model")
+            raise ValueError(f"base config {key} = {b!r} but master config {key} = {a!r}: not the same model"
+                             + (f" ({where})" if where else ""))
 
 
 # -- the MTP shard -----------------------------------------------------------------------
@@ -132,7 +146,7 @@ def passthrough_tensors(master: Path, spec: MTPSpec, scale_to: str) -> tuple[dic
         for n in names:
             p = where[n]
             if p not in handles:
-                handles[p] = safe_open(str(p), "pt")
+                handles[p] = open_tensors(p)
             out[n] = handles[p].get_tensor(n)
     finally:
         handles.clear()
@@ -358,7 +372,7 @@ def place_base_shard(src: Path, dst: Path, header: dict, prefix: str, durable: b
         return link_or_copy(src, dst)
     if len(mtp) == len(header):
         return "dropped"
-    with safe_open(str(src), "pt") as f:
+    with open_tensors(src) as f:
         keep = {n: f.get_tensor(n) for n in header if not n.startswith(prefix)}
         meta = f.metadata()
     write_safetensors(dst, keep, metadata=meta, durable=durable)
@@ -405,7 +419,7 @@ def write_assembly(tmp: Path, base: Path, base_config: dict, base_index: dict, s
     base_sizes = {n: h[n]["data_offsets"][1] - h[n]["data_offsets"][0] for h in headers.values() for n in h}
     for n, f in base_index["weight_map"].items():
         if n not in headers[f]:
-            raise ValueError(f"base index maps {n} to {f}, which does not hold it")
+            raise ValueError(f"{base / INDEX} maps {n} to {f}, which does not hold it")
     if cfg.shard_name in base_files:
         raise ValueError(f"base checkpoint already has a shard named {cfg.shard_name}")
     base_fp8 = {n[: -len(".weight")] for h in headers.values() for n, v in h.items()

@@ -70,6 +70,13 @@ class DSV4Dims:
 
     @classmethod
     def from_config(cls, c: dict) -> "DSV4Dims":
+        try:
+            return cls._from_config(c)
+        except KeyError as e:
+            raise ValueError(f"DeepSeek-V4 config lacks {e.args[0]!r}") from None
+
+    @classmethod
+    def _from_config(cls, c: dict) -> "DSV4Dims":
         return cls(hidden=c["hidden_size"], hc_mult=c["hc_mult"], n_heads=c["num_attention_heads"],
                    head_dim=c["head_dim"], rope_dim=c["qk_rope_head_dim"], q_lora_rank=c["q_lora_rank"],
                    o_groups=c["o_groups"], o_lora_rank=c["o_lora_rank"], window=c.get("sliding_window", 128),

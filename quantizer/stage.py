@@ -34,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from .arch import MTPSpec, load_spec
+from .arch import MTPSpec, check_config, load_spec
 from .assemble import (AssembleConfig, check_base_matches, fsync_dir, read_base, safetensors_header,
                        write_assembly)
 from .distribute import (KILL_ENV, PARALLEL, StageTask, gptq_batch_size, phases_for, plan_slices, run_local,
@@ -44,7 +44,7 @@ from .limits import MAX_BYTES, MAX_ROWS
 from .partition import assign, plan_partitions
 from .replay import check_store_matches
 from .report import write_report
-from .weights import _shards
+from .weights import _shards, read_json
 
 REPLAYS = ("identity", "full", "both")
 MANIFEST = "requant-manifest.json"
@@ -109,7 +109,7 @@ def _master_config(master: Path) -> dict:
     f = (master if master.is_dir() else master.parent) / "config.json"
     if not f.exists():
         raise FileNotFoundError(f"master {master}: no config.json (needed to identify the MTP layer)")
-    return json.loads(f.read_text())
+    return check_config(read_json(f, "checkpoint config"), str(f))
 
 
 def check_master(master: Path, spec: MTPSpec) -> dict[str, Path]:
@@ -189,9 +189,13 @@ def _hash_inputs(master: Path, where: dict[str, Path], spec: MTPSpec, base: Path
 def store_facts(path: str) -> dict:
     """Identity of a capture store: its metadata, committed rows per writer group, and an id
     (sha256 of both) that changes whenever rows are added."""
-    from requant.storage import CaptureStore
+    from requant.storage import CaptureStore, CorruptStoreError
 
     st = CaptureStore.open(path)
+    problems = st.verify(read_rows=False)  # damage found in seconds, not after the master is loaded
+    if problems:
+        raise CorruptStoreError(problems[0] + (f" (and {len(problems) - 1} more problems: requant store verify {path})"
+                                               if len(problems) > 1 else ""))
     groups = {g: dict(zip(("rows", "sequences"), st.committed(g))) for g in st.writer_names()}
     meta = st.meta.to_json()
     ident = hashlib.sha256(json.dumps([meta, groups], sort_keys=True).encode()).hexdigest()[:16]
@@ -268,9 +272,12 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
     where = check_master(master, spec)
     check_store_matches(SimpleNamespace(spec=spec), list(job.stores))
     base_config, base_index = read_base(base)
-    check_base_matches(spec, base_config, master_config)
+    check_base_matches(spec, base_config, master_config,
+                       where=f"{base / 'config.json'}, {(master if master.is_dir() else master.parent) / 'config.json'}")
     if not out.parent.exists():
         raise FileNotFoundError(f"parent directory of --out {out} does not exist")
+    if not os.access(out.parent, os.W_OK):  # before the work, not after it (a read-only mount too)
+        raise PermissionError(f"parent directory of --out {out} is not writable")
     stores = [store_facts(s) for s in job.stores]
     rows = sum(s["rows"] for s in stores)
     plan = plan_partitions(list(job.stores), job.partitions, job.holdout, job.holdout_seed)
@@ -301,6 +308,7 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
     copies = 1 if job.parallel == "data" else task.world
     bars = _Bars(progress, copies * sum(plan.rows(p.split) for p in phases), 3 * spec.n_experts)
     tmp = None
+    writing = False
     try:
         t0 = time.perf_counter()
         if use_ray:
@@ -331,6 +339,7 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
         tokens = by_phase[("calibration", quant_mode)]
 
         t0 = time.perf_counter()
+        writing = True
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         facts = write_assembly(tmp, base, base_config, base_index, spec, master, master_config, packed,
                                AssembleConfig(fp8_scale=job.fp8_scale, spec=gptq.spec,
@@ -387,6 +396,12 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
         tmp = None
         if job.durable:
             fsync_dir(out.parent)
+    except OSError as e:
+        if not writing or tmp is None or e.errno is None:  # not a failed write into the temp dir
+            raise
+        # disk full, I/O error: the temp dir goes (below), nothing is published
+        raise OSError(e.errno, f"{out}: writing the output failed ({e.strerror or e}"
+                      f"{f': {e.filename}' if e.filename else ''}); nothing was published") from e
     finally:
         bars.close()
         hasher.shutdown(wait=True, cancel_futures=True)

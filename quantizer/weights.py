@@ -9,17 +9,25 @@ Formats on disk (``../shared/notes/dsv4-mtp-reference.md`` §1.4):
 * MXFP4 routed experts: int8 bytes holding two E2M1 codes (low nibble = even input column),
   one E8M0 scale per 32 inputs: ``W[o, i] = LUT[code] · 2^(s[o, i//32] − 127)``.
 A checkpoint whose ``mtp.*`` holds DSpark stages instead of a classic MTP layer is refused.
+
+A damaged file (a cut shard, a header that does not parse or does not cover the file, an
+index naming a shard that is not there or a tensor its shard lacks, JSON that does not
+parse) is a ``DamagedInputError`` naming the file. Flipped bytes inside tensor data cannot
+be found: safetensors carries no checksum (the manifest records what was read).
 """
 from __future__ import annotations
 
 import json
 import os
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from requant.storage.schema import DamagedInputError
 
 SCALE_SUFFIXES = (".scale", ".weight_scale_inv", ".weight_scale")
 _FP4_LUT = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
@@ -59,21 +67,102 @@ def dequant_mxfp4(packed: torch.Tensor, scale: torch.Tensor, group: int = 32) ->
     return (_FP4_LUT.to(codes.device)[codes] * s.repeat_interleave(group, 1)).to(torch.bfloat16)
 
 
+def read_json(path: Path, what: str = "JSON file") -> dict:
+    """A JSON object from ``path``; a file that does not parse is a ``DamagedInputError`` naming it."""
+    try:
+        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DamagedInputError(f"{path}: {what} does not parse ({e})") from None
+    if not isinstance(data, dict):
+        raise DamagedInputError(f"{path}: {what} holds a {type(data).__name__}, not an object")
+    return data
+
+
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4, "U64": 8}
+
+
+def read_header(path: Path) -> dict:
+    """The tensor entries of a safetensors file's header (name → dtype, shape, data_offsets),
+    checked as safetensors checks them: the header parses and its tensors cover the data
+    that follows exactly (a cut or padded file, a damaged header is an error naming it)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
+        if size == 0:
+            raise DamagedInputError(f"{path}: empty file, not a safetensors shard")
+        if n < 2 or 8 + n > size:
+            raise DamagedInputError(f"{path}: not a safetensors file, or cut short (header length "
+                                    f"{n if n >= 0 else '?'}, file {size} bytes)")
+        blob = f.read(n)
+    try:
+        head = json.loads(blob.decode("utf-8"))
+        if not isinstance(head, dict):
+            raise ValueError("the header is not an object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DamagedInputError(f"{path}: safetensors header damaged ({e})") from None
+    head.pop("__metadata__", None)
+    spans = []
+    for name, e in head.items():
+        ok = (isinstance(e, dict) and isinstance(e.get("dtype"), str) and isinstance(e.get("shape"), list)
+              and all(type(d) is int and d >= 0 for d in e["shape"]) and isinstance(e.get("data_offsets"), list)
+              and len(e["data_offsets"]) == 2 and all(type(o) is int for o in e["data_offsets"]))
+        if ok:
+            a, b = e["data_offsets"]
+            numel = 1
+            for d in e["shape"]:
+                numel *= d
+            size_ok = e["dtype"] not in _ST_SIZES or b - a == numel * _ST_SIZES[e["dtype"]]  # sub-byte types: skip
+            ok = 0 <= a <= b and size_ok
+        if not ok:
+            raise DamagedInputError(f"{path}: safetensors header damaged (entry {name!r}: {e!r:.200})")
+        spans.append((a, b))
+    end = 0
+    for a, b in sorted(spans):
+        if a != end:
+            raise DamagedInputError(f"{path}: safetensors header damaged (tensor data not contiguous at byte {a})")
+        end = b
+    if end != size - 8 - n:
+        raise DamagedInputError(f"{path}: {'cut short' if end > size - 8 - n else 'longer than its header says'}: "
+                                f"the header covers {end} bytes of tensor data, the file holds {size - 8 - n}")
+    return head
+
+
+def open_tensors(path: Path):
+    """``safe_open`` with safetensors' errors as a ``DamagedInputError`` naming the file."""
+    try:
+        return safe_open(str(path), "pt")
+    except SafetensorError as e:
+        raise DamagedInputError(f"{path}: unreadable safetensors file ({e})") from None
+
+
 def _shards(path: Path) -> dict[str, Path]:
-    """tensor name → file, from a checkpoint directory (index or every shard) or one shard."""
+    """tensor name → file, from a checkpoint directory (index or every shard) or one shard;
+    every shard's header checked, and the index against the shards."""
     if path.is_file():
-        with safe_open(str(path), "pt") as f:
-            return {k: path for k in f.keys()}
+        return {k: path for k in read_header(path)}
     index = path / "model.safetensors.index.json"
     if index.exists():
-        return {k: path / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        wm = read_json(index, "checkpoint index").get("weight_map")
+        if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+            raise DamagedInputError(f"{index}: no weight_map of tensor names → shard files")
+        missing = sorted({f for f in wm.values() if not (path / f).is_file()})
+        if missing:
+            raise DamagedInputError(f"{index} names shards that are not there: {', '.join(missing[:3])}")
+        heads = {f: read_header(path / f) for f in sorted(set(wm.values()))}
+        wrong = sorted(k for k, f in wm.items() if k not in heads[f])
+        if wrong:
+            raise DamagedInputError(f"{index} maps {wrong[0]} to {wm[wrong[0]]}, which does not hold it "
+                                    f"({len(wrong)} such entries)")
+        return {k: path / v for k, v in wm.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{path}: no .safetensors files")
     out = {}
     for p in files:
-        with safe_open(str(p), "pt") as f:
-            out.update({k: p for k in f.keys()})
+        out.update({k: p for k in read_header(p)})
     return out
 
 
@@ -94,7 +183,7 @@ def load_mtp_weights(path: str | Path, prefix: str | None = None,
         cfg_file = (path if path.is_dir() else path.parent) / "config.json"
         if not cfg_file.exists():
             raise FileNotFoundError(f"{cfg_file}: needed to locate the MTP layer (or pass prefix=)")
-        config = json.loads(cfg_file.read_text())
+        config = read_json(cfg_file, "checkpoint config")
         if any(k.startswith("dspark") for k in config):
             raise ValueError(f"{cfg_file}: this revision ships DSpark stages under mtp.*, not a classic MTP layer; "
                              "requant quantises classic MTP layers only")
@@ -114,7 +203,7 @@ def load_mtp_weights(path: str | Path, prefix: str | None = None,
         handles = local.__dict__.setdefault("handles", {})
         p = where[name]
         if p not in handles:
-            handles[p] = safe_open(str(p), "pt")
+            handles[p] = open_tensors(p)
         t = handles[p].get_tensor(name)
         return t if device is None else t.to(device)
 

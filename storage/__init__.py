@@ -22,16 +22,22 @@ API:
   3.4 have no bfloat16 data type either); ``hidden_torch()`` / ``as_bf16_tensor`` view
   them as torch.bfloat16 without a copy.
 - Errors: ``StoreError`` and its kinds ``NotAStoreError``, ``IncompatibleStoreError``,
-  ``CorruptStoreError``; bad appends raise ``ValueError``. Every message names the path.
+  ``CorruptStoreError`` (also a ``DamagedInputError``, the project's "damaged input" error);
+  bad appends raise ``ValueError``. Every message names the path and what is wrong.
+- Integrity (format 3, checksum.py): the store metadata, every commit record and every
+  sequence's index entry and rows carry checksums bound to the store's uid; readers check
+  the rows they read (``check=False`` skips it), ``verify()`` checks everything,
+  ``verify(read_rows=False)`` all but the rows (seconds; the quantize stage runs it first).
 
 `requant store info PATH` / `requant store verify PATH` inspect and check a store.
 """
 from .reader import Batch, SequenceRows, StoreReader, as_bf16_tensor
-from .schema import (CorruptStoreError, IncompatibleStoreError, Layout, NotAStoreError, StoreError,
-                     StoreMeta)
+from .schema import (CorruptStoreError, DamagedInputError, IncompatibleStoreError, Layout, NotAStoreError,
+                     StoreError, StoreMeta)
 from .store import CaptureStore, StoreInfo
 from .writer import GroupWriter, WriterStats
 
-__all__ = ["as_bf16_tensor", "Batch", "CaptureStore", "CorruptStoreError", "GroupWriter", "IncompatibleStoreError",
+__all__ = ["as_bf16_tensor", "Batch", "CaptureStore", "CorruptStoreError", "DamagedInputError", "GroupWriter",
+           "IncompatibleStoreError",
            "Layout", "NotAStoreError", "SequenceRows", "StoreError", "StoreInfo", "StoreMeta",
            "StoreReader", "WriterStats"]

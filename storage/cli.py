@@ -33,18 +33,24 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from .schema import CorruptStoreError, IncompatibleStoreError
     from .store import CaptureStore
 
-    store = CaptureStore.open(args.path)
-    problems = store.verify()
+    try:
+        store = CaptureStore.open(args.path)
+        problems = store.verify()
+    except (CorruptStoreError, IncompatibleStoreError) as e:  # its metadata is damaged: a problem of the store
+        problems = [str(e)]
     if problems:
         for p in problems:
             print(f"FAIL {p}", file=sys.stderr)
         print(f"{len(problems)} problem(s) in {args.path}", file=sys.stderr)
         return 1
     info = store.info()
+    what = ("metadata, commit records, index entries and every sequence's rows checksummed" if store.checksummed
+            else "every chunk read and checksummed, index consistent (a format-2 store has no metadata checksums)")
     print(f"OK {args.path}: {info.rows:,} rows, {info.sequences:,} sequences in {len(info.writers)} "
-          f"writer group(s); every chunk read and checksummed, index consistent")
+          f"writer group(s); {what}")
     return 0
 
 

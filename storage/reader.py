@@ -14,6 +14,11 @@ some sequences: (store index, writer, k0, k1) ranges of a writer group's sequenc
 fetched: compressed chunk bytes of the ``hidden`` arrays (the shard index included) on the
 direct path, raw bytes otherwise and for the 16-byte-per-row columns.
 
+Rows of format-3 stores are checked against their sequences' checksums as they are read
+(checksum.py; on the pool threads, crc32c releases the GIL): a chunk file swapped for
+another store's, which its own crc32c cannot tell, is an error naming the rows and files,
+not wrong data. ``check=False`` skips it.
+
 bf16 rows come back as numpy uint16 bit patterns (zero-copy, and numpy has no bfloat16);
 ``Batch.hidden_torch()`` / ``SequenceRows.hidden_torch()`` / ``as_bf16_tensor`` view them
 as ``torch.bfloat16`` without a copy.
@@ -92,11 +97,12 @@ class StoreReader:
     rows committed later are not seen (a consistent snapshot of a store being written).
     ``threads``: chunks decoded at once at most (default: cores, at most 16); a
     ``max_bytes`` too small for that many decode buffers runs fewer at once instead of
-    failing. ``direct=False`` reads through zarr-python only (benchmarks compare the two)."""
+    failing. ``direct=False`` reads through zarr-python only (benchmarks compare the two).
+    ``check``: rows against their sequences' checksums (format-3 stores)."""
 
     def __init__(self, stores: str | CaptureStore | Sequence[str | CaptureStore],
                  writers: Sequence[str] | None = None, threads: int | None = None,
-                 direct: bool | None = None):
+                 direct: bool | None = None, check: bool = True):
         if isinstance(stores, (str, CaptureStore)) or hasattr(stores, "__fspath__"):
             stores = [stores]
         self.stores = [s if isinstance(s, CaptureStore) else CaptureStore.open(str(s)) for s in stores]
@@ -115,6 +121,9 @@ class StoreReader:
                     self.groups.append((s, w, s.committed(w)[0]))
         self.threads = threads or min(16, os.cpu_count() or 1)
         self.direct = direct
+        self.check = check
+        self._checks: dict[tuple[str, str], object] = {}  # (store, writer) → SequenceCheck, made on first read
+        self._checks_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="requant-read")
         self._decoders = self.threads  # chunks in flight at once; fewer under a tight max_bytes
         self._slots = threading.BoundedSemaphore(self.threads)
@@ -295,7 +304,7 @@ class StoreReader:
 
     def _read(self, s: CaptureStore, w: str, r0: int, r1: int) -> Batch:
         g = s.group(w)
-        arrays = {a: g[a] for a in ROW_ARRAYS}
+        arrays = {a: s.array(w, a, g) for a in ROW_ARRAYS}
         cols = {a: np.empty((r1 - r0,) + arr.shape[1:], dtype=arr.dtype) for a, arr in arrays.items()}
         chunk, per_shard = s.layout.rows_per_chunk, s.layout.rows_per_shard
         fast = self._fast(s)
@@ -318,7 +327,10 @@ class StoreReader:
                         self._count(cols[a][c0 - r0:c1 - r0].nbytes)
 
             def fill_column(a: str) -> None:  # 16 B/row: one zarr call per batch, not per chunk
-                cols[a][...] = arrays[a][r0:r1]
+                try:
+                    cols[a][...] = arrays[a][r0:r1]
+                except Exception as e:  # noqa: BLE001 — decode/checksum errors vary by codec
+                    raise StoreError(f"{a} column: {type(e).__name__}: {e}") from e
                 self._count(cols[a].nbytes)
 
             futs = [self._pool.submit(fill, "hidden", c0) for c0 in starts]
@@ -326,12 +338,44 @@ class StoreReader:
             for f in futs:
                 f.result()
         except Exception as e:  # noqa: BLE001 — decode/checksum errors vary by codec
-            raise StoreError(f"{s.group_path(w)}: rows {r0}–{r1} unreadable: {type(e).__name__}: {e}") from e
+            why = str(e) if isinstance(e, StoreError) else f"{type(e).__name__}: {e}"  # (names its file or column)
+            raise StoreError(f"{s.group_path(w)}: rows {r0}–{r1} unreadable: {why}") from e
+        self._check_rows(s, w, r0, r1, cols)
         return Batch(store=s.path, writer=w, first_row=r0, **cols)
 
     def _count(self, n: int) -> None:
         with self._counted:
             self.bytes_read += n
+
+    def _check_rows(self, s: CaptureStore, w: str, r0: int, r1: int, cols: dict) -> None:
+        """Rows [r0, r1) against their sequences' checksums: sequences split among the pool
+        threads in spans of about one chunk; a sequence cut by the batch's edge is checked
+        once its other pieces have been read."""
+        if not self.check or not s.checksummed:
+            return
+        with self._checks_lock:
+            check = self._checks.get((s.path, w))
+            if check is None:
+                check = self._checks[(s.path, w)] = s.sequence_check(w)
+        spans = check.spans(r0, r1)
+        step = max(1, s.layout.rows_per_chunk)
+        groups, cur, rows = [], [], 0
+        for sp in spans:
+            cur.append(sp)
+            rows += sp[2] - sp[1]
+            if rows >= step:
+                groups.append(cur)
+                cur, rows = [], 0
+        if cur:
+            groups.append(cur)
+
+        def run(group: list) -> list[str]:
+            return [p for k, a, b in group
+                    for p in check.settle(k, a, b, check.piece(cols, r0, a, b), cols["seq"][a - r0:b - r0])]
+
+        problems = [p for ps in self._pool.map(run, groups) for p in ps]
+        if problems:
+            raise StoreError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
     def _fast(self, s: CaptureStore) -> bool:
         return self.direct is not False and _ShardFile.usable(s)
@@ -362,18 +406,8 @@ class _ShardFile:
         self.width = s.meta.row_width
         self.path = f"{s.group_dir(w)}/hidden/c/{k}/0"
         self.compressed = lay.compressor == "zstd"
-        n = lay.chunks_per_shard
-        try:
-            with open(self.path, "rb") as f:
-                size = f.seek(0, 2)
-                f.seek(max(0, size - (16 * n + 4)))
-                tail = f.read()
-        except FileNotFoundError:
-            raise StoreError(f"{self.path}: shard file missing") from None
-        self.index_bytes = len(tail)
-        if len(tail) != 16 * n + 4 or not _crc_ok(tail[:-4], tail[-4:]):
-            raise StoreError(f"{self.path}: shard index damaged (truncated file or checksum mismatch)")
-        self.index = np.frombuffer(tail[:-4], dtype="<u8").reshape(n, 2)
+        self.index = shard_index(self.path, lay.chunks_per_shard)
+        self.index_bytes = 16 * lay.chunks_per_shard + 4
 
     @staticmethod
     def usable(s: CaptureStore) -> bool:
@@ -405,6 +439,25 @@ class _ShardFile:
             nzstd.decompress(body, chunk)
             out[...] = chunk[r0 - c0:r1 - c0]
         return nbytes
+
+
+def shard_index(path: str, n: int) -> np.ndarray:
+    """The (offset, nbytes) index of a Zarr v3 shard file of ``n`` chunks (index at the end,
+    crc32c-checked), its entries within the file: a cut or damaged shard is a ``StoreError``."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - (16 * n + 4)))
+            tail = f.read()
+    except FileNotFoundError:
+        raise StoreError(f"{path}: shard file missing") from None
+    if len(tail) != 16 * n + 4 or not _crc_ok(tail[:-4], tail[-4:]):
+        raise StoreError(f"{path}: shard index damaged (truncated file or checksum mismatch)")
+    index = np.frombuffer(tail[:-4], dtype="<u8").reshape(n, 2)
+    stored = index[:, 0] != np.uint64(2**64 - 1)
+    if np.any(index[stored, 0] + index[stored, 1] > size - len(tail)):
+        raise StoreError(f"{path}: shard index points past the end of the file (truncated or damaged)")
+    return index
 
 
 def _crc_ok(data, stored: bytes) -> bool:

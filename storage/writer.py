@@ -35,7 +35,8 @@ import crc32c
 import numcodecs.zstd as nzstd
 import numpy as np
 
-from .schema import COMMIT_ATTR, INDEX_ARRAYS, ROW_ARRAYS, CorruptStoreError, StoreError
+from .checksum import commit_record, entry_crc, row_crcs
+from .schema import COMMIT_ATTR, CRC_ARRAY, ROW_ARRAYS, CorruptStoreError, StoreError, index_arrays
 from .store import CaptureStore, fsync_paths
 
 _FLUSH = object()
@@ -138,8 +139,10 @@ class GroupWriter:
             row_bytes = self.width * 2 + 16
             self.flush_rows = flush_rows or max(shard, min(self.threads * shard,
                                                            flush_bytes // row_bytes // shard * shard))
-            self._arrays = {a: self.g[a].with_config({"write_empty_chunks": True}) for a in ROW_ARRAYS}
-            self._index = {a: self.g["index"][a].with_config({"write_empty_chunks": True}) for a in INDEX_ARRAYS}
+            self._arrays = {a: store.array(name, a, self.g).with_config({"write_empty_chunks": True})
+                            for a in ROW_ARRAYS}
+            self._index = {a: store.array(name, f"index/{a}", self.g).with_config({"write_empty_chunks": True})
+                           for a in index_arrays(store.meta.format)}
             # rows of the last, partial hidden shard (rewritten whole by the next batch) and the
             # future of its last write (the next write of that shard waits for it: order)
             self._tail = self._load_tail(rows) if self.direct else None
@@ -150,6 +153,8 @@ class GroupWriter:
         self._tail_fut: Future | None = None
         self._next_row, self._next_seq = rows, seqs
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix=f"requant-encode-{name}")
+        # a commit's fsyncs run at once (the journal takes them in one flush), never behind encode work
+        self._fsyncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"requant-fsync-{name}")
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._cq: queue.Queue = queue.Queue(maxsize=1)
         self._buf: list[tuple] = []
@@ -203,11 +208,17 @@ class GroupWriter:
         self._closed = True
         try:
             self._put(self._q, (_STOP, None))
-        except StoreError:
-            pass  # the pipeline died; the error is raised below
+        except StoreError:  # the pipeline died (the error is raised below): still wake the writer
+            while self._thread.is_alive():  # thread if it waits for work, or it never ends
+                try:
+                    self._q.put((_STOP, None), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
         self._thread.join()
         self._committer.join()
         self._pool.shutdown()
+        self._fsyncs.shutdown()
         if self._lock is not None:
             self._lock.release()
         self._check()
@@ -346,16 +357,20 @@ class GroupWriter:
         path = Path(self.store.group_dir(self.name)) / "hidden" / "c" / str(k) / "0"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"0.{threading.get_ident()}.partial")
-        with open(tmp, "wb") as f:
-            for body, crc in blobs:
-                f.write(body)
-                f.write(crc)
-            f.write(ib)
-            f.write(crc32c.crc32c(ib).to_bytes(4, "little"))
-            if self.durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                for body, crc in blobs:
+                    f.write(body)
+                    f.write(crc)
+                f.write(ib)
+                f.write(crc32c.crc32c(ib).to_bytes(4, "little"))
+                if self.durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:  # disk full, I/O error: the committed shard stays as it was
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, f"writing {path}: {e.strerror or e}") from e
         return complete
 
     # -- committer thread ---------------------------------------------------------------
@@ -390,7 +405,7 @@ class GroupWriter:
             if arr.shape[0] < b.r1:
                 arr.resize((b.r1,) + arr.shape[1:])  # in place: metadata only
             if a in cols:
-                arr[b.r0:b.r1] = cols[a]
+                self._write(a, arr, slice(b.r0, b.r1), cols[a])
         lengths = np.array([it[1].shape[0] for it in items], dtype=np.int64)
         index = {
             "seq": np.array([it[0] for it in items], dtype=np.int64),
@@ -399,18 +414,43 @@ class GroupWriter:
             "replica": np.array([it[5] for it in items], dtype=np.int32),
             "prompt_id": np.array([it[4] for it in items], dtype=object).astype(str),
         }
+        if CRC_ARRAY in self._index:
+            index[CRC_ARRAY] = self._checksums(items, index)
         for a, values in index.items():  # then the index entries
             arr = self._index[a]
             if arr.shape[0] < b.m1:
-                arr.resize((b.m1,))
-            arr[b.m0:b.m1] = values
+                arr.resize((b.m1,) + arr.shape[1:])
+            self._write(f"index/{a}", arr, slice(b.m0, b.m1), values)
         if self.durable:
-            fsync_paths(self.store.group_dir(self.name), self._touched(b))
-        self.g.attrs[COMMIT_ATTR] = {"rows": b.r1, "sequences": b.m1}  # the atomic commit
+            fsync_paths(self.store.group_dir(self.name), self._touched(b), self._fsyncs)
+        commit = commit_record(self.store.meta.uid, b.r1, b.m1) if self.store.checksummed else \
+            {"rows": b.r1, "sequences": b.m1}
+        self.g.attrs[COMMIT_ATTR] = commit  # the atomic commit
         if self.durable:
             fsync_paths(self.store.group_dir(self.name), ["zarr.json"])
         st.rows, st.sequences = b.r1, b.m1
         st.bytes += sum(it[1].nbytes + 16 * it[1].shape[0] for it in items)
+
+    def _write(self, rel: str, arr, where: slice, values) -> None:
+        """A zarr write past the commit; it rewrites the chunk it lands in (read back first)."""
+        try:
+            arr[where] = values
+        except OSError as e:
+            raise OSError(e.errno, f"writing {self.path}/{rel}: {e.strerror or e}") from e
+        except Exception as e:  # noqa: BLE001 — a damaged chunk read back: codec errors vary
+            raise CorruptStoreError(f"{self.path}/{rel}: the chunk holding rows {where.start}–{where.stop} is "
+                                    f"unreadable ({type(e).__name__}: {e})") from e
+
+    def _checksums(self, items: list, index: dict) -> np.ndarray:
+        """index/crc rows: each sequence's row checksums and its entry checksum (checksum.py)."""
+        out = np.empty((len(items), 4), dtype=np.uint32)
+        uid = self.store.meta.uid
+        for j, it in enumerate(items):
+            rows = row_crcs(it[1], it[2], it[3])
+            out[j, :3] = rows
+            out[j, 3] = entry_crc(uid, it[0], index["first_row"][j], index["length"][j], it[5], index["prompt_id"][j],
+                                  rows)
+        return out
 
     def _touched(self, b: _Sealed) -> list[str]:
         """Files (relative to the group) this batch wrote, for fsync (with their directories)."""
@@ -419,6 +459,7 @@ class GroupWriter:
         ichunks = range(b.m0 // lay.index_rows_per_chunk, (b.m1 - 1) // lay.index_rows_per_chunk + 1)
         names = [f"{a}/c/{s}" for a in ROW_ARRAYS[1:] for s in shards]
         names += [f"hidden/c/{s}/0" for s in shards]  # direct shards: fsynced already, dirs not
-        names += [f"index/{a}/c/{c}" for a in INDEX_ARRAYS for c in ichunks]
-        names += [f"{a}/zarr.json" for a in ROW_ARRAYS] + [f"index/{a}/zarr.json" for a in INDEX_ARRAYS]
+        idx = index_arrays(self.store.meta.format)
+        names += [f"index/{a}/c/{c}" + ("/0" if a == CRC_ARRAY else "") for a in idx for c in ichunks]
+        names += [f"{a}/zarr.json" for a in ROW_ARRAYS] + [f"index/{a}/zarr.json" for a in idx]
         return names

@@ -87,12 +87,19 @@ def test_killed_job_resumes_exactly_once(run_dir, tiny_dsv3, prompts_parquet):
         kill_group(proc.pid)
     # The orphaned server goes down with its actor (PR_SET_PDEATHSIG); it may still commit
     # sequences of aborted requests on its way out — the rerun waits for its writer group.
+    # The ledger is damaged too (a flipped byte in one line, a torn line at its end): the
+    # rerun rebuilds it from the store, the truth, and says so.
+    ledger = run_dir / "cap.ledger.jsonl"
+    lines = ledger.read_bytes().splitlines(keepends=True)
+    lines[len(lines) // 2] = lines[len(lines) // 2].replace(b'"state"', b'"st\xffte"')
+    ledger.write_bytes(b"".join(lines) + b'{"prompt_id": "torn')
     status3, log3 = run_dir / "status3.json", run_dir / "log3.txt"
     proc = start_job(cfg, status3, log3)
     try:
         assert proc.wait(500) == 0, log3.read_text()[-4000:]
     finally:
         kill_group(proc.pid)
+    assert "repaired from the store: 2 damaged lines dropped" in log3.read_text(), log3.read_text()[-3000:]
     # Nothing of the killed run's server outlived it (the guard's watcher kills its group).
     wait_for(lambda: not group_members(server), 60, "the first run's server gone")
     res = job_result(log3)

@@ -66,7 +66,7 @@ def test_ledger_reconciles_with_the_store(tmp_path):
         f.write('{"prompt_id": "c", "sta')  # a torn last line (crash mid-append)
     led = Ledger(tmp_path / "cap.ledger.jsonl")
     idx = StoreIndex(str(tmp_path / "cap"))
-    assert led.reconcile(idx) == {"ledgered_not_in_store": 1, "in_store_not_ledgered": 1}
+    assert led.reconcile(idx) == {"ledgered_not_in_store": 1, "in_store_not_ledgered": 1, "damaged_lines_dropped": 1}
     assert led.done == {"a", "b"}
     led.close()
     assert Ledger(tmp_path / "cap.ledger.jsonl").done == {"a", "b"}  # rewritten atomically, zombie gone

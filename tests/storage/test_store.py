@@ -307,3 +307,78 @@ def test_corrupt_partial_shard_refuses_the_writer_and_releases_the_group(tmp_pat
         with pytest.raises(CorruptStoreError, match=r"writers/r0/hidden: the last partial shard .* 256–480"):
             CaptureStore.open(store.path, mode="r+").writer("r0")
     assert store.committed("r0") == (480, 12)
+
+
+def test_checksum_pieces_combine_in_any_order():
+    """A sequence read in pieces (batch edges) checks as if read whole."""
+    import crc32c
+
+    from requant.storage.checksum import combine
+
+    rng = np.random.default_rng(4)
+    data = rng.integers(0, 256, 10_000, dtype=np.uint8).tobytes()
+    for cut in (0, 1, 4096, 9_999):
+        a, b = data[:cut], data[cut:]
+        assert combine(crc32c.crc32c(a), crc32c.crc32c(b), len(b)) == crc32c.crc32c(data)
+
+
+def test_format_2_stores_still_read_write_and_verify(tmp_path):
+    """Stores written before checksums (format 2) open, take appends in their own format and verify."""
+    old = CaptureStore.create(str(tmp_path / "f2"), StoreMeta(hidden_size=64, hc_mult=4, format=2), LAYOUT)
+    with old.writer("r0") as w:
+        w.append_sequence(0, np.ones((5, 256), np.uint16), np.arange(5), np.arange(5), prompt_id="x")
+    store = CaptureStore.open(old.path, mode="r+")
+    assert not store.checksummed and store.meta.uid == ""
+    with store.writer("r0") as w:
+        w.append_sequence(1, 2 * np.ones((3, 256), np.uint16), np.arange(3), np.arange(3), prompt_id="y")
+    assert store.committed("r0") == (8, 2) and "crc" not in store.group("r0")["index"]
+    assert [s.prompt_id for s in StoreReader(old.path).sequences()] == ["x", "y"] and store.verify() == []
+
+
+def test_a_chunk_swapped_for_another_stores_is_named(tmp_path):
+    """Its own crc32c is valid: only the sequence checksums (format 3) tell it is not this store's."""
+    import shutil
+
+    a = _filled(tmp_path)
+    b = make(tmp_path, "other")
+    with b.writer("r0") as w:
+        for s in range(12):
+            w.append_sequence(s, np.full((40, 256), s, np.uint16), np.arange(40), np.arange(40))
+    shutil.copyfile(Path(b.path) / "writers/r0/hidden/c/0/0", Path(a.path) / "writers/r0/hidden/c/0/0")
+    problems = CaptureStore.open(a.path).verify()
+    assert problems and "hidden rows do not match their checksum" in problems[0] and "hidden/c/0/0" in problems[0]
+    with pytest.raises(StoreError, match="do not match their checksum"):
+        list(StoreReader(a.path).batches(max_rows=50))
+
+
+def test_processes_creating_one_store_at_once_share_it(tmp_path):
+    import multiprocessing as mp
+
+    from ._create_worker import create_and_write
+
+    path = str(tmp_path / "shared")
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=create_and_write, args=(path, i, barrier, out)) for i in range(3)]
+    for p in procs:
+        p.start()
+    uids = {out.get(timeout=120) for _ in procs}
+    for p in procs:
+        p.join(60)
+    store = CaptureStore.open(path)
+    assert len(uids) == 1 and uids == {store.meta.uid}
+    assert store.writer_names() == ["replica0", "replica1", "replica2"] and store.verify() == []
+    assert not [p for p in tmp_path.iterdir() if ".creating-" in p.name]
+
+
+def test_create_on_an_object_store_keeps_what_is_there():
+    """``create(exist_ok=True)`` (every capture server's start-up) opens a remote store that
+    exists instead of recreating it empty; without ``exist_ok`` it is refused."""
+    url = "memory://requant-test-remote"
+    store = CaptureStore.create(url, META, LAYOUT)
+    with store.writer("r0") as w:
+        w.append_sequence(0, np.ones((5, 256), np.uint16), np.arange(5), np.arange(5))
+    again = CaptureStore.create(url, META, LAYOUT, exist_ok=True)
+    assert again.meta.uid == store.meta.uid and again.committed("r0") == (5, 1)
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        CaptureStore.create(url, META, LAYOUT)
