@@ -117,7 +117,10 @@ class GroupWriter:
                  direct: bool | None = None):
         self.store, self.name = store, name
         self.path = store.group_path(name)
-        self.g = store._create_group(name)
+        try:
+            self.g = store._create_group(name)
+        except OSError as e:  # zarr writes several documents concurrently: name the group, not one of them
+            raise OSError(e.errno, f"{self.path}: cannot create the writer group ({e.strerror or e})") from e
         self._lock = None
         local = store.group_dir(name)
         if local is not None:
