@@ -6,7 +6,8 @@ first, as the engine does, since the target's weight-name mapper rewrites the sh
 Every module the MTP creates is listed with the quantisation vLLM gave it (the method it
 chose, and vLLM's get_scheme_dict for that prefix), and every tensor of the checkpoint's MTP
 shard is fed to vLLM's MTP load_weights (with one anchor tensor of the layer), recording the
-parameters it lands on. argv: PORT CKPT... Prints RESULT {json}."""
+parameters it lands on and their dtypes (the shard tensor's, then each parameter's). argv: PORT CKPT...
+Prints RESULT {json}."""
 import json
 import os
 import sys

@@ -3,12 +3,14 @@ DeepSeekV4MTP creates (its own prefixes, from its tree built on the meta device)
 CompressedTensorsConfig read from our config.json gives the routed experts our W4A16 group,
 the MTP attention the base's FP8 group when the base has one (else nothing), and e_proj,
 h_proj, the shared expert, the gate and the shared head nothing; and vLLM's load_weights
-puts every tensor of our shard on a parameter of that tree, leaving none unloaded but the
-two the drafter shares with the target. Three bases: none; regex-target groups (W4A16 routed
-experts + FP8_BLOCK attention, the rest BF16, as pasta-paul/DeepSeek-V4-Flash-W4A16-FP8); and
-one group targeting ``Linear`` with an ignore list — and the last for DeepSeek-V3 too (vLLM's
-DeepSeekMTP). Plus a base the MTP layer cannot be merged into, refused before anything is
-written."""
+puts every tensor of our shard on a parameter of that tree of the tensor's own dtype,
+leaving none unloaded but the two the drafter shares with the target. The masters are FP8
+as upstream (every non-expert linear E4M3 with block scales): what no base FP8 block group
+serves is dequantised, equal to W = w · s. Three bases: none; regex-target groups (W4A16
+routed experts + FP8_BLOCK attention, the rest BF16, as pasta-paul/DeepSeek-V4-Flash-W4A16-FP8);
+and one group targeting ``Linear`` with an ignore list — and for DeepSeek-V3 (vLLM's
+DeepSeekMTP) a Linear and a regex base. Plus a base the MTP layer cannot be merged into,
+refused before anything is written."""
 import json
 import re
 import socket
