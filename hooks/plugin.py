@@ -20,6 +20,8 @@ only copies into a stash allocated here, before graph capture (captured graphs r
 copy). A hook inside a module vLLM torch.compiles is refused unless ``--enforce-eager``
 (the compiled artifact, possibly loaded from vLLM's cache, would not contain it). Drafter
 points (``mtp_input``) hook the MTP layer inside the drafter and need ``--enforce-eager``.
+Such a refusal (``EagerRequired``) is also written as JSON to ``REQUANT_CAPTURE_REFUSAL``
+when set, so a capture job can restart the server eager.
 
 Row bookkeeping (vLLM V1): a forward's rows are the scheduled tokens of the persistent
 batch's requests in batch order (``input_batch.req_ids`` × ``num_scheduled_tokens``), taken
@@ -52,6 +54,7 @@ import threading
 from dataclasses import dataclass
 
 ENV_STORE = "REQUANT_CAPTURE"
+ENV_REFUSAL = "REQUANT_CAPTURE_REFUSAL"
 POINT_NAMES = ("target_pre_head", "mtp_input")
 log = logging.getLogger("requant.hooks")
 _ACTIVE: list["WorkerCapture"] = []  # this process's worker captures (close_all)
@@ -66,6 +69,7 @@ class PluginConfig:
     model: str = ""
     stats_file: str = ""
     slots: int = 8
+    refusal_file: str = ""   # where an EagerRequired refusal is reported (JSON)
 
     @classmethod
     def from_env(cls, env=os.environ) -> "PluginConfig | None":
@@ -87,7 +91,7 @@ class PluginConfig:
             raise ValueError("REQUANT_CAPTURE_SLOTS must be at least 1")
         return cls(store, points, env.get("REQUANT_CAPTURE_WRITER", ""), ints["REQUANT_CAPTURE_REPLICA"],
                    env.get("REQUANT_CAPTURE_MODEL", ""), env.get("REQUANT_CAPTURE_STATS", ""),
-                   ints["REQUANT_CAPTURE_SLOTS"])
+                   ints["REQUANT_CAPTURE_SLOTS"], env.get(ENV_REFUSAL, ""))
 
     def store_for(self, point: str) -> str:
         return self.store if len(self.points) == 1 else f"{self.store.rstrip('/')}/{point}"
@@ -166,10 +170,27 @@ def register() -> None:
 
 def _after_load(load_model, cfg: PluginConfig):
     def load_model_with_capture(self, *args, **kwargs):
+        from .points import EagerRequired
+
         out = load_model(self, *args, **kwargs)
-        self._requant = WorkerCapture(self, cfg)
+        try:
+            self._requant = WorkerCapture(self, cfg)
+        except EagerRequired as e:
+            report_refusal(cfg.refusal_file, e)
+            raise
         return out
     return load_model_with_capture
+
+
+def report_refusal(path: str, err: Exception) -> None:
+    """Write ``{"needs": "--enforce-eager", "error": ...}`` to ``path`` (if set), whole or not
+    at all: the server is about to exit and whoever started it reads why."""
+    if not path:
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"needs": "--enforce-eager", "error": str(err)}, f)
+    os.replace(tmp, path)
 
 
 class WorkerCapture:
@@ -228,7 +249,7 @@ class WorkerCapture:
     def _point(self, name: str, arch: str):
         """(point, tree root, hidden ref) for ``name`` on this runner's model; refuses a point
         this server cannot give rows for, naming the setting to change."""
-        from .points import POINTS, CapturePointError, find_point, resolve_hidden
+        from .points import POINTS, CapturePointError, EagerRequired, find_point, needs_eager, resolve_hidden
 
         runner = self.runner
         target = runner.get_model()
@@ -239,8 +260,8 @@ class WorkerCapture:
                                         "speculative decoding (--speculative-config "
                                         "'{\"method\":\"mtp\",\"num_speculative_tokens\":1}'); "
                                         "target_pre_head captures the same rows without it")
-            if not runner.model_config.enforce_eager:
-                raise CapturePointError(f"capture point {name!r} hooks the MTP layer inside the drafter, which vLLM "
+            if needs_eager(name) and not runner.model_config.enforce_eager:
+                raise EagerRequired(f"capture point {name!r} hooks the MTP layer inside the drafter, which vLLM "
                                         "compiles and runs in CUDA graphs, where hooks do not run: start vLLM with "
                                         "--enforce-eager, or capture target_pre_head (the same rows), which works "
                                         "with compilation on")
@@ -252,7 +273,7 @@ class WorkerCapture:
         if not runner.model_config.enforce_eager:
             refusal = compile_refusal(name, ref, target, runner.compilation_config.mode)
             if refusal:
-                raise CapturePointError(refusal)
+                raise EagerRequired(refusal)
         return point, target, ref
 
     def _capturer(self, name: str, hidden: int, hc: int, ids_offset: int, capturer_cls):

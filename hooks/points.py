@@ -31,8 +31,10 @@ import difflib
 import fnmatch
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where tensors are met: the declarations are read without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,19 @@ class CapturePointError(ValueError):
     """A capture point that cannot be used with this model (raised at start-up)."""
 
 
+class EagerRequired(CapturePointError):
+    """A capture point this server cannot read with compilation / CUDA graphs on: the same
+    server started with ``--enforce-eager`` can."""
+
+
+def needs_eager(name: str) -> bool:
+    """Whether point ``name`` needs ``--enforce-eager`` on every model tree: it is read inside
+    vLLM's speculative drafter, which vLLM compiles and replays in CUDA graphs, where hooks do
+    not run. (A target point needs it only on a tree where vLLM torch.compiles the module it
+    reads; that is known once the tree is built: ``plugin.compile_refusal``.)"""
+    return any(p.tree == "drafter" for p in POINTS if p.name == name)
+
+
 def find_point(name: str, engine: str, arch: str, tree_module: str = "") -> CapturePoint:
     """The point ``name`` for ``arch`` whose ``where`` matches ``tree_module`` (the Python module
     of the model class actually built; "" matches only points declared for every tree)."""
@@ -169,6 +184,8 @@ def row_shape(point: CapturePoint, hf_config) -> tuple[int, int]:
 def resolve(ref: TensorRef, root: torch.nn.Module, what: str) -> list[torch.nn.Module]:
     """The modules ``ref`` names under ``root``; a clear error when none match (or, for
     ``call``/``buffer`` refs, when the function / tensor is not there)."""
+    import torch
+
     found, near = [], []
     for path, mod in root.named_modules():
         if fnmatch.fnmatchcase(path, ref.module) and path.count(".") == ref.module.count("."):

@@ -23,8 +23,10 @@ def _capture_job(args: argparse.Namespace) -> int:
                                            max_prompts=args.max_prompts)
     if args.replicas is not None:
         updates["replicas"] = args.replicas
+    if args.enforce_eager is not None:
+        updates["enforce_eager"] = {"true": True, "false": False}.get(args.enforce_eager, args.enforce_eager)
     if updates:
-        spec = spec.model_copy(update=updates)
+        spec = type(spec).model_validate({**spec.model_dump(), **updates})
     job = CaptureJob(spec, progress=not args.no_progress, status_file=args.status_file)
     if args.dry_run:
         plan = job.plan()
@@ -83,6 +85,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="coverage loop: capture more prompts until every expert has N routed tokens")
     c.add_argument("--max-prompts", type=int, default=None, help="coverage loop budget")
     c.add_argument("--replicas", type=int, default=None, help="override the config's replica count")
+    c.add_argument("--enforce-eager", choices=["auto", "true", "false"], default=None,
+                   help="override the config's enforce_eager (auto: eager only where the capture point needs it)")
     c.add_argument("--status-file", default=None, help="write progress as JSON here (control plane)")
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("--json", action="store_true", help="also print the result as JSON")

@@ -52,7 +52,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
                            prompts=PromptSpec(source=str(data), count=cfg.prompts, seed=cfg.seed,
                                               max_tokens=cfg.max_tokens),
                            env=cpu_replica_env(), replica_cpus=1, health_timeout_s=600,
-                           vllm_args=["--gpu-memory-utilization", "0.3"])
+                           vllm_args=["--gpu-memory-utilization", "0.3"],
+                           enforce_eager=True)  # a few prompts on a CPU: torch.compile would cost more than it saves
         cap = run_capture(spec, progress=progress)
     else:
         from requant.hooks.hf_engine import HFCaptureConfig, capture_hf

@@ -46,6 +46,8 @@ class Stats:
     replicas_healthy: int = 0
     replica_restarts: int = 0
     duplicates: int = 0
+    enforce_eager: bool = False    # replicas (now) start with --enforce-eager
+    eager_reason: str = ""         # auto: the plugin's refusal that switched to eager
     stage_seconds: dict = field(default_factory=dict)
     coverage: dict = field(default_factory=dict)
     state: str = "starting"
@@ -67,6 +69,7 @@ class _Replica:
     pid: int = 0
     up: asyncio.Event = field(default_factory=asyncio.Event)
     incarnation: int = 0
+    eager: bool = False                               # its server runs with --enforce-eager
     restarts: int = 0
     outstanding: dict = field(default_factory=dict)   # prompt id → "inflight" | "ok" | "uncertain"
     failed: bool = False
@@ -111,7 +114,7 @@ class CaptureJob:
         self.spec = spec
         self.progress = progress
         self.status_file = status_file
-        self.stats = Stats()
+        self.stats = Stats(enforce_eager=spec.starts_eager())
         self.index = StoreIndex(spec.store)
         self.ledger: Ledger | None = None
         self.replicas: list[_Replica] = []
@@ -138,6 +141,9 @@ class CaptureJob:
                 "tensor_parallel": self.spec.tensor_parallel, "prompts": len(prompts),
                 "already_captured": len(prompts) - len(todo), "to_send": len(todo),
                 "max_tokens": self.spec.prompts.max_tokens, "ledger": str(ledger.path),
+                "enforce_eager": str(self.spec.enforce_eager) + (
+                    f" (starts {'eager' if self.stats.enforce_eager else 'compiled'})"
+                    if self.spec.enforce_eager == "auto" else ""),
                 "coverage": self.spec.coverage.model_dump() if self.spec.coverage else None,
                 "ray": self.spec.ray_address or os.environ.get("RAY_ADDRESS") or "local"}
 
@@ -262,6 +268,7 @@ class CaptureJob:
         # hold its group while it shuts down.
         return ReplicaSpec(model=s.model, store=s.store, writer=f"replica{r.index}-{self.run_tag}", replica=r.index,
                            tensor_parallel=s.tensor_parallel, max_model_len=s.max_model_len, point=s.point,
+                           enforce_eager=self.stats.enforce_eager,
                            extra_args=tuple(s.vllm_args), env=dict(s.env), log_dir=log_dir,
                            driver_ip=self._driver_ip())
 
@@ -272,7 +279,8 @@ class CaptureJob:
 
     async def _start(self, r: _Replica) -> None:
         if r.actor is None:
-            r.actor = self._actor_cls().remote(self._replica_spec(r))
+            spec = self._replica_spec(r)
+            r.actor, r.eager = self._actor_cls().remote(spec), spec.enforce_eager
         info = await r.actor.start.remote()
         r.url, r.pid = info["url"], info["pid"]
         r.incarnation += 1
@@ -282,6 +290,13 @@ class CaptureJob:
             if st["healthy"]:
                 break
             if not st["alive"]:
+                refusal = await r.actor.refusal.remote()
+                if refusal and self.spec.enforce_eager == "auto" and not r.eager:
+                    await self._restart_eager(r, refusal["error"])
+                    return
+                if refusal:
+                    raise JobError(f"replica {r.index}: {refusal['error']} (enforce_eager is "
+                                   f"{self.spec.enforce_eager}; auto or true lets the job start it eager)")
                 tail = await r.actor.log_tail.remote()
                 raise JobError(f"replica {r.index} exited with code {st['exit']} before becoming healthy; "
                                f"log tail:\n{tail}")
@@ -293,6 +308,16 @@ class CaptureJob:
         r.up.set()
         self.stats.replicas_healthy = sum(x.up.is_set() for x in self.replicas)
         self._write_status()
+
+    async def _restart_eager(self, r: _Replica, why: str) -> None:
+        """auto: the plugin refused the point on the model tree this replica built with
+        compilation on; this replica and every later start run eager."""
+        import ray
+
+        self.stats.enforce_eager, self.stats.eager_reason = True, why
+        ray.kill(r.actor)
+        r.actor = None
+        await self._start(r)
 
     async def _stop_all(self) -> None:
         import ray

@@ -8,6 +8,7 @@ included — down with it, and dies with the actor.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ class ReplicaSpec:
     tensor_parallel: int = 1
     max_model_len: int | None = None
     point: str = "target_pre_head"
+    enforce_eager: bool = False       # else vLLM compiles / uses CUDA graphs
     extra_args: tuple[str, ...] = ()  # more vLLM server flags
     env: dict = field(default_factory=dict)
     log_dir: str = ""
@@ -35,8 +37,10 @@ class ReplicaSpec:
 
 def server_command(spec: ReplicaSpec, port: int) -> list[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", spec.model,
-           "--host", "0.0.0.0", "--port", str(port), "--enforce-eager", "--no-enable-prefix-caching",
+           "--host", "0.0.0.0", "--port", str(port), "--no-enable-prefix-caching",
            "--tensor-parallel-size", str(spec.tensor_parallel)]
+    if spec.enforce_eager:
+        cmd.append("--enforce-eager")
     if spec.max_model_len:
         cmd += ["--max-model-len", str(spec.max_model_len)]
     return cmd + list(spec.extra_args)
@@ -57,6 +61,7 @@ class ReplicaServer:
         self.proc: subprocess.Popen | None = None
         self.url = ""
         self.log_path = ""
+        self.refusal_path = ""
 
     def start(self) -> dict:
         port = _free_port()
@@ -67,10 +72,14 @@ class ReplicaServer:
         log_dir = self.spec.log_dir or os.path.join(os.path.dirname(self.spec.store.rstrip("/")) or ".", "logs")
         os.makedirs(log_dir, exist_ok=True)
         self.log_path = os.path.join(log_dir, f"{self.spec.writer}.log")
+        # the plugin writes here why it refused a point that an eager server could read
+        self.refusal_path = env["REQUANT_CAPTURE_REFUSAL"] = os.path.join(log_dir, f"{self.spec.writer}.refusal.json")
+        if os.path.exists(self.refusal_path):
+            os.remove(self.refusal_path)
         log = open(self.log_path, "ab")
         # The guard (guard.py) leads the server's process group and takes all of it down with it.
         self.proc = subprocess.Popen([sys.executable, "-m", "requant.orchestrator.guard", "--",
-                                      *server_command(self.spec, port)], env=env, stdout=log,
+                                      *self.command(port)], env=env, stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
         host = "127.0.0.1"
@@ -97,6 +106,18 @@ class ReplicaServer:
         except OSError:
             ok = False
         return {"alive": True, "healthy": ok, "exit": None}
+
+    def command(self, port: int) -> list[str]:
+        return server_command(self.spec, port)
+
+    def refusal(self) -> dict | None:
+        """The plugin's refusal of this server's capture point with compilation on
+        ({"needs": "--enforce-eager", "error": ...}), or None."""
+        try:
+            with open(self.refusal_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
 
     def log_tail(self, n: int = 3000) -> str:
         try:

@@ -43,6 +43,9 @@ class CaptureSpec(_Strict):
     replicas: int = Field(1, ge=1)
     tensor_parallel: int = Field(1, ge=1)
     point: Literal["target_pre_head", "mtp_input"] = "target_pre_head"
+    # auto: --enforce-eager only where the point needs it (mtp_input; or the plugin refuses the
+    # point on the tree a replica builds: that replica restarts eager); else compiled / CUDA graphs
+    enforce_eager: Union[Literal["auto"], bool] = "auto"
     max_model_len: int | None = Field(None, ge=16)
     vllm_args: list[str] = []
     env: dict[str, str] = {}                     # extra environment of every replica
@@ -71,6 +74,24 @@ class CaptureSpec(_Strict):
             raise ValueError("point mtp_input reads the MTP layer: add --speculative-config "
                              "'{\"method\":\"mtp\",\"num_speculative_tokens\":1}' to vllm_args")
         return self
+
+    @model_validator(mode="after")
+    def _eager(self):
+        from requant.hooks.points import needs_eager
+
+        if any(a.split("=")[0] in ("--enforce-eager", "--no-enforce-eager") for a in self.vllm_args):
+            raise ValueError("vllm_args: set enforce_eager (auto | true | false) instead of passing --enforce-eager")
+        if self.enforce_eager is False and needs_eager(self.point):
+            raise ValueError(f"point {self.point} is read inside vLLM's MTP drafter, which runs compiled and in CUDA "
+                             "graphs where hooks do not run: enforce_eager must be auto or true")
+        return self
+
+    def starts_eager(self) -> bool:
+        """Whether replicas start with --enforce-eager (auto: where the point needs it on every
+        model tree, ``hooks.points.needs_eager``)."""
+        from requant.hooks.points import needs_eager
+
+        return self.enforce_eager is True or (self.enforce_eager == "auto" and needs_eager(self.point))
 
 
 class QuantizeSpec(_Strict):

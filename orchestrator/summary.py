@@ -24,7 +24,7 @@ def capture_table(res: dict) -> str:
             ("retried", res["prompts_retried"]), ("re-queued", res["prompts_requeued"]),
             ("duplicates in store", res["duplicates"]), ("replica restarts", res["replica_restarts"]),
             ("rows in store", res["rows"]), ("row bytes in store", res["bytes"]),
-            ("elapsed s", res["elapsed_s"])]
+            ("enforce eager", res.get("enforce_eager")), ("elapsed s", res["elapsed_s"])]
     rows += [(f"stage {k} s", float(v)) for k, v in st.items()]
     cov = res.get("coverage") or {}
     if cov:

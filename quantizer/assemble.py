@@ -5,9 +5,11 @@ Output directory (built in a temp dir beside ``out`` and renamed into place by t
 * ``model-mtp-w4a16.safetensors`` — the routed MTP experts packed W4A16 under the base
   checkpoint's expert naming (``MTPSpec.expert_name`` + ``.weight_packed|.weight_scale|
   .weight_shape``), and every other MTP tensor of the master passed through byte for byte:
-  BF16/FP32 as they are, FP8 block linears with their scale field renamed to the base
-  checkpoint's convention (upstream DSV4 ``.scale``, vLLM/HF ``.weight_scale_inv``,
-  compressed-tensors ``.weight_scale``).
+  BF16/FP32 as they are; an FP8 block linear that a base FP8 block group serves (vLLM builds
+  it FP8) keeps its bytes, its scale as float32 under the base checkpoint's name for it
+  (upstream DSV4 ``.scale``, vLLM/HF ``.weight_scale_inv``, compressed-tensors
+  ``.weight_scale``); any other FP8 linear is dequantised to BF16 (vLLM builds it
+  unquantised) and listed in ``ignore``.
 * the base shards, hard-linked (copied across file systems), never modified; a base shard
   that holds MTP tensors (a base that kept its MTP layer) is written filtered instead, or
   left out when it holds nothing else, since vLLM loads every tensor of every listed file;
@@ -37,7 +39,8 @@ from .pack import w4a16_config_group
 from .quant import QuantSpec
 from requant.storage.schema import DamagedInputError
 
-from .weights import SCALE_SUFFIXES, _shards, open_tensors, read_header, read_json
+from .weights import (SCALE_SUFFIXES, _shards, dequant_fp8_block, e8m0_to_float, open_tensors, read_header,
+                      read_json)
 
 INDEX = "model.safetensors.index.json"
 SCALE_CONVENTIONS = ("auto", "keep", ".scale", ".weight_scale_inv", ".weight_scale")
@@ -162,6 +165,22 @@ def passthrough_tensors(master: Path, spec: MTPSpec, scale_to: str) -> tuple[dic
     return out, fp8_modules
 
 
+def settle_fp8(tensors: dict[str, torch.Tensor], fp8_modules: list[str], served: set[str]) -> list[str]:
+    """Put each FP8 pass-through module (of ``tensors``, in place) in the form vLLM will build it:
+    ``served`` ones stay FP8 with their block scale as float32 (vLLM's compressed-tensors FP8
+    layers hold it so; E8M0 powers of two convert exactly); the others are dequantised to BF16
+    and lose their scale, since vLLM builds them unquantised. Returns the dequantised ones."""
+    dequantised = []
+    for m in fp8_modules:
+        scale = next(m + s for s in SCALE_SUFFIXES if m + s in tensors)
+        if m in served:
+            tensors[scale] = e8m0_to_float(tensors[scale])
+        else:
+            tensors[m + ".weight"] = dequant_fp8_block(tensors[m + ".weight"], tensors.pop(scale))
+            dequantised.append(m)
+    return dequantised
+
+
 # -- quantization_config -----------------------------------------------------------------
 #
 # vLLM matches a checkpoint's quantization_config against the prefixes its modules are built
@@ -225,11 +244,32 @@ def _scheme_of(qc: dict, names: list[str]) -> str | None:
     return ""
 
 
+# MTP modules vLLM builds as a plain torch.nn.Linear, which no quantization config reaches:
+# DSV3's eh_proj (vllm/model_executor/models/deepseek_mtp.py).
+_PLAIN = {"dsv4": (), "dsv3": ("eh_proj",)}
+
+
+def loads_fp8_block(qc: dict | None, spec: MTPSpec, master_config: dict, module: str) -> bool:
+    """Whether vLLM loads MTP module ``module`` as FP8 in the master's layout: it builds it as
+    a quantisable layer, and the group it matches (after ignores, under vLLM's names) quantises
+    weights to static symmetric 8-bit float with 128×128 block scales."""
+    if module.removeprefix(spec.prefix) in _PLAIN[spec.arch]:
+        return False
+    group = _scheme_of(qc or {}, vllm_names(spec, master_config, module))
+    if not group:
+        return False
+    w = qc["config_groups"][group].get("weights") or {}
+    return (w.get("type") == "float" and w.get("num_bits") == 8 and w.get("strategy") == "block"
+            and list(w.get("block_structure") or []) == [128, 128] and not w.get("dynamic")
+            and w.get("symmetric", True))
+
+
 def check_mtp_view(qc: dict, spec: MTPSpec, master_config: dict, mtp_linears: list[str], fp8_modules: list[str],
                    group_name: str) -> None:
     """What vLLM will make of the merged config, before anything is written: the routed experts
-    in ``group_name``, every MTP linear written in BF16 unquantised, and both halves of each
-    module vLLM fuses under the same scheme. Raises naming the module."""
+    in ``group_name``, every MTP linear written in BF16 unquantised, every one written in FP8
+    (``fp8_modules``) FP8 block-quantised, and both halves of each module vLLM fuses under the
+    same scheme. Raises naming the module."""
     for e, proj in ((0, "w1"), (spec.n_experts - 1, "w2")):
         m = spec.expert_name(e, proj)
         got = _scheme_of(qc, vllm_names(spec, master_config, m))
@@ -243,6 +283,9 @@ def check_mtp_view(qc: dict, spec: MTPSpec, master_config: dict, mtp_linears: li
         if m not in fp8_modules and views[m]:
             raise ValueError(f"base quantization_config group {views[m]!r} would quantise the MTP module {m} "
                              f"(vLLM: {vllm_names(spec, master_config, m)[-1]}), which the shard holds unquantised")
+        if m in fp8_modules and not loads_fp8_block(qc, spec, master_config, m):
+            raise ValueError(f"the MTP module {m} is written FP8 with 128x128 block scales, but the merged "
+                             f"quantization_config gives it {views[m] or 'no scheme'!r}, not an FP8 block group")
     for a, b in _FUSED[spec.arch]:
         a, b = spec.prefix + a, spec.prefix + b
         if a in views and b in views and views[a] != views[b]:
@@ -253,8 +296,10 @@ def check_mtp_view(qc: dict, spec: MTPSpec, master_config: dict, mtp_linears: li
 
 def merge_quant_config(base_qc: dict | None, spec: MTPSpec, master_config: dict, mtp_linears: list[str],
                        fp8_modules: list[str], base_modules: list[str], cfg: AssembleConfig) -> tuple[dict, list[str]]:
-    """Base ``quantization_config`` (or none) + the MTP experts' W4A16 group + MTP ignores.
-    Returns (config, notes). Refuses a base whose config cannot take the MTP layer."""
+    """Base ``quantization_config`` (or none) + the MTP experts' W4A16 group + MTP ignores for
+    every linear of ``mtp_linears`` but ``fp8_modules`` (those the shard holds FP8, for a base
+    FP8 block group). Returns (config, notes). Refuses a base whose config cannot take the MTP
+    layer."""
     notes: list[str] = []
     qc = copy.deepcopy(base_qc) if base_qc else {}
     if qc and qc.get("quant_method") not in (None, "compressed-tensors"):
@@ -284,16 +329,11 @@ def merge_quant_config(base_qc: dict | None, spec: MTPSpec, master_config: dict,
             notes.append(f"base group {gname!r} also targets the MTP experts; {name!r} is listed first so it applies")
     qc["config_groups"] = {name: group, **groups}
     # The MTP's other linears stay unquantised (under every name vLLM matches them by) unless
-    # they are FP8 and a base group serves them (FP8 pass-through); the shared head always.
+    # written FP8 for a base FP8 block group (settle_fp8); the shared head always.
     new_ignore = []
     for m in mtp_linears + [spec.prefix + "shared_head.head"]:
-        names = vllm_names(spec, master_config, m)
-        served = any(_matches(t, n) for g in groups.values() for t in g.get("targets", []) for n in names)
-        if m in fp8_modules and served:
-            continue
-        if m in fp8_modules:
-            notes.append(f"FP8 MTP module {m} is matched by no base quantization group; listed in ignore")
-        new_ignore += names
+        if m not in fp8_modules:
+            new_ignore += vllm_names(spec, master_config, m)
     qc["ignore"] = kept + [m for m in dict.fromkeys(new_ignore) if m not in kept]
     qc.setdefault("quant_method", "compressed-tensors")
     qc.setdefault("format", "pack-quantized" if not groups else "mixed-precision")
@@ -426,6 +466,9 @@ def write_assembly(tmp: Path, base: Path, base_config: dict, base_index: dict, s
                 if n.endswith(".weight") and v["dtype"] == "F8_E4M3"}
     scale_to = resolve_fp8_scale(cfg, base_names, base_fp8)
     passthrough, fp8_modules = passthrough_tensors(master, spec, scale_to)
+    base_qc = base_config.get("quantization_config")
+    served = [m for m in fp8_modules if loads_fp8_block(base_qc, spec, master_config, m)]
+    dequantised = settle_fp8(passthrough, fp8_modules, set(served))
     shard = {**passthrough, **packed}
     expected = {spec.expert_name(e, p) + s for e in range(spec.n_experts) for p in ("w1", "w2", "w3")
                 for s in PACKED_SUFFIXES}
@@ -434,8 +477,10 @@ def write_assembly(tmp: Path, base: Path, base_config: dict, base_index: dict, s
         raise RuntimeError(f"packed experts incomplete: {len(missing)} tensors missing (first {missing[:2]})")
     base_modules = sorted({n.rsplit(".", 1)[0] for n in base_names})
     # the config first: a base it cannot take is refused before anything is written
-    qc, notes = merge_quant_config(base_config.get("quantization_config"), spec, master_config,
-                                   mtp_linear_modules(spec, list(shard)), fp8_modules, base_modules, cfg)
+    qc, notes = merge_quant_config(base_qc, spec, master_config, mtp_linear_modules(spec, list(shard)), served,
+                                   base_modules, cfg)
+    if dequantised:
+        notes.append(f"{len(dequantised)} FP8 MTP modules dequantised to BF16 (no base FP8 block group serves them)")
     write_safetensors(tmp / cfg.shard_name, shard, durable=durable)
     links = {f: place_base_shard(base / f, tmp / f, headers[f], spec.prefix, durable) for f in base_files}
     links = {f: how for f, how in links.items() if how != "dropped"}
@@ -453,6 +498,7 @@ def write_assembly(tmp: Path, base: Path, base_config: dict, base_index: dict, s
         notes.append(f"{len(dropped)} MTP tensors of the base superseded: " + ", ".join(
             f"{f} {how}" for f, how in links.items() if how in ("filtered", "dropped")))
     return {"shard": cfg.shard_name, "shard_tensors": len(shard), "packed_tensors": len(packed),
-            "passthrough_tensors": len(passthrough), "fp8_modules": fp8_modules, "fp8_scale_suffix": scale_to,
+            "passthrough_tensors": len(passthrough), "fp8_modules": served, "fp8_dequantised": dequantised,
+            "fp8_scale_suffix": scale_to,
             "base_shards": links, "base_mtp_entries_dropped": len(dropped), "side_files": side,
             "index_entries": len(index["weight_map"]), "notes": notes, "shard_bytes": (tmp / cfg.shard_name).stat().st_size}

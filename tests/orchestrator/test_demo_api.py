@@ -106,6 +106,9 @@ def test_auth_is_required(api):
     ({"kind": "capture", "model": "demo/tiny-dsv3", "store": "s", "prompts": {"turns": "some"}}, "turns"),
     ({"kind": "capture", "model": "demo/tiny-dsv3", "store": "s", "schedule": "every monday"}, "cron"),
     ({"kind": "capture", "model": "demo/tiny-dsv3", "store": "s", "unknown_field": 1}, "unknown_field"),
+    ({"kind": "capture", "model": "demo/tiny-dsv3", "store": "s", "enforce_eager": "sometimes"}, "enforce_eager"),
+    ({"kind": "capture", "model": "demo/tiny-dsv3", "store": "s", "point": "mtp_input", "enforce_eager": False,
+      "vllm_args": ["--speculative-config", "{}"]}, "enforce_eager must be auto or true"),
     ({"kind": "quantize", "stores": [], "master": "m", "base": "b", "out": "o"}, "stores"),
     ({"kind": "bake"}, "kind"),
 ])
@@ -155,6 +158,7 @@ def test_capture_and_quantize_jobs_status_metrics_and_restart(api, demo):
             "replica_cpus": 0.5, "concurrency": 2, "env": {"VLLM_CPU_KVCACHE_SPACE": "1",
                                                             "VLLM_CPU_OMP_THREADS_BIND": "nobind"},
             "vllm_args": ["--gpu-memory-utilization", "0.3"],
+            "enforce_eager": True,  # torch.compile on 2 cores would cost more than this short job runs
             # the demo's prompts (same file, seed, order) plus two more: only those two are sent;
             # then the coverage loop (an unreachable target) draws two more within its budget
             "prompts": {"source": "demo/prompts.parquet", "count": DEMO_PROMPTS + 2, "max_tokens": 16},

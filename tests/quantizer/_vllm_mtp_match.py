@@ -6,7 +6,8 @@ first, as the engine does, since the target's weight-name mapper rewrites the sh
 Every module the MTP creates is listed with the quantisation vLLM gave it (the method it
 chose, and vLLM's get_scheme_dict for that prefix), and every tensor of the checkpoint's MTP
 shard is fed to vLLM's MTP load_weights (with one anchor tensor of the layer), recording the
-parameters it lands on. argv: PORT CKPT... Prints RESULT {json}."""
+parameters it lands on and their dtypes (the shard tensor's, then each parameter's). argv: PORT CKPT...
+Prints RESULT {json}."""
 import json
 import os
 import sys
@@ -51,7 +52,8 @@ def match(ckpt: Path) -> dict:
                          "scheme": type(getattr(mod, "scheme", None)).__name__ if hasattr(mod, "scheme") else None,
                          "weights": _args(sd.get("weights")) if sd else None}
     shard = next(p for p in ckpt.glob("model-mtp-*.safetensors"))
-    placed, params = {}, set(dict(mtp.named_parameters()))
+    params = {n: p.dtype for n, p in mtp.named_parameters()}
+    placed, dtypes = {}, {}
     with safe_open(str(shard), "pt") as f:
         # each tensor with an anchor in the MTP layer (enorm): vLLM's loader refuses a call that
         # loads nothing of the layer (DSV3's MTP embedding lands on the shared model.embed_tokens)
@@ -61,10 +63,12 @@ def match(ckpt: Path) -> dict:
             try:
                 got = mtp.load_weights(iter([(anchor, f.get_tensor(anchor)), (name, f.get_tensor(name))]))
                 placed[name] = sorted(got - anchor_params) if name != anchor else sorted(anchor_params)
+                dtypes[name] = [str(f.get_slice(name).get_dtype())] + [str(params[p]) for p in placed[name]]
             except (KeyError, ValueError, AssertionError, RuntimeError) as e:
                 placed[name] = f"{type(e).__name__}: {e}"
     loaded = {p for v in placed.values() if isinstance(v, list) for p in v}
-    return {"modules": modules, "placed": placed, "unloaded": sorted(params - loaded), "ignore": qc.ignore}
+    return {"modules": modules, "placed": placed, "dtypes": dtypes, "unloaded": sorted(set(params) - loaded),
+            "ignore": qc.ignore}
 
 
 def main() -> None:

@@ -471,9 +471,10 @@ def test_quantize_experts_on_a_slice_of_rows_equals_full_stack():
 
 
 def test_fp8_passthrough_renames_scales_to_the_base_convention(env, tmp_path):
-    """An FP8 master (attention linears E4M3 + E8M0 `.scale`, as upstream DSV4): the shard carries
-    the same bytes with the scale named as the base names it (`.weight_scale_inv` here), FP8
-    modules that no base group serves go to `ignore` (with a note), and the stage still runs."""
+    """An FP8 master (attention linears E4M3 + E8M0 `.scale`, as upstream DSV4): pass-through
+    carries the same bytes with the scale named as the base names it (`.weight_scale_inv` here);
+    into a base without an FP8 group (vLLM builds those modules unquantised) the stage writes
+    them dequantised to BF16 without a scale, lists them in `ignore` and in the manifest."""
     from requant.quantizer.assemble import passthrough_tensors, resolve_fp8_scale
     from requant.quantizer.arch import load_spec
 
@@ -503,13 +504,16 @@ def test_fp8_passthrough_renames_scales_to_the_base_convention(env, tmp_path):
         assert torch.equal(tensors[f"{m}.weight"].view(torch.uint8), fp8[f"{m}.weight"].view(torch.uint8))
     res = run_quantize(QuantizeJob(stores=[env["store"]], master=str(master), base=str(env["base"]),
                                    out=str(tmp_path / "o"), fp8_scale=".weight_scale_inv"), progress=False)
-    with safe_open(str(res.shard), "pt") as f:
-        names = set(f.keys())
-        assert f.get_tensor("mtp.0.attn.wkv.weight").dtype == torch.float8_e4m3fn
-    assert "mtp.0.attn.wkv.weight_scale_inv" in names and "mtp.0.attn.wkv.scale" not in names
+    shard = load_file(str(res.shard))
+    for m in modules:  # block scale 1: the dequantised weight is the E4M3 value itself
+        assert torch.equal(shard[f"{m}.weight"], fp8[f"{m}.weight"].float().bfloat16()), m
+        assert not [n for n in shard if n.startswith(m + ".") and n != f"{m}.weight"], m
     m = json.loads(res.manifest.read_text())
     assert m["assembly"]["fp8_scale_suffix"] == ".weight_scale_inv"
-    assert any("FP8 MTP module mtp.0.attn.wkv" in n for n in m["assembly"]["notes"])
+    assert sorted(m["assembly"]["fp8_dequantised"]) == sorted(modules) and m["assembly"]["fp8_modules"] == []
+    assert any("3 FP8 MTP modules dequantised" in n for n in m["assembly"]["notes"])
+    ignore = json.loads((res.out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert {"mtp.0.attn.wkv", "model.layers.2.attn.wkv", "mtp.0.e_proj", "model.layers.2.e_proj"} <= set(ignore)
     seen = []
     res2 = run_quantize(QuantizeJob(stores=[env["store"]], master=str(master), base=str(env["base"]),
                                     out=str(tmp_path / "o2"), holdout=0), progress=lambda *a: seen.append(a))
@@ -517,7 +521,7 @@ def test_fp8_passthrough_renames_scales_to_the_base_convention(env, tmp_path):
     assert "no held-out split" in format_summary(res2.summary)
     assert not (res2.out / "heldout_gptq_vs_rtn.png").exists() and "err_gptq_heldout" not in json.loads(
         res2.manifest.read_text())["tensors"][0]
-    assert "mtp.0.attn.wkv.scale" in load_file(str(res2.shard))  # auto: the base has no FP8 → keep
+    assert load_file(str(res2.shard))["mtp.0.attn.wkv.weight"].dtype == torch.bfloat16
     assert {p for p, _, _ in seen} == {"rows", "tensors"} and sum(n for p, n, _ in seen if p == "tensors") == 24
 
 
