@@ -13,8 +13,8 @@ from requant.quantizer.quant import QuantSpec, dequantize, rtn
 from .test_gptq import problem
 
 SPEC = QuantSpec()
-D, I = 256, 128
-TOKENS = [24, 48, 3000, 6000]          # T/D = 0.09, 0.19, 12, 23
+D, I = 128, 128
+TOKENS = [16, 40, 1500, 3000]          # T/D = 0.12, 0.31, 12, 23
 
 
 def inputs(g, n, mix, own):
@@ -36,7 +36,7 @@ def experts():
     for e, n in enumerate(TOKENS):
         for hs, acc, m in ((h_in, fresh_in, None), (h_mid, fresh_mid, e)):
             x = inputs(g, n, mix, own[e])
-            xf = inputs(g, 20000, mix, own[e])
+            xf = inputs(g, 8000, mix, own[e])
             if m is not None:  # intermediates: a fixed random map of the input, same for calibration and fresh
                 x, xf = (torch.nn.functional.silu(v @ w1[e].T) * (v @ w3[e].T) for v in (x, xf))
             hs.add(x, torch.full((n,), e))
