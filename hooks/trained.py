@@ -4,7 +4,7 @@ The random fixtures' MTP head is never accepted by vLLM, so draft acceptance mea
 them. This model is trained (deterministically, one CPU run) on real text, so its MTP drafts
 what its target generates and quantisation can lose something measurable.
 
-    python -m requant.hooks.trained train --out DIR   # the training run (~35 min on 2 cores)
+    python -m requant.hooks.trained train --out DIR   # the training run (35 min on 2 shared cores)
     python -m requant.hooks.trained info              # where the committed checkpoint is, its record
     requant fixture trained OUT                       # a copy of the committed checkpoint
 
