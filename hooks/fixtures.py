@@ -45,7 +45,9 @@ def _corpus(seed: int, lines: int = 2000) -> list[str]:
     return out
 
 
-def make_tokenizer(out: Path, seed: int = 0, vocab_size: int = 1024):
+def make_tokenizer(out: Path, seed: int = 0, vocab_size: int = 1024, corpus=None):
+    """Byte-level BPE with DeepSeek's special tokens and chat template, trained on ``corpus``
+    (an iterable of strings; default: a fixed synthetic corpus from ``seed``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -54,7 +56,7 @@ def make_tokenizer(out: Path, seed: int = 0, vocab_size: int = 1024):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(_corpus(seed) if corpus is None else corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS[0], eos_token=SPECIALS[1],
                                    pad_token=SPECIALS[4], chat_template=CHAT_TEMPLATE)
     fast.save_pretrained(str(out))

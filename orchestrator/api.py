@@ -1,6 +1,6 @@
 """Control plane: `requant api` — FastAPI over uvicorn.
 
-  POST /jobs              capture | quantize spec (spec.py, pydantic; 422 on a bad spec),
+  POST /jobs              capture | quantize | evaluate spec (spec.py, pydantic; 422 on a bad spec),
                           every path confined to the data root (400 naming the path)
   GET  /jobs              all jobs;  GET /jobs/{id}: state, progress, errors
   POST /jobs/{id}/cancel  SIGTERM to the job (capture drains and stops its servers cleanly)
@@ -35,10 +35,10 @@ from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import Field
 
-from .spec import CaptureSpec, QuantizeSpec, confine
+from .spec import CaptureSpec, EvaluateSpec, QuantizeSpec, confine
 
 # Module level: FastAPI resolves the (string) annotations of routes in this module's globals.
-Spec = Annotated[Union[CaptureSpec, QuantizeSpec], Field(discriminator="kind")]
+Spec = Annotated[Union[CaptureSpec, QuantizeSpec, EvaluateSpec], Field(discriminator="kind")]
 
 TERMINAL = ("done", "failed", "cancelled")
 
@@ -126,7 +126,7 @@ class JobManager:
             return p.poll() is None
         return bool(pid) and _proc_start(pid) is not None and _proc_start(pid) == rec.get("pid_start")
 
-    def submit(self, spec: CaptureSpec | QuantizeSpec, parent: str | None = None) -> dict:
+    def submit(self, spec: CaptureSpec | QuantizeSpec | EvaluateSpec, parent: str | None = None) -> dict:
         jid = f"{spec.kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         (self.dir / jid).mkdir()
         rec = {"id": jid, "kind": spec.kind, "spec": spec.model_dump(), "state": "queued", "created": time.time(),
@@ -208,7 +208,8 @@ class JobManager:
 
 
 def _parse(data: dict):
-    return (CaptureSpec if data.get("kind", "capture") == "capture" else QuantizeSpec).model_validate(data)
+    kinds = {"capture": CaptureSpec, "quantize": QuantizeSpec, "evaluate": EvaluateSpec}
+    return kinds[data.get("kind", "capture")].model_validate(data)
 
 
 # -- metrics --------------------------------------------------------------------------------
@@ -327,6 +328,19 @@ def _check_inputs(spec) -> None:
         src = spec.prompts.source
         if src.startswith("/") and not Path(src).exists():
             raise FileNotFoundError(f"prompts.source: {src} does not exist")
+    elif spec.kind == "evaluate":
+        for s in spec.stores:
+            if not Path(s).exists():
+                raise FileNotFoundError(f"stores: {s} does not exist")
+        for name in ("checkpoint", "against"):
+            v = getattr(spec, name)
+            if v is not None and not (Path(v) / "config.json").exists():
+                raise FileNotFoundError(f"{name}: {v} has no config.json")
+        src = spec.prompts.source if spec.prompts else None
+        if src and src.startswith("/") and not Path(src).exists():
+            raise FileNotFoundError(f"prompts.source: {src} does not exist")
+        if Path(spec.out).exists():
+            raise FileExistsError(f"out: {spec.out} already exists")
     else:
         for s in spec.stores:
             if not Path(s).exists():

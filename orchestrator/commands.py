@@ -65,7 +65,7 @@ def _demo(args: argparse.Namespace) -> int:
         return 0
     res = run_demo(cfg, progress=not args.no_progress)
     cap = res["capture"]
-    rows = [("model (tiny fixture)", res["model"]), ("prompts (parquet)", res["prompts_file"]),
+    rows = [("model", res["model"]), ("prompts (parquet)", res["prompts_file"]),
             ("capture store", res["store"]), ("prompts captured", cap.get("prompts_done", 0)),
             ("rows captured", cap.get("rows", 0))]
     for k in ("checkpoint", "shard", "manifest", "report", "quantize"):
@@ -76,7 +76,49 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import EvalJob, format_result, run_evaluate
+    from .prompts import PromptConfig
+
+    prompts = None
+    if args.prompts:
+        prompts = PromptConfig(source=args.prompts, count=args.count, seed=args.seed, shuffle=not args.no_shuffle,
+                               max_tokens=args.max_tokens)
+    job = EvalJob(checkpoint=args.checkpoint, against=args.against, stores=tuple(args.stores or ()), prompts=prompts,
+                  store_prompts=args.store_prompts,
+                  modes=tuple(args.modes.split(",")), online=not args.offline_only,
+                  num_speculative_tokens=args.num_speculative_tokens, max_model_len=args.max_model_len,
+                  vllm_args=tuple(args.vllm_arg or ()), device=args.device, out=args.json)
+    res = run_evaluate(job)
+    print(format_result(res))
+    if args.json:
+        print(f"json {args.json}")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("evaluate", help="MTP draft acceptance of a checkpoint: offline on held-out captures "
+                                        "(--stores) and in vLLM with MTP speculative decoding (--prompts), side by side")
+    e.add_argument("checkpoint", help="checkpoint with an MTP layer (a quantised one, or a BF16 master)")
+    e.add_argument("--against", default=None, help="BF16 master for KL / agreement (default: the checkpoint's "
+                                                   "requant-manifest.json master)")
+    e.add_argument("--stores", nargs="+", default=None, help="held-out capture stores (offline replay)")
+    e.add_argument("--prompts", default=None, help="held-out prompts (parquet/jsonl/hub dataset) served in vLLM")
+    e.add_argument("--store-prompts", default=None, help="the prompts the stores were captured from (their prompt "
+                                                         "lengths; default: --prompts; without: inferred)")
+    e.add_argument("--count", type=int, default=None, help="prompts to send (default: all)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-shuffle", action="store_true")
+    e.add_argument("--max-tokens", type=int, default=128, help="tokens generated per prompt (greedy)")
+    e.add_argument("--modes", default="identity,full", help="offline replay modes (identity,full)")
+    e.add_argument("--offline-only", action="store_true", help="do not serve the prompts in vLLM")
+    e.add_argument("--num-speculative-tokens", type=int, default=1)
+    e.add_argument("--max-model-len", type=int, default=None, help="default: the config's max_position_embeddings")
+    e.add_argument("--vllm-arg", action="append", help="extra vLLM server flag (repeat), e.g. --vllm-arg=--dtype=bfloat16")
+    e.add_argument("--device", default=None, help="offline replay device (default: cuda if available)")
+    e.add_argument("--json", default=None, help="write the result here")
+    e.set_defaults(func=_evaluate)
+
     c = sub.add_parser("capture-job", help="Ray job: N vLLM replicas with capture, fed from a prompt dataset "
                                            "(resumable, exactly once per prompt)")
     c.add_argument("--config", required=True, help="job YAML (see deploy/job.yaml)")

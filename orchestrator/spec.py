@@ -124,7 +124,46 @@ class QuantizeSpec(_Strict):
         return QuantizeJob(**d)
 
 
-JobSpec = Union[CaptureSpec, QuantizeSpec]
+class EvaluateSpec(_Strict):
+    kind: Literal["evaluate"] = "evaluate"
+    checkpoint: str
+    against: str | None = None
+    stores: list[str] = []                        # held-out captures (offline replay)
+    prompts: PromptSpec | None = None             # held-out prompts (online, vLLM)
+    store_prompts: str | None = None              # the stores' prompt source (their prompt lengths)
+    modes: list[Literal["identity", "full"]] = ["identity", "full"]
+    online: bool = True
+    num_speculative_tokens: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, ge=16)
+    vllm_args: list[str] = []
+    env: dict[str, str] = {}
+    device: str | None = None
+    out: str                                      # result JSON
+    schedule: str | None = None
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, v):
+        return _check_cron(v)
+
+    @model_validator(mode="after")
+    def _something(self):
+        if not self.stores and not (self.prompts and self.online):
+            raise ValueError("nothing to evaluate: give stores (offline) and/or prompts (online)")
+        if not self.modes:
+            raise ValueError("modes: at least one replay mode")
+        return self
+
+    def job(self):
+        from .evaluate import EvalJob
+
+        d = self.model_dump(exclude={"kind", "schedule", "prompts"})
+        d.update(stores=tuple(self.stores), modes=tuple(self.modes), vllm_args=tuple(self.vllm_args),
+                 prompts=self.prompts.config() if self.prompts else None)
+        return EvalJob(**d)
+
+
+JobSpec = Union[CaptureSpec, QuantizeSpec, EvaluateSpec]
 
 
 def _check_cron(v: str | None) -> str | None:
@@ -165,10 +204,11 @@ def load_capture_spec(path: str | Path) -> CaptureSpec:
 # -- data root confinement (control plane) -----------------------------------------------
 
 PATH_FIELDS = {"capture": ("model", "store", "ledger", "prompts.source", "coverage.master"),
-               "quantize": ("stores", "master", "base", "out")}
+               "quantize": ("stores", "master", "base", "out"),
+               "evaluate": ("checkpoint", "against", "stores", "prompts.source", "store_prompts", "out")}
 
 
-def confine(spec: CaptureSpec | QuantizeSpec, root: str | Path) -> CaptureSpec | QuantizeSpec:
+def confine(spec: JobSpec, root: str | Path) -> JobSpec:
     """Resolve every path of a spec under ``root`` (relative paths are relative to it);
     a path outside it (``..``, absolute elsewhere, symlinks out) → ValueError naming it.
     Hub dataset names (no path separator beyond owner/name, not on disk) pass as they are."""

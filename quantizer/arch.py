@@ -177,15 +177,18 @@ def load_embedding(spec: MTPSpec, weights: dict, master: Path, embed_from: str |
     return found[1].to(torch.bfloat16)
 
 
-def load_block(master: str | Path, device=None, embed_from: str | Path | None = None, dtype=torch.bfloat16) -> MTPBlock:
+def load_block(master: str | Path, device=None, embed_from: str | Path | None = None, dtype=torch.bfloat16,
+               weights: dict[str, torch.Tensor] | None = None) -> MTPBlock:
     """The MTP block of checkpoint ``master`` (directory or shard with a config.json beside it),
-    master weights dequantised to bf16, on ``device`` (None: cuda if available, else cpu)."""
+    master weights dequantised to bf16, on ``device`` (None: cuda if available, else cpu).
+    ``weights``: the MTP tensors already loaded (names relative to the prefix) instead."""
     master = Path(master)
     config = _config(master)
     spec = load_spec(config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # dequantised where the block runs (MXFP4 on the CPU took 11 s of a 21 s DSV4-Flash stage)
-    weights = load_mtp_weights(master, prefix=spec.prefix, device=device)
+    if weights is None:
+        weights = load_mtp_weights(master, prefix=spec.prefix, device=device)
     embed = load_embedding(spec, weights, master, embed_from)
     if embed.shape[1] != spec.hidden:
         raise ValueError(f"embedding width {embed.shape[1]} != hidden_size {spec.hidden}")

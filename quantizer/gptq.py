@@ -109,14 +109,17 @@ def ul_cholesky(a: torch.Tensor, block: int = 0, inplace: bool = False) -> tuple
     return a, info
 
 
-def _factor(h: torch.Tensor, damp: float, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _factor(h: torch.Tensor, damp: float | torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ṽ for a batch of Hessians: V·Vᵀ = H + damp·mean(diag)·I (dead diagonals set to 1),
-    V upper; columns scaled by 1/V_jj with V_jj kept on the diagonal.
+    V upper; columns scaled by 1/V_jj with V_jj kept on the diagonal. ``damp``: one relative
+    damp, or one per entry [B].
     Returns (Ṽ, ok [B], dead [B, C]). Peak memory ≈ 2 × the batch of Hessians."""
     a = h.to(torch.float32, copy=True)
     diag = a.diagonal(dim1=-2, dim2=-1)
     dead = diag == 0
     diag.masked_fill_(dead, 1.0)
+    if torch.is_tensor(damp):
+        damp = damp.to(a.device, torch.float32)[:, None]
     diag.add_(damp * diag.mean(-1, keepdim=True))
     v, info = ul_cholesky(a, cfg.cholesky_block, inplace=True)
     dv = v.diagonal(dim1=-2, dim2=-1).clone()
@@ -127,30 +130,39 @@ def _factor(h: torch.Tensor, damp: float, cfg: GPTQConfig) -> tuple[torch.Tensor
     return v, ok, dead
 
 
-def _prepare(h: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-    """Factor with damp retries (×growth up to damp_max, failing entries only).
-    Returns Ṽ (identity for entries that failed at every damp → exact RTN), dead mask,
-    relative damp [B] (nan where failed) and paths."""
+def _prepare(h: torch.Tensor, cfg: GPTQConfig, damp: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """Factor with damp retries (×growth up to damp_max, failing entries only). ``damp``: per
+    entry relative damp [B] (default: ``cfg.damp`` for all). Returns Ṽ (identity for entries
+    that failed at every damp → exact RTN), dead mask, relative damp [B] (nan where failed)
+    and paths."""
     b = h.shape[0]
-    v, ok, dead = _factor(h, cfg.damp, cfg)
+    v, ok, dead = _factor(h, cfg.damp if damp is None else damp, cfg)
     rel = torch.full((b,), float("nan"), dtype=torch.float64)
+    cur = torch.full((b,), cfg.damp, dtype=torch.float64) if damp is None else damp.double().cpu().clone()
     ok_cpu = ok.cpu()
-    rel[ok_cpu] = cfg.damp
+    rel[ok_cpu] = cur[ok_cpu]
     paths = [PATH_GPTQ if o else PATH_RTN_FALLBACK for o in ok_cpu.tolist()]
     todo = (~ok_cpu).nonzero().flatten()
-    damp = cfg.damp * cfg.damp_growth
-    while len(todo) and damp <= cfg.damp_max * (1 + 1e-9):
-        vs, oks, _ = _factor(h[todo.to(h.device)], damp, cfg)
+    cur *= cfg.damp_growth
+    while len(todo):
+        todo = todo[cur[todo] <= cfg.damp_max * (1 + 1e-9)]
+        if not len(todo):
+            break
+        # one shared damp (the default) is passed as a number: the same arithmetic as ever
+        d = float(cur[todo[0]]) if damp is None else cur[todo]
+        vs, oks, _ = _factor(h[todo.to(h.device)], d, cfg)
         oks = oks.cpu()
         good = todo[oks]
         v[good.to(v.device)] = vs[oks.to(vs.device)]
-        rel[good] = damp
+        rel[good] = cur[good]
         for i in good.tolist():
             paths[i] = PATH_DAMP_RETRY
         todo = todo[~oks]
-        damp *= cfg.damp_growth
-    if len(todo):
-        v[todo.to(v.device)] = torch.eye(h.shape[-1], device=v.device)
+        cur[todo] *= cfg.damp_growth
+    failed = torch.isnan(rel).nonzero().flatten()
+    if len(failed):
+        v[failed.to(v.device)] = torch.eye(h.shape[-1], device=v.device)
     return v, dead, rel, paths
 
 
@@ -188,8 +200,10 @@ def _block_torch(w: torch.Tensor, w0: torch.Tensor, v: torch.Tensor, scale: torc
     return loss
 
 
-def gptq_batched(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig()) -> GPTQResult:
-    """GPTQ of a batch ``w`` [B, R, C] with Hessians ``h`` [B, C, C] (any positive scale)."""
+def gptq_batched(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig(),
+                 damp: torch.Tensor | None = None) -> GPTQResult:
+    """GPTQ of a batch ``w`` [B, R, C] with Hessians ``h`` [B, C, C] (any positive scale);
+    ``damp``: relative damp per entry [B] (default ``cfg.damp`` for every entry)."""
     spec = cfg.spec
     if w.ndim != 3 or h.ndim != 3 or h.shape != (w.shape[0], w.shape[2], w.shape[2]):
         raise ValueError(f"shape mismatch: weights {tuple(w.shape)}, Hessians {tuple(h.shape)}")
@@ -198,10 +212,12 @@ def gptq_batched(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig = GPTQConfig(
         raise ValueError("non-finite weights")
     if not torch.isfinite(h).all():
         raise ValueError("non-finite Hessian")
-    return _quantize_stage(w, _factor_stage(w, h, cfg), cfg)
+    if damp is not None and (damp.shape != (w.shape[0],) or not bool((damp >= 0).all())):
+        raise ValueError(f"damp must be [{w.shape[0]}] non-negative values, got {tuple(damp.shape)}")
+    return _quantize_stage(w, _factor_stage(w, h, cfg, damp), cfg)
 
 
-def _factor_stage(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig) -> dict:
+def _factor_stage(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig, damp: torch.Tensor | None = None) -> dict:
     """Scales, act-order permutation and the factorisation of one (sub-)batch."""
     spec = cfg.spec
     cols = w.shape[-1]
@@ -211,7 +227,7 @@ def _factor_stage(w: torch.Tensor, h: torch.Tensor, cfg: GPTQConfig) -> dict:
         st.update(perm=perm, w0=_permute_cols(w, perm), gidx=(perm // spec.group_size).contiguous())
         h = torch.gather(h, 1, perm[:, :, None].expand(-1, -1, cols))
         h = torch.gather(h, 2, perm[:, None, :].expand(-1, cols, -1))
-    st["v"], st["dead"], st["rel"], st["paths"] = _prepare(h, cfg)
+    st["v"], st["dead"], st["rel"], st["paths"] = _prepare(h, cfg, damp)
     return st
 
 

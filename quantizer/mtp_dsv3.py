@@ -45,6 +45,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .moe import routed_output, shared_output
+
+# What the draft's logits need beyond the MoE inputs (head_input); optional for replay.
+_HEAD = ["mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight",
+         "mlp.shared_experts.down_proj.weight", "shared_head.norm.weight"]
+
 
 @dataclass(frozen=True)
 class DSV3Rope:
@@ -213,7 +219,7 @@ class DSV3Block:
                    for p, name in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))}
         # The gate's correction bias is an fp32 parameter in vLLM and DeepSeek's reference.
         self.W = {k: weights[k].to(self.device, torch.float32 if k == "mlp.gate.e_score_correction_bias" else dtype)
-                  for k in required}
+                  for k in required + [k for k in _HEAD if k in weights]}
         self._inv_freq = d.rope.inv_freq(d.rope_dim).to(self.device)
 
     def _required(self) -> list[str]:
@@ -240,6 +246,31 @@ class DSV3Block:
 
     def moe_inputs(self, hidden: torch.Tensor, next_token: torch.Tensor, position: torch.Tensor, mode: str,
                    seq_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _, X = self._ffn_input(hidden, next_token, position, mode, seq_lens)
+        ids, weights = self.route(X)
+        return X, ids, weights
+
+    def head_input(self, hidden: torch.Tensor, next_token: torch.Tensor, position: torch.Tensor, mode: str,
+                   seq_lens: list[int] | None = None) -> torch.Tensor:
+        """The layer's whole forward up to the head: ``RMS_shared_head(resid + MoE(X))`` [T, H] in
+        the compute dtype, what vLLM multiplies by the target's lm_head for the draft's logits
+        (routed experts as held by the block — master or dequantised — plus the shared expert)."""
+        d, W = self.dims, self.W
+        missing = [k for k in _HEAD if k not in W]
+        if missing:
+            raise ValueError(f"DeepSeek-V3 MTP layer lacks {', '.join(self.spec.prefix + k for k in missing)} "
+                             "(needed for the draft's logits)")
+        resid, X = self._ffn_input(hidden, next_token, position, mode, seq_lens)
+        ids, weights = self.route(X)
+        w1, w2, w3 = self.expert_weights()
+        y = routed_output(X, ids, weights, w1, w2, w3, None)
+        y += shared_output(X, W["mlp.shared_experts.gate_proj.weight"], W["mlp.shared_experts.down_proj.weight"],
+                           W["mlp.shared_experts.up_proj.weight"], None).float()
+        out = (resid.float() + y).to(self.dtype)         # vLLM: residual + MoE output, then the head's norm
+        return rms_norm(out, W["shared_head.norm.weight"], d.eps)
+
+    def _ffn_input(self, hidden, next_token, position, mode, seq_lens):
+        """(residual before the FFN sub-layer, X = its normed input, what the gate and experts see)."""
         d = self.dims
         T = hidden.shape[0]
         if hidden.dim() != 2 or hidden.shape[1] != d.hidden:
@@ -260,11 +291,8 @@ class DSV3Block:
                                  f"got one of {max(seq_lens)} (the indexer is not implemented)")
             a = self.attention(rms_norm(x, self.W["input_layernorm.weight"], d.eps), pos, starts)
             resid = x.float() + a.float()                  # vLLM's fused add + RMSNorm: sum in fp32
-            X = rms_norm(resid, self.W["post_attention_layernorm.weight"], d.eps).to(self.dtype)
-        else:
-            X = rms_norm(x, self.W["post_attention_layernorm.weight"], d.eps)  # attention adds nothing
-        ids, weights = self.route(X)
-        return X, ids, weights
+            return resid, rms_norm(resid, self.W["post_attention_layernorm.weight"], d.eps).to(self.dtype)
+        return x, rms_norm(x, self.W["post_attention_layernorm.weight"], d.eps)  # attention adds nothing
 
     # -- the forward, step by step -------------------------------------------------------------
     def project_inputs(self, hidden: torch.Tensor, next_token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

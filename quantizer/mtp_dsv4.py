@@ -43,6 +43,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .moe import routed_output, shared_output
+
+# What the draft's logits need beyond the MoE inputs (head_input); optional for replay.
+_HEAD = ["ffn.shared_experts.w1.weight", "ffn.shared_experts.w2.weight", "ffn.shared_experts.w3.weight",
+         "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale"]
+
 
 @dataclass(frozen=True)
 class DSV4Dims:
@@ -124,6 +130,16 @@ def hc_post(y: torch.Tensor, R: torch.Tensor, post: torch.Tensor, comb: torch.Te
     return out.to(R.dtype)
 
 
+def hc_head(R: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, d: DSV4Dims) -> torch.Tensor:
+    """mHC head collapse: R [T, n, D] → [T, D] in R's dtype, ``Σ_i pre_i·R_i`` with
+    ``pre = σ((flat R · fnᵀ)/rms(flat R) · scale + base) + hc_eps`` (no Sinkhorn, no post)."""
+    T = R.shape[0]
+    r = R.reshape(T, -1).float()
+    mix = (r @ fn.float().T) * torch.rsqrt(r.square().mean(-1, keepdim=True) + d.eps)
+    pre = torch.sigmoid(mix * scale.float() + base.float()) + d.hc_eps
+    return (pre.unsqueeze(-1) * R.float()).sum(1).to(R.dtype)
+
+
 def rope_interleaved(x: torch.Tensor, pos: torch.Tensor, theta: float, rd: int, inverse: bool = False) -> torch.Tensor:
     """GPT-J RoPE (pairs (0,1), (2,3), …) on the LAST ``rd`` dims of x [T, ..., dim], fp32 math."""
     inv = 1.0 / theta ** (torch.arange(0, rd, 2, dtype=torch.float32, device=x.device) / rd)
@@ -178,7 +194,7 @@ class DSV4Block:
         # Everything else the forward uses, on the compute device. fp32 parameters (mHC, sinks,
         # gate bias) stay fp32; linears take the compute dtype.
         self.W: dict[str, torch.Tensor] = {}
-        for k in self._required():
+        for k in self._required() + [k for k in _HEAD if k in weights]:
             t = weights[k]
             keep_fp32 = k.startswith("hc_") or k in ("attn.attn_sink", "ffn.gate.bias")
             self.W[k] = t.to(self.device, torch.float32 if keep_fp32 else dtype)
@@ -212,6 +228,32 @@ class DSV4Block:
 
     def moe_inputs(self, hidden: torch.Tensor, next_token: torch.Tensor, position: torch.Tensor, mode: str,
                    seq_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _, X, _, _ = self._ffn_input(hidden, next_token, position, mode, seq_lens)
+        ids, weights = self.route(X)
+        return X, ids, weights
+
+    def head_input(self, hidden: torch.Tensor, next_token: torch.Tensor, position: torch.Tensor, mode: str,
+                   seq_lens: list[int] | None = None) -> torch.Tensor:
+        """The layer's whole forward up to the head (steps 5–7 of the reference): MoE output
+        (routed experts as held by the block + the shared expert), ``R2 = hc_post``, then the MTP's
+        own ``hc_head`` collapse and ``norm`` → [T, D], what vLLM multiplies by the target's head."""
+        d, W = self.dims, self.W
+        missing = [k for k in _HEAD if k not in W]
+        if missing:
+            raise ValueError(f"DeepSeek-V4 MTP layer lacks {', '.join(self.spec.prefix + k for k in missing)} "
+                             "(needed for the draft's logits)")
+        R1, X, post, comb = self._ffn_input(hidden, next_token, position, mode, seq_lens)
+        ids, weights = self.route(X)
+        w1, w2, w3 = self.expert_weights()
+        y = routed_output(X, ids, weights, w1, w2, w3, d.swiglu_limit)
+        y += shared_output(X, W["ffn.shared_experts.w1.weight"], W["ffn.shared_experts.w2.weight"],
+                           W["ffn.shared_experts.w3.weight"], d.swiglu_limit).float()
+        R2 = hc_post(y.to(self.dtype), R1, post, comb)
+        z = hc_head(R2, W["hc_head_fn"], W["hc_head_scale"], W["hc_head_base"], d)
+        return rms_norm(z, W["norm.weight"], d.eps)
+
+    def _ffn_input(self, hidden, next_token, position, mode, seq_lens):
+        """(R1 the streams before the FFN sub-layer, X its normed input, post, comb of its hc_pre)."""
         d = self.dims
         T = hidden.shape[0]
         if hidden.shape != (T, d.hc_mult * d.hidden):
@@ -227,10 +269,8 @@ class DSV4Block:
             R1 = self.attention_sublayer(R, pos, list(seq_lens))
         else:
             R1 = R  # identity: the attention sub-layer, mHC mixing included, is skipped
-        x, _, _ = hc_pre(R1, self.W["hc_ffn_fn"], self.W["hc_ffn_scale"], self.W["hc_ffn_base"], d)
-        X = rms_norm(x, self.W["ffn_norm.weight"], d.eps)
-        ids, weights = self.route(X)
-        return X, ids, weights
+        x, post, comb = hc_pre(R1, self.W["hc_ffn_fn"], self.W["hc_ffn_scale"], self.W["hc_ffn_base"], d)
+        return R1, rms_norm(x, self.W["ffn_norm.weight"], d.eps), post, comb
 
     # -- the forward, step by step -------------------------------------------------------------
     def project_inputs(self, hidden: torch.Tensor, next_token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:

