@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 
 ENV = "REQUANT_CPU_WNA16"
+OP = "requant::cpu_wna16_moe"
 
 
 def moe_forward(hidden, w13, w2, topk_weights, topk_ids, expert_map=None):
@@ -31,6 +32,18 @@ def moe_forward(hidden, w13, w2, topk_weights, topk_ids, expert_map=None):
     return routed_output(hidden, ids, g, w13[:, :inter], w2, w13[:, inter:], None)
 
 
+def _define_op():
+    """``moe_forward`` as a custom op: its per-expert loop sizes tensors by routing counts, which
+    vLLM's torch.compile cannot trace; as an op it stays opaque (a fake gives the output shape),
+    so compiled serving works as well as eager."""
+    import torch
+
+    op = torch.library.custom_op(OP, mutates_args=(), schema="(Tensor hidden, Tensor w13, Tensor w2, "
+                                 "Tensor topk_weights, Tensor topk_ids, Tensor? expert_map) -> Tensor")(moe_forward)
+    op.register_fake(lambda hidden, *_: hidden.new_empty(hidden.shape, dtype=torch.float32))
+    return op
+
+
 def install() -> None:
     """Offer vLLM's EMULATION WNA16 backend on CPU, its forward in PyTorch (see module docstring)."""
     from vllm.model_executor.layers.fused_moe.activation import MoEActivation
@@ -40,6 +53,7 @@ def install() -> None:
     if getattr(int_wna16, "_requant_cpu_wna16", False):
         return
     own = int_wna16._get_priority_backends
+    op = _define_op()
 
     def backends():
         found = own()
@@ -52,7 +66,7 @@ def install() -> None:
             raise NotImplementedError("requant's CPU W4A16 MoE forward does SiLU-gated experts with the routing "
                                       f"weights applied after w2 only (got {activation}, weights on input: "
                                       f"{apply_router_weight_on_input})")
-        out = moe_forward(hidden_states, w1, w2, topk_weights, topk_ids, expert_map)
+        out = op(hidden_states, w1, w2, topk_weights, topk_ids, expert_map)
         output.copy_(out.to(output.dtype))
 
     int_wna16._get_priority_backends = backends

@@ -186,9 +186,11 @@ def run_online(cfg: OnlineConfig, arch: str) -> dict:
         deadline = time.time() + cfg.health_timeout_s
         while not (st := server.status())["healthy"]:
             if not st["alive"]:
-                raise RuntimeError(f"vLLM server exited ({st['exit']}) before it was healthy:\n{server.log_tail()}")
+                raise RuntimeError(f"vLLM server exited ({st['exit']}) before it was healthy (whole log: "
+                                   f"{server.log_path}):\n{server.log_tail()}")
             if time.time() > deadline:
-                raise RuntimeError(f"vLLM server not healthy after {cfg.health_timeout_s:.0f} s:\n{server.log_tail()}")
+                raise RuntimeError(f"vLLM server not healthy after {cfg.health_timeout_s:.0f} s (whole log: "
+                                   f"{server.log_path}):\n{server.log_tail()}")
             time.sleep(0.5)
         t_up = time.perf_counter() - t0
 
