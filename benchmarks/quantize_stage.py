@@ -185,9 +185,14 @@ def synthetic_store(path: Path, c: dict, rows: int, seqs: int, dev: torch.device
 
 
 def run(job_kw: dict, out: Path) -> dict:
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     res = run_quantize(QuantizeJob(out=str(out), **job_kw), progress=False)
     wall = time.perf_counter() - t
+    # this process's device peak: the whole stage when its one worker runs here (not for N workers)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda and job_kw["workers"] == 1 else None
     m = json.loads(res.manifest.read_text())
     sha = hashlib.sha256()
     with open(res.shard, "rb") as f:  # after the timing: is the shard reproducible?
@@ -198,7 +203,7 @@ def run(job_kw: dict, out: Path) -> dict:
     d_in = sorted(v[0] for v in dist.values() if v[0] == v[0] and v[0] != float("inf"))
     walls = m["timings"]
     return {"hessian_distance_h_in_median_max": [d_in[len(d_in) // 2], d_in[-1]] if d_in else None,
-            "wall_s": wall, "timings": walls, "slice": sl, "summary": m["summary"],
+            "wall_s": wall, "peak_gpu_gib": peak, "timings": walls, "slice": sl, "summary": m["summary"],
             "replay_s": sum(v for k, v in walls.items() if k.startswith("replay ")),
             "reduce_s": sum(v for k, v in walls.items() if k.startswith("reduce ")),
             "bytes_read_per_worker": m["summary"]["bytes_read_per_worker"],
@@ -208,6 +213,26 @@ def run(job_kw: dict, out: Path) -> dict:
                                                                      max(m["tokens_per_expert"])],
             "shard_bytes": m["assembly"]["shard_bytes"], "paths": sorted({r["path"] for r in m["tensors"]}),
             "shard_sha256": sha.hexdigest()}
+
+
+def evaluate(out: Path, store: Path) -> dict:
+    """Offline draft acceptance of the quantised checkpoint against its master, both replay
+    modes, on the store (in-sample here: the store calibrated it; random weights, so only the
+    cost means anything)."""
+    from requant.quantizer import evaluate as ev
+    from requant.quantizer.evaluate import OfflineConfig, evaluate_offline
+
+    # The synthetic store's tokens are random: no tail of a sequence is the fake target's greedy
+    # choice, so evaluate would count no position. For the cost, every position counts (as when
+    # the prompts file says where each sequence's generated part starts: at 0).
+    ev.generated_start = lambda next_token, prompt, greedy: (0, "prompt")
+    t = time.perf_counter()
+    res = evaluate_offline(OfflineConfig(checkpoint=str(out), stores=(str(store),)))
+    wall = time.perf_counter() - t
+    modes = {m: {k: v for k, v in r.items() if k in ("positions", "acceptance", "ce", "kl_to_master")}
+             for m, r in res["modes"].items()}
+    print(f"evaluate --offline       wall {wall:6.2f} s  ({res['sequences']} sequences; {modes})", flush=True)
+    return {"wall_s": wall, "sequences": res["sequences"], "modes": modes}
 
 
 def main() -> None:
@@ -225,6 +250,8 @@ def main() -> None:
     ap.add_argument("--ray", action="store_true", help="the N-worker run on Ray actors instead of processes")
     ap.add_argument("--partitions", type=int, default=None, help="calibration partitions (default: the stage's)")
     ap.add_argument("--holdout", type=float, default=0.1, help="held-out prompt fraction (default %(default)g)")
+    ap.add_argument("--evaluate", action="store_true",
+                    help="time `requant evaluate --offline` (both replay modes) on the identity run's output")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir, removed after)")
     ap.add_argument("--out", default=None, help="JSON result path")
     args = ap.parse_args()
@@ -255,6 +282,8 @@ def main() -> None:
             out = scratch / f"out-{name}"
             multi = {"use_ray": True} if args.ray and gpus > 1 else {"processes": gpus > 1}
             runs[name] = run({**job, "replay": replay, "workers": gpus, "parallel": mode, **multi}, out)
+            if args.evaluate and name == "identity":
+                runs["evaluate_offline"] = evaluate(out, scratch / "store")
             shutil.rmtree(out)
             r = runs[name]
             t = r["timings"]
@@ -262,7 +291,7 @@ def main() -> None:
                   f"reduce {r['reduce_s']:.2f}, gptq {t['gptq']:.2f}, "
                   + "".join(f"{k} {r['slice'][k]:.2f}, " for k in ("distance", "heldout_errors") if k in r["slice"])
                   + f"assemble {t['assemble']:.2f}, hash wait {t['hash_wait']:.2f}, "
-                  f"report {t.get('report', 0):.2f}; GB read per worker "
+                  f"report {t.get('report', 0):.2f}; peak GPU {r['peak_gpu_gib'] or 0:.1f} GiB; GB read per worker "
                   f"{[round(b / 1e9, 2) for b in r['bytes_read_per_worker']]})", flush=True)
     finally:
         if args.dir is None:
@@ -309,7 +338,7 @@ def main() -> None:
               "reproducible_runs": same, "reproducible_full_runs": full_same,
               "multi_gpu_identical": {k: v["shard_sha256"] == best["shard_sha256"] for k, v in multis.items()} or None,
               "runner": "ray" if args.ray else "processes", "parallel": args.parallel,
-              "date": time.strftime("%Y-%m-%d", time.gmtime())}
+              "date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": os.environ.get("REQUANT_COMMIT")}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -27,6 +27,7 @@ from _path import ensure_requant  # noqa: E402
 
 ensure_requant()
 from requant.quantizer.gptq import GPTQConfig, _prepare, gptq_batched  # noqa: E402
+from requant.quantizer.experts import LowTokenPolicy, pooled_hessian  # noqa: E402
 from requant.quantizer.hessian import HessianSet, swiglu_intermediate  # noqa: E402
 from requant.quantizer.quant import QuantSpec, dequantize, group_scales, rtn  # noqa: E402
 
@@ -162,18 +163,23 @@ def bench_hessians(a, dev, counts, basis, outl, scale_in, w1, w3, g):
                          "routed_tokens": int(counts.sum()), "speedup": t_ref / t_ours}
 
 
-def run_ours(w1, w2, w3, h_in, h_mid, cfg, batch):
-    """All 768 tensors: w1+w3 as one entry per expert (shared H, one factorisation), then w2."""
+def run_ours(w1, w2, w3, h_in, h_mid, cfg, batch, policy: LowTokenPolicy | None = None):
+    """All 768 tensors: w1+w3 as one entry per expert (shared H, one factorisation), then w2.
+    ``policy``: a low-token policy's damping / fitted Hessians (its RTN choice is not applied:
+    this times GPTQ)."""
     E = w1.shape[0]
     out = {}
-    for s in range(0, E, batch):
-        sl = slice(s, min(s + batch, E))
-        r = gptq_batched(torch.cat([w1[sl], w3[sl]], 1), h_in.mean(sl), cfg)
-        out[("w13", s)] = (r.q, r.scale, r.path)
-    for s in range(0, E, batch):
-        sl = slice(s, min(s + batch, E))
-        r = gptq_batched(w2[sl], h_mid.mean(sl), cfg)
-        out[("w2", s)] = (r.q, r.scale, r.path)
+    for kind, hs in (("w13", h_in), ("w2", h_mid)):
+        pooled = pooled_hessian(hs) if policy is not None and policy.kind == "shrink" else None
+        for s in range(0, E, batch):
+            sl = slice(s, min(s + batch, E))
+            w = torch.cat([w1[sl], w3[sl]], 1) if kind == "w13" else w2[sl]
+            h, damp = hs.mean(sl), None
+            if policy is not None:
+                counts = hs.count[sl]
+                h, damp = policy.fit_hessian(h, counts, pooled), policy.damp(counts, h.shape[-1], cfg)
+            r = gptq_batched(w, h, cfg, damp)
+            out[(kind, s)] = (r.q, r.scale, r.path)
     return out
 
 
@@ -245,6 +251,7 @@ def main():
     p.add_argument("--small", action="store_true", help="tiny shapes, for a CPU smoke test")
     p.add_argument("--skip-anchor", action="store_true")
     p.add_argument("--variants", default="fp32update,dynamic,actorder,streams4,streams8,rows32s4", help="extra GPTQ variants to time")
+    p.add_argument("--policies", default="token_damp,shrink", help="low-token policies to time (',' list; '' none)")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions (median reported)")
     p.add_argument("--syrk-configs", default="", help="';'-separated k=v,... Triton SYRK configs to time")
     p.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of one w1/w3 batch")
@@ -335,6 +342,19 @@ def main():
         verr, _, vfb = errors_ours(res, w1, w2, w3, h_in, h_mid, batch, spec)
         result[f"ours_{v}"] = {"seconds": t, "seconds_all": times, "mean_rel_err": verr, "non_gptq_paths": vfb}
         print(f"[gptq ours {v}] {t:.3f}s  err {verr:.3e}", flush=True)
+        del res
+
+    # Low-token policies: their extra cost over the default (fixed damp) on the same tensors; the
+    # error is in-sample (the Hessians GPTQ saw), so it says nothing about which policy is better.
+    for kind in filter(None, a.policies.split(",")):
+        pol = LowTokenPolicy(kind=kind)
+        run_ours(w1[:1], w2[:1], w3[:1], _sub(h_in, 1), _sub(h_mid, 1), cfg, 1, pol)
+        res, t = timed(lambda: run_ours(w1, w2, w3, h_in, h_mid, cfg, batch, pol))
+        perr, _, _ = errors_ours(res, w1, w2, w3, h_in, h_mid, batch, spec)
+        result[f"policy_{kind}"] = {"seconds": t, "over_default_s": t - result["ours"]["seconds"],
+                                    "mean_rel_err_in_sample": perr}
+        print(f"[gptq policy {kind}] {t:.3f}s ({t - result['ours']['seconds']:+.3f}s vs default)  "
+              f"in-sample err {perr:.3e}", flush=True)
         del res
 
     mod = None if a.skip_anchor else load_llmcompressor()

@@ -290,6 +290,16 @@ def _sequence_groups(stores: list[str], max_rows: int, max_bytes: int):
         yield group
 
 
+def _embed_source(master: str | Path, ckpt: Path) -> Path | None:
+    """Where the master's block takes the target's embedding from: the master, or — a master that
+    is the MTP layer alone, as the stage accepts with a base — the evaluated checkpoint (the same
+    target embedding, from the base)."""
+    from .arch import read_tensor
+
+    return None if read_tensor(Path(master), ["embed.weight", "model.embed_tokens.weight", "embed_tokens.weight"]) \
+        else ckpt
+
+
 def evaluate_offline(cfg: OfflineConfig, progress=None) -> dict:
     """Acceptance, cross-entropy and KL to the master of the checkpoint's MTP drafts on the
     stores' sequences (module docstring); ``progress(rows)`` after each group of sequences."""
@@ -319,7 +329,7 @@ def evaluate_offline(cfg: OfflineConfig, progress=None) -> dict:
 
     block = load_block(ckpt, device=device, weights=load_mtp_for_eval(ckpt, spec, device))
     same = against is not None and Path(against).resolve() == ckpt.resolve()
-    master = None if against is None or same else load_block(against, device=device)
+    master = None if against is None or same else load_block(against, device=device, embed_from=_embed_source(against, ckpt))
     head = TargetHead(ckpt, spec, config, device)
 
     accs = {m: _Acc() for m in cfg.modes}
@@ -347,7 +357,7 @@ def evaluate_offline(cfg: OfflineConfig, progress=None) -> dict:
                     greedy = head.greedy_consistent(hidden, tok) if greedy is None else greedy
                     g0, kind = generated_start(nt, None, greedy[start:start + n])
                 how[kind] += 1
-                idx = torch.arange(g0, n - 1)            # rows whose draft's target token (row + 1) exists
+                idx = torch.arange(g0, max(g0, n - 1))   # rows whose draft's target token (row + 1) exists
                 counts.append(len(idx))
                 rows.append(idx + start)
                 labels.append(nt[idx + 1])
