@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The single-GPU checks of a release, in two parts that each fit one device call (≤ 10 min):
 #   benchmarks/gpu_session.sh checks   # GPU-only tests, kernel checks, quantizer + anchor, CUDA-graph capture, checksums
-#   benchmarks/gpu_session.sh stage    # shard regression vs an earlier commit, the whole stage (+ evaluate --offline)
+#   benchmarks/gpu_session.sh stage    # shard regression vs an earlier commit, the whole stage
+#   benchmarks/gpu_session.sh evaluate # the cost of `requant evaluate --offline` at DeepSeek-V4-Flash shapes
 # Run from the repo root on the GPU machine (torch + Triton there, no install of this project).
 # Needs: the wheels of benchmarks/README.md ("GPU machine") in .whl/; for `stage`, a plain export of
 # the earlier commit in .old/ (git archive <commit> | tar -x -C .old). Results go to $OUT (or ./gpu-out).
@@ -39,10 +40,13 @@ checks)
     ;;
 stage)
     step regression 230 python3 benchmarks/shard_regression.py --old .old --out "$OUT/shard_regression_h200.json"
-    step stage 330 python3 benchmarks/quantize_stage.py --evaluate --out "$OUT/quantize_stage_h200.json"
+    step stage 330 python3 benchmarks/quantize_stage.py --out "$OUT/quantize_stage_h200.json"
+    ;;
+evaluate)  # the offline evaluation's cost at DeepSeek-V4-Flash shapes (~4 min)
+    step evaluate 400 python3 benchmarks/quantize_stage.py --skip-full --evaluate --out "$OUT/quantize_stage_evaluate_h200.json"
     ;;
 *)
-    echo "usage: $0 checks|stage" >&2
+    echo "usage: $0 checks|stage|evaluate" >&2
     exit 2
     ;;
 esac

@@ -293,6 +293,8 @@ def main() -> None:
                   + f"assemble {t['assemble']:.2f}, hash wait {t['hash_wait']:.2f}, "
                   f"report {t.get('report', 0):.2f}; peak GPU {r['peak_gpu_gib'] or 0:.1f} GiB; GB read per worker "
                   f"{[round(b / 1e9, 2) for b in r['bytes_read_per_worker']]})", flush=True)
+            print(f"{'':22s} driver walls {({k: round(v, 2) for k, v in t.items()})}\n{'':22s} worker seconds "
+                  f"{({k: round(v, 2) for k, v in r['slice'].items()})}", flush=True)
     finally:
         if args.dir is None:
             shutil.rmtree(scratch, ignore_errors=True)

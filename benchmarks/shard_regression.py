@@ -62,8 +62,7 @@ assert all(Path(m.__file__).resolve().is_relative_to(Path(old).resolve())
 
 
 def old_tree(old: str, what: str, **kw) -> None:
-    subprocess.run([sys.executable, "-c", OLD_DRIVER, old, what, json.dumps(kw)], check=True,
-                   env={**os.environ, "PYTHONPATH": ""})
+    subprocess.run([sys.executable, "-c", OLD_DRIVER, old, what, json.dumps(kw)], check=True)
 
 
 def sha256(p: Path) -> str:

@@ -81,9 +81,14 @@ def gptq_batch_size(n_experts: int, hidden: int, inter: int, device: str) -> int
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
     resident = 4 * n_experts * (hidden * hidden + inter * inter)       # fp32 Hessians
     resident += 2 * n_experts * 3 * inter * hidden                    # bf16 expert weights
-    per_entry = 4 * (6 * 2 * inter * hidden + 4 * hidden * hidden)   # quantize_experts' estimate
     free = 0.85 * total - resident - (4 << 30)                        # block, reader, CUDA context
-    return max(1, min(n_experts, int(0.6 * free // per_entry)))
+    return max(1, min(n_experts, int(0.6 * free // gptq_working_bytes(1, hidden, inter, margin=0))))
+
+
+def gptq_working_bytes(batch: int, hidden: int, inter: int, margin: int = 4 << 30) -> int:
+    """Device memory GPTQ of one batch works in (quantize_experts' estimate: the w1+w3 entries
+    [2I, D] dominate), plus a margin."""
+    return batch * 4 * (6 * 2 * inter * hidden + 4 * hidden * hidden) + margin
 
 
 @dataclass(frozen=True)
@@ -205,9 +210,11 @@ class Worker:
         sums = replay_partitions(self.block, self.reader, self.task.plan, self.sums[ph], parts, self._cfg(phase.mode),
                                  after_each=kill)
         self.seconds[f"replay_{phase.split}_{phase.mode}"] = sums.seconds
+        self.seconds[f"fold_{phase.split}_{phase.mode}"] = sums.fold_seconds
         return {"rank": self.rank, "phase": ph, "split": phase.split, "mode": phase.mode, "partitions": list(parts),
                 "rows": sum(self.task.plan.parts(phase.split)[i].rows for i in parts),
-                "bytes_read": self.reader.bytes_read - before, "seconds": sums.seconds, "pid": os.getpid(),
+                "bytes_read": self.reader.bytes_read - before, "seconds": sums.seconds,
+                "fold_seconds": sums.fold_seconds, "pid": os.getpid(),
                 "all_experts": experts is None}
 
     def keep(self, ph: int) -> dict:
@@ -216,8 +223,10 @@ class Worker:
         sums = self.sums.pop(ph)
         self.owned[ph] = (sums.h_in.to_set(), sums.h_mid.to_set())
         self.tokens[ph] = sums.tokens.tolist()
+        parts = list(sums.partitions)
+        del sums  # before _park measures free memory: the int64 sums are not needed any more
         self._park(ph)
-        return {"rank": self.rank, "phase": ph, "partitions": list(sums.partitions)}
+        return {"rank": self.rank, "phase": ph, "partitions": parts}
 
     def _maybe_die(self, _partition: int) -> None:
         if not self.task.kill_marker:
@@ -322,9 +331,15 @@ class Worker:
             del self.owned[ident[0]], i_in, i_mid
             self.seconds["distance"] = time.perf_counter() - t0
         held = [i for i, p in enumerate(task.phases) if p.split == "heldout"]
-        if held and self.dev.startswith("cuda"):  # GPTQ's batch assumes one Hessian set resident
-            for hs in self.owned[held[0]]:
-                hs.h = hs.h.cpu()
+        if held and self.dev.startswith("cuda"):
+            # GPTQ's batch was planned with one Hessian set resident: the held-out set stays on
+            # the GPU only if GPTQ's working set still fits beside it (else it waits on the host)
+            spec = self.block.spec
+            torch.cuda.empty_cache()
+            free, _ = torch.cuda.mem_get_info(torch.device(self.dev))
+            if free < gptq_working_bytes(task.batch, spec.hidden, spec.moe_inter):
+                for hs in self.owned[held[0]]:
+                    hs.h = hs.h.cpu()
         t0 = time.perf_counter()
         w1, w2, w3, rows = _weights_for_gptq(self.block, experts, self.dev)
         cfg = ExpertQuantConfig(gptq=task.gptq, name_fn=self.block.spec.expert_name, batch_size=task.batch,

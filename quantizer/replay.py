@@ -281,6 +281,7 @@ class PartitionSums:
     partitions: list[int]           # indices folded, in order
     rows: int = 0
     seconds: float = 0.0
+    fold_seconds: float = 0.0       # of ``seconds``: resetting partials and folding them into the sums
 
 
 def new_sums(block, plan, split: str, mode: str, experts: Sequence[int] | None, device,
@@ -314,15 +315,19 @@ def replay_partitions(block, reader, plan, sums: PartitionSums, parts: Sequence[
         for i in parts:
             if i in sums.partitions:
                 raise ValueError(f"{sums.split} partition {i} added twice")
+            t1 = time.perf_counter()
             acc.reset()
+            sums.fold_seconds += time.perf_counter() - t1
             for hidden, tok, pos, lens in _chunks(reader, cfg, split[i].reader_runs()):
                 acc.add(*block.moe_inputs(hidden, tok, pos, cfg.mode, lens))
                 if progress is not None:
                     progress(hidden.shape[0])
             if acc.rows != split[i].rows:
                 raise RuntimeError(f"{sums.split} partition {i}: replayed {acc.rows} rows, the plan has {split[i].rows}")
+            t1 = time.perf_counter()
             sums.h_in.add_(acc.h_in, acc.rows)
             sums.h_mid.add_(acc.h_mid, acc.rows)
+            sums.fold_seconds += time.perf_counter() - t1  # add_ reads its checks back: synchronised
             sums.tokens += acc.tokens
             sums.rows += acc.rows
             sums.partitions.append(i)

