@@ -177,6 +177,10 @@ def run_online(cfg: OnlineConfig, arch: str) -> dict:
         env = {**cpu_replica_env(), CPU_WNA16: "1", **env}
         if not any(a.startswith("--gpu-memory-utilization") for a in args):
             args += ("--gpu-memory-utilization", "0.3")
+        # a few prompts on a CPU: torch.compile (~20 s of the server's start here) costs more
+        # than it saves; compiled serving stays one argument away (-O / --compilation-config)
+        if not any(a == "--enforce-eager" or a.startswith(("-O", "--compilation-config")) for a in args):
+            args += ("--enforce-eager",)
     log_dir = cfg.log_dir or tempfile.mkdtemp(prefix="requant-evaluate-")
     server = ReplicaServer(ReplicaSpec(model=str(cfg.checkpoint), store="", writer="evaluate", max_model_len=ctx,
                                        extra_args=("--speculative-config", spec, *args), env=env,
