@@ -56,7 +56,11 @@ class Capturer:
 
     def __init__(self, sink: RowSink, width: int, rows_per_step: int, ids_offset: int = 0, slots: int = 8,
                  queue_size: int = 256, commit_every_s: float = 30.0, idle_commit_s: float = 1.0,
-                 batch_s: float = 0.02, replica: int = 0, first_seq_id: int = 0, pin: bool | None = None):
+                 batch_s: float = 0.02, replica: int = 0, first_seq_id: int = 0, pin: bool | None = None,
+                 status=None, test_commit_delay_s: float = 0.0):
+        """``status``: a callable taking this pipeline's state (``PipelineStatus.publisher``).
+        ``test_commit_delay_s`` (tests only: a slow store): idle and periodic commits happen
+        this much later than due; the writer thread keeps taking work and beating meanwhile."""
         self.sink, self.width, self.replica = sink, width, replica
         self.staging = HostStaging(width, rows_per_step, slots, pin)
         self.assembler = SequenceAssembler(ids_offset)
@@ -69,6 +73,14 @@ class Capturer:
         self._closed = False
         self._last_commit = time.monotonic()
         self._uncommitted = False
+        self.test_commit_delay_s = test_commit_delay_s
+        self._commit_due: float | None = None
+        self._committed_seq, self._uncommitted_rows, self._commits = first_seq_id, 0, 0
+        self._publish = status
+        self._status_lock = threading.Lock()  # "busy" (producer) and "idle" (writer) never cross
+        self._shown: dict | None = None
+        self._shown_at = 0.0
+        self._report()
         self._thread = threading.Thread(target=self._run, name="requant-capture", daemon=True)
         self._thread.start()
 
@@ -134,6 +146,13 @@ class Capturer:
                     continue
             self._queue_blocked += time.perf_counter() - t0
         self._stats.max_queued = max(self._stats.max_queued, self._q.qsize())
+        if self._publish is not None:
+            # After the put, under the lock the writer decides "idle" under: it either saw
+            # this entry, or showed idle before it and is overwritten here. Only an idle →
+            # busy change writes (once per quiet spell), so serving steps rarely touch the file.
+            with self._status_lock:
+                if self._shown is None or self._shown["idle"]:
+                    self._show(dict(self._shown or {}, idle=False, queued=self._q.qsize()))
 
     @property
     def stats(self) -> CaptureStats:
@@ -145,6 +164,27 @@ class Capturer:
         if self._error is not None:
             raise RuntimeError(f"requant capture failed: {self._error}") from self._error
 
+    # -- status (status.py) ---------------------------------------------------------------
+    def _report(self, error: str = "") -> None:
+        """Writer side: publish the state when it changed, else at most once a second (the beat)."""
+        if self._publish is None:
+            return
+        with self._status_lock:
+            idle = self._q.empty() and not self._uncommitted and not self.assembler.pending and not error
+            shown = self._shown
+            if (shown is not None and shown["idle"] == idle and shown["committed_sequences"] == self._committed_seq
+                    and not error and time.monotonic() - self._shown_at < 1.0):
+                return
+            open_rows = sum(len(c[0]) for p in self.assembler.pending.values() for c in p.chunks)
+            self._show({"idle": idle, "queued": self._q.qsize(), "open_requests": len(self.assembler.pending),
+                        "pending_rows": open_rows + self._uncommitted_rows,
+                        "uncommitted_sequences": self._next_seq - self._committed_seq,
+                        "committed_sequences": self._committed_seq, "commits": self._commits, "error": error})
+
+    def _show(self, state: dict) -> None:
+        self._publish(state)
+        self._shown, self._shown_at = state, time.monotonic()
+
     # -- writer thread --------------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -153,6 +193,7 @@ class Capturer:
                     item = self._q.get(timeout=self.idle_commit_s)
                 except queue.Empty:  # idle: commit, so a quiet server's rows become visible
                     self._commit()
+                    self._report()
                     continue
                 items = [item]
                 if item[0] is not _STOP:
@@ -167,22 +208,28 @@ class Capturer:
                         return
                 if self._uncommitted and time.monotonic() - self._last_commit > self.commit_every_s:
                     self._commit()
+                self._report()
         except BaseException as e:  # surfaced to producers on their next call
             self._error = e
             log.exception("requant capture writer thread failed")
+            try:
+                self._report(error=f"{type(e).__name__}: {e}")
+            except OSError:  # the status file itself failed: the beat stops, which says as much
+                pass
 
     def _handle(self, item) -> bool:
         """Process one queue entry; True on stop."""
         kind = item[0]
         if kind is _STOP:
-            self._commit()
+            self._commit(deferrable=False)
+            self._report()
             return True
         if kind == "rows":
             self._rows(*item[1:])
         elif kind == "finish":
             self._finish(*item[1:])
         elif kind == "flush":
-            self._commit()
+            self._commit(deferrable=False)
             item[1].set()
         return False
 
@@ -223,17 +270,27 @@ class Capturer:
                                   prompt_id=prompt_id, replica=self.replica)
         self._next_seq += 1
         self._uncommitted = True
+        self._uncommitted_rows += len(seq.position)
         st = self._stats
         st.sequences += 1
         st.rows += len(seq.position)
         st.bytes += seq.hidden.nbytes
         st.superseded_rows += seq.superseded
 
-    def _commit(self) -> None:
+    def _commit(self, deferrable: bool = True) -> None:
         if self._uncommitted:
+            if deferrable and self.test_commit_delay_s > 0:
+                now = time.monotonic()
+                if self._commit_due is None:
+                    self._commit_due = now + self.test_commit_delay_s
+                if now < self._commit_due:
+                    return
             flush = getattr(self.sink, "flush", None)
             if flush is not None:
                 flush()
+            self._committed_seq, self._uncommitted_rows = self._next_seq, 0
+            self._commits += 1
+        self._commit_due = None
         self._uncommitted = False
         self._last_commit = time.monotonic()
 

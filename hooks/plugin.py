@@ -42,6 +42,10 @@ Environment:
   REQUANT_CAPTURE_STATS    file to write the capture counters to (JSON) at exit
   REQUANT_CAPTURE_SLOTS    host staging slots of max_num_batched_tokens rows each (default 8):
                            the bound on capture's in-flight host memory
+  REQUANT_CAPTURE_STATUS   file the writing worker keeps current with what its pipelines have
+                           committed and still hold (capture/status.py): what a drain waits on
+  REQUANT_TEST_COMMIT_DELAY_S  test hook, never for production: commits come this many seconds
+                           late (a slow store), to test that a drain waits for them
 """
 from __future__ import annotations
 
@@ -55,6 +59,8 @@ from dataclasses import dataclass
 
 ENV_STORE = "REQUANT_CAPTURE"
 ENV_REFUSAL = "REQUANT_CAPTURE_REFUSAL"
+ENV_STATUS = "REQUANT_CAPTURE_STATUS"
+ENV_TEST_COMMIT_DELAY = "REQUANT_TEST_COMMIT_DELAY_S"
 POINT_NAMES = ("target_pre_head", "mtp_input")
 log = logging.getLogger("requant.hooks")
 _ACTIVE: list["WorkerCapture"] = []  # this process's worker captures (close_all)
@@ -70,6 +76,8 @@ class PluginConfig:
     stats_file: str = ""
     slots: int = 8
     refusal_file: str = ""   # where an EagerRequired refusal is reported (JSON)
+    status_file: str = ""    # where the pipelines' committed / pending state is kept (JSON)
+    test_commit_delay_s: float = 0.0
 
     @classmethod
     def from_env(cls, env=os.environ) -> "PluginConfig | None":
@@ -89,9 +97,16 @@ class PluginConfig:
                 raise ValueError(f"{key}={env[key]!r} is not an integer") from None
         if ints["REQUANT_CAPTURE_SLOTS"] < 1:
             raise ValueError("REQUANT_CAPTURE_SLOTS must be at least 1")
+        delay = env.get(ENV_TEST_COMMIT_DELAY, "0")
+        try:
+            delay_s = float(delay)
+        except ValueError:
+            delay_s = -1.0
+        if not 0 <= delay_s < float("inf"):  # (NaN too)
+            raise ValueError(f"{ENV_TEST_COMMIT_DELAY}={delay!r}: expected a finite number of seconds >= 0")
         return cls(store, points, env.get("REQUANT_CAPTURE_WRITER", ""), ints["REQUANT_CAPTURE_REPLICA"],
                    env.get("REQUANT_CAPTURE_MODEL", ""), env.get("REQUANT_CAPTURE_STATS", ""),
-                   ints["REQUANT_CAPTURE_SLOTS"], env.get(ENV_REFUSAL, ""))
+                   ints["REQUANT_CAPTURE_SLOTS"], env.get(ENV_REFUSAL, ""), env.get(ENV_STATUS, ""), delay_s)
 
     def store_for(self, point: str) -> str:
         return self.store if len(self.points) == 1 else f"{self.store.rstrip('/')}/{point}"
@@ -197,7 +212,7 @@ class WorkerCapture:
     """One worker's capture: hooks on the loaded model, a Capturer per point (rank 0)."""
 
     def __init__(self, runner, cfg: PluginConfig):
-        from requant.capture import Capturer
+        from requant.capture import Capturer, PipelineStatus
 
         from .attach import attach
         from .points import row_shape
@@ -239,6 +254,7 @@ class WorkerCapture:
                          stash_rows=max_tokens, dtype=mc.dtype, device=runner.device)
             if target:
                 self.boundary.append(att)
+        self.status = PipelineStatus(cfg.status_file) if self.writes and cfg.status_file else None
         for name, (hidden, hc, ids_offset) in shapes.items():
             self.capturers[name] = self._capturer(name, hidden, hc, ids_offset, Capturer) if self.writes else None
         # Flush before the interpreter shuts thread pools down (plain atexit runs too late
@@ -292,7 +308,9 @@ class WorkerCapture:
         writer = store.writer(writer_name)
         max_tokens = self.runner.scheduler_config.max_num_batched_tokens
         return capturer_cls(writer, width=hidden * hc, rows_per_step=max_tokens, ids_offset=ids_offset,
-                            slots=cfg.slots, replica=cfg.replica, first_seq_id=writer.stats.sequences)
+                            slots=cfg.slots, replica=cfg.replica, first_seq_id=writer.stats.sequences,
+                            status=self.status.publisher(name) if self.status else None,
+                            test_commit_delay_s=cfg.test_commit_delay_s)
 
     def before_forward(self) -> None:
         """The runner is about to call the target model."""

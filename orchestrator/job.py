@@ -6,8 +6,11 @@ Flow: connect to Ray ($RAY_ADDRESS / ``ray_address``) or start a local one → r
 ledger with the store (ledger.py) → start ``replicas`` vLLM servers as Ray actors
 (replica.py), wait until healthy → feed the prompts not yet in the store (feeder.py), a
 shared queue drained by ``concurrency`` workers per replica → drain (every answered prompt
-committed; prompts with an unknown outcome resolved against the store once their replica is
-quiet) → coverage loop → stop the servers (SIGINT: the plugin closes the store cleanly).
+committed — waited for, however late, while its replica lives; prompts with an unknown
+outcome resolved against the store once their replica is quiet: its engine idle, then its
+capture plugin's status (capture/status.py) idle, the store read up to what that status
+counts as committed) → coverage loop → stop the servers (SIGINT: the plugin closes the store
+cleanly).
 
 A replica that dies is stopped for good (its whole process group, so nothing can commit
 to its writer group afterwards), the store re-read, and its outstanding prompts that the
@@ -75,6 +78,7 @@ class _Replica:
     failed: bool = False
     recovering: bool = False
     answered: int = 0                                 # 200 responses (all incarnations)
+    capture: dict | None = None                       # its capture status as the drain last read it
 
 
 def init_ray(address: str | None, replicas: int, replica_cpus: float) -> None:
@@ -120,6 +124,7 @@ class CaptureJob:
         self.replicas: list[_Replica] = []
         self.attempts: dict[str, int] = {}
         self.queue: asyncio.Queue | None = None
+        self._held = 0             # prompts workers have taken from the queue and not finished with
         self.prompts: dict[str, Prompt] = {}
         self._bar = None
         self._cancel = False
@@ -266,11 +271,14 @@ class CaptureJob:
             if "://" not in s.store else ""
         # One writer group per replica and job run: a server of a killed earlier run may still
         # hold its group while it shuts down.
-        return ReplicaSpec(model=s.model, store=s.store, writer=f"replica{r.index}-{self.run_tag}", replica=r.index,
+        return ReplicaSpec(model=s.model, store=s.store, writer=self._writer(r), replica=r.index,
                            tensor_parallel=s.tensor_parallel, max_model_len=s.max_model_len, point=s.point,
                            enforce_eager=self.stats.enforce_eager,
                            extra_args=tuple(s.vllm_args), env=dict(s.env), log_dir=log_dir,
                            driver_ip=self._driver_ip())
+
+    def _writer(self, r: _Replica) -> str:
+        return f"replica{r.index}-{self.run_tag}"
 
     @staticmethod
     def _driver_ip() -> str:
@@ -377,12 +385,16 @@ class CaptureJob:
                     dead = not st["alive"]
                 except ray.exceptions.RayActorError:
                     dead = True
-                if dead:
-                    r.up.clear()
-                    r.recovering = True
-                    t = asyncio.get_running_loop().create_task(self._recover_logged(r))
-                    self._tasks.add(t)
-                    t.add_done_callback(self._tasks.discard)
+                if dead and r.up.is_set():  # (the drain may have started its restart meanwhile)
+                    self._start_recovery(r)
+
+    def _start_recovery(self, r: _Replica) -> None:
+        """Take ``r`` out of service now (no worker sends to it) and recover it in the background."""
+        r.up.clear()
+        r.recovering = True
+        t = asyncio.get_running_loop().create_task(self._recover_logged(r))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
 
     async def _recover_logged(self, r: _Replica) -> None:
         try:
@@ -437,6 +449,7 @@ class CaptureJob:
         while True:
             await r.up.wait()
             p = await self.queue.get()
+            self._held += 1  # no await since the get: never neither queued nor held
             try:
                 if p.prompt_id in self.ledger.done:
                     continue
@@ -463,7 +476,7 @@ class CaptureJob:
                     else:  # refused: nothing ran; the replica is probably dying — the monitor restarts it
                         self._requeue(p.prompt_id, out.error, count=False)
             finally:
-                self.queue.task_done()
+                self._held -= 1
 
     async def _capture(self, todo: list[Prompt]) -> None:
         from .feeder import FeedConfig
@@ -508,51 +521,25 @@ class CaptureJob:
         self._stage("capture", t0)
 
     async def _wait_fed(self) -> None:
-        """Until the queue is empty and no request is in flight (or cancelled / fatal)."""
+        """Until the queue is empty and no worker holds a prompt (or cancelled / fatal)."""
         while True:
             if self._fatal is not None:
                 raise self._fatal
             if self._cancel:
                 while not self.queue.empty():
                     self.queue.get_nowait()
-                    self.queue.task_done()
-            busy = any(v == "inflight" for r in self.replicas for v in r.outstanding.values())
             recovering = any(r.recovering for r in self.replicas)
-            if self.queue.empty() and self.queue._unfinished_tasks == 0 and not busy and not recovering:
+            if self.queue.empty() and self._held == 0 and not recovering:
                 return
             await asyncio.sleep(0.3)
 
     async def _drain(self, session) -> bool:
-        """Wait until every answered prompt is committed; resolve unknown outcomes once
-        their replica is quiet. True when nothing is left to send."""
-        from .feeder import running_requests
-
+        """Every outstanding prompt of a live replica settled (``_settle``); a replica that is
+        down is settled by its recovery. True when nothing is left to send."""
         t0 = time.time()
-        deadline = time.time() + self.spec.drain_timeout_s
-        while any(v == "ok" for r in self.replicas for v in r.outstanding.values()):
-            if self._fatal is not None:
-                raise self._fatal
-            if time.time() > deadline:
-                break
-            await asyncio.sleep(0.5)
-            self._commit_seen()
-        for r in self.replicas:
-            if not r.outstanding or not r.up.is_set():
-                continue  # down: its recovery resolves what it had
-            # Quiet replica: no request running or waiting, then the capture thread's idle
-            # commit (~1 s) and a margin — after that the store has all it will get.
-            n = await running_requests(session, r.url)
-            while n not in (0, None) and time.time() < deadline:
-                await asyncio.sleep(0.5)
-                n = await running_requests(session, r.url)
-            if n is None:
-                continue  # unreachable: dying — the monitor's recovery waits until nothing of it can commit
-            await asyncio.sleep(3.0)
-            self._commit_seen()
-            for pid in list(r.outstanding):
-                r.outstanding.pop(pid)
-                if pid not in self.ledger.done:
-                    self._requeue(pid, "no answer and not in the store")
+        self.stats.state = "draining"
+        await asyncio.gather(*(self._settle(r, session) for r in self.replicas if r.outstanding and r.up.is_set()))
+        self.stats.state = "capturing"
         self._stage("drain", t0)
         if self._cancel:
             return True
@@ -560,6 +547,78 @@ class CaptureJob:
         if not settled:
             await asyncio.sleep(0.5)
         return settled and self.queue.empty()
+
+    async def _settle(self, r: _Replica, session) -> None:
+        """Until each prompt ``r`` answered or left uncertain is in the store, or ``r`` says it
+        holds nothing of it. Answered prompts' rows are in the replica's capture pipeline:
+        while the replica lives they are waited for, however late they commit. A prompt is
+        re-queued only once the replica is quiet (``_quiet``) and the store still lacks it. A
+        replica that stays busy or unreachable, writes no capture status or whose capture
+        writer stops beating for ``drain_timeout_s`` is restarted: its recovery re-queues what
+        the store lacks once nothing of it can commit."""
+        import ray
+
+        since = time.time()
+        # Outcomes known now; prompts another replica's settling re-queues onto this one while
+        # it waits are sent (inflight) and settled by the next drain.
+        todo = {p for p, v in r.outstanding.items() if v != "inflight"}
+        while r.up.is_set() and not self._cancel:
+            if self._fatal is not None:
+                raise self._fatal
+            self._commit_seen()
+            todo &= r.outstanding.keys()
+            if not todo:
+                return
+            try:
+                quiet, stuck = await self._quiet(r, session, time.time() - since)
+            except ray.exceptions.RayActorError:
+                return  # the actor died (node lost): the monitor recovers it
+            if quiet:
+                for pid in todo & r.outstanding.keys():
+                    state = r.outstanding.pop(pid)
+                    if pid not in self.ledger.done:
+                        self._requeue(pid, "answered, yet its replica's capture pipeline is empty and the store "
+                                           "lacks it" if state == "ok" else "no answer, and its replica holds "
+                                           "nothing of it")
+                return
+            if stuck and r.up.is_set():
+                print(f"requant: replica {r.index} {stuck}; restarting it", file=sys.stderr)
+                self._start_recovery(r)
+                return
+            await asyncio.sleep(0.5)
+
+    async def _quiet(self, r: _Replica, session, waited: float) -> tuple[bool, str]:
+        """(quiet, why stuck or ""). Quiet: the engine runs and queues no request, *then* the
+        capture status says every pipeline is idle, and the store as read here holds every
+        sequence that status counts as committed — nothing the replica has run can still reach
+        the store. Read in that order: a request's rows enter the pipeline (shown busy) in the
+        forward that computes them, before the engine can report the request done."""
+        from .feeder import running_requests
+
+        late = waited > self.spec.drain_timeout_s
+        n = await running_requests(session, r.url)
+        if n is None:
+            return False, f"has not answered /metrics for {waited:.0f} s" if late else ""
+        if n:
+            return False, f"still runs {n} requests {waited:.0f} s into the drain" if late else ""
+        st = await r.actor.capture_status.remote()
+        r.capture = st
+        self._write_status()
+        if st is None:
+            return False, f"has written no capture status in {waited:.0f} s" if late else ""
+        failed = [f"{name}: {p['error']}" for name, p in st["points"].items() if p.get("error")]
+        if failed:
+            return False, f"capture failed ({'; '.join(failed)})"
+        if st["age_s"] > self.spec.drain_timeout_s:
+            return False, f"capture writer has not beaten for {st['age_s']:.0f} s"
+        if not st["idle"]:
+            return False, ""
+        point = st["points"].get(self.spec.point)
+        if point is None:
+            raise JobError(f"replica {r.index}: its capture status has no point {self.spec.point!r} "
+                           f"(points: {sorted(st['points'])})")
+        self._commit_seen()
+        return self.index.seen.get(self._writer(r), 0) >= point["committed_sequences"], ""
 
     def _route_counts(self):
         from requant.quantizer.arch import load_block
@@ -575,7 +634,8 @@ class CaptureJob:
             return
         d = {**self.stats.as_dict(), **extra,
              "replicas": [{"index": r.index, "url": r.url, "pid": r.pid, "up": r.up.is_set(),
-                           "restarts": r.restarts, "outstanding": len(r.outstanding), "answered": r.answered}
+                           "restarts": r.restarts, "outstanding": len(r.outstanding), "answered": r.answered,
+                           "capture": r.capture}
                           for r in self.replicas]}
         tmp = self.status_file + ".tmp"
         with open(tmp, "w") as f:

@@ -62,6 +62,7 @@ class ReplicaServer:
         self.url = ""
         self.log_path = ""
         self.refusal_path = ""
+        self.status_path = ""
 
     def start(self) -> dict:
         port = _free_port()
@@ -79,6 +80,11 @@ class ReplicaServer:
         self.refusal_path = env["REQUANT_CAPTURE_REFUSAL"] = os.path.join(log_dir, f"{self.spec.writer}.refusal.json")
         if os.path.exists(self.refusal_path):
             os.remove(self.refusal_path)
+        # the plugin keeps what it has committed and still holds here (capture/status.py); an
+        # earlier incarnation's file must not speak for this one
+        self.status_path = env["REQUANT_CAPTURE_STATUS"] = os.path.join(log_dir, f"{self.spec.writer}.capture.json")
+        if os.path.exists(self.status_path):
+            os.remove(self.status_path)
         log = open(self.log_path, "ab")
         # The guard (guard.py) leads the server's process group and takes all of it down with it.
         self.proc = subprocess.Popen([sys.executable, "-m", "requant.orchestrator.guard", "--",
@@ -121,6 +127,13 @@ class ReplicaServer:
                 return json.load(f)
         except (OSError, ValueError):
             return None
+
+    def capture_status(self) -> dict | None:
+        """The capture plugin's status (capture/status.py: ``idle``, per point what is committed
+        and pending, ``age_s`` of its beat, read on this node's clock), or None before it wrote one."""
+        from requant.capture.status import read_status
+
+        return read_status(self.status_path) if self.status_path else None
 
     def log_tail(self, n: int = 3000) -> str:
         try:

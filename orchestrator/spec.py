@@ -56,6 +56,9 @@ class CaptureSpec(_Strict):
     retries: int = Field(4, ge=0)                # connection errors / 503 before the prompt counts as failed
     max_attempts: int = Field(3, ge=1)           # sends of one prompt whose outcome was unknown
     health_timeout_s: float = Field(900.0, gt=0)
+    # a replica that, while the job drains, has requests running, no capture status or a capture
+    # writer that has not beaten for this long is restarted (never its prompts re-sent while it
+    # lives); also how long a start waits for writer groups an earlier run's servers still hold
     drain_timeout_s: float = Field(120.0, gt=0)
     max_replica_restarts: int = Field(3, ge=0)
     ray_address: str | None = None               # None: $RAY_ADDRESS, else a local Ray

