@@ -57,3 +57,14 @@ def test_unwritable_store(dsv3, tmp_path):
     (tmp_path / "file").write_text("")  # a store path under a regular file (unwritable even as root)
     err = _fails(dsv3, {"REQUANT_CAPTURE": str(tmp_path / "file" / "cap")})
     assert "Not a directory" in err and str(tmp_path / "file" / "cap") in err
+
+
+def test_bad_test_commit_delay_is_refused():
+    from requant.hooks.plugin import PluginConfig
+
+    for bad in ("soon", "-1", "nan", "inf"):
+        with pytest.raises(ValueError, match=f"REQUANT_TEST_COMMIT_DELAY_S='{bad}': expected a finite number"):
+            PluginConfig.from_env({"REQUANT_CAPTURE": "/s", "REQUANT_TEST_COMMIT_DELAY_S": bad})
+    cfg = PluginConfig.from_env({"REQUANT_CAPTURE": "/s", "REQUANT_TEST_COMMIT_DELAY_S": "2.5",
+                                 "REQUANT_CAPTURE_STATUS": "/s.capture.json"})
+    assert (cfg.test_commit_delay_s, cfg.status_file) == (2.5, "/s.capture.json")
