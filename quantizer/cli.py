@@ -22,7 +22,8 @@ def _quantize(args: argparse.Namespace) -> int:
                       holdout_seed=args.holdout_seed, act_order=args.act_order,
                       w2_weighting=args.w2_weighting, min_tokens=args.min_tokens, device=args.device,
                       damp=args.damp, fp8_scale=args.fp8_scale, max_bytes=int(args.max_memory_gib * (1 << 30)),
-                      max_rows=args.max_rows)
+                      max_rows=args.max_rows,
+                      memory_limit=None if args.memory_limit_gib is None else int(args.memory_limit_gib * (1 << 30)))
     res = run_quantize(job, progress=not args.quiet)
     print(format_summary(res.summary))
     print(f"shard {res.shard}\nreport {res.report}\nmanifest {res.manifest}")
@@ -61,6 +62,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="host memory for the rows being replayed, per worker (default %(default)g)")
     q.add_argument("--max-rows", type=int, default=MAX_ROWS,
                    help="rows per MTP-block call: bounds the replay's device memory (default %(default)d)")
+    q.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="per-worker memory the plan must fit, checked before any work (GPU memory on GPUs, host "
+                        "memory on CPUs; default: the GPU's total memory, or this host's memory / workers)")
     q.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_quantize)

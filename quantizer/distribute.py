@@ -9,9 +9,13 @@ then reduced to each chunk's owner with a real collective — ``torch.distribute
 (SUM) per GPTQ batch, NCCL on GPUs, gloo on CPUs — and the owner turns its slice back into
 fp32 Hessians. Integer addition is associative, so the reduced sums, and the shard, are the
 same bits for any worker count and any assignment of partitions to workers (on CPUs every
-worker also runs with the same thread count). Memory: one all-expert fp32 partial plus the
-int64 sums (3× an fp32 set: DSV4-Flash 64.5 GB) during replay; the reduce works in place,
-batch by batch.
+worker also runs with the same thread count). Memory (``memory.py``): the int64 sums are upper
+triangles in blocks of whole GPTQ batches (DSV4-Flash: 21.5 GB, an fp32 set's size) and the
+fp32 partial one chunk of experts (1.3 GB) during replay; the reduce works in place, block by
+block, and a worker drops each block it does not own as soon as it is sent; the owner keeps
+its blocks as fp32 upper triangles, unpacked a GPTQ batch at a time. Each step's peak
+(``torch.cuda.max_memory_allocated`` on a GPU, the process's peak RSS on the host) is
+returned for the manifest.
 
 ``parallel="replicated"``: every worker replays every partition but keeps only its own
 experts — no collective; the same bits again. It is also how a replacement catches up.
@@ -42,7 +46,8 @@ import torch
 
 from .experts import ExpertQuantConfig, quantize_experts
 from .gptq import GPTQConfig
-from .limits import MAX_BYTES, MAX_ROWS
+from .limits import FOLD_ROWS, MAX_BYTES, MAX_ROWS
+from .memory import gptq_entry_bytes, tri
 from .partition import PartitionPlan, assign
 
 # Test hook: "<marker path>:<rank>" makes that rank's first attempt kill its process
@@ -74,21 +79,18 @@ def plan_slices(n_experts: int, batch: int, workers: int) -> list[list[int]]:
 def gptq_batch_size(n_experts: int, hidden: int, inter: int, device: str) -> int:
     """GPTQ batch from the device's *total* memory (the same on every GPU of a host, unlike
     free memory) after the Hessians and bf16 weights of ALL experts (one worker's worst case):
-    w1+w3 entries [2I, D] dominate. It depends on neither the worker count nor the slice, so
-    the batch plan — and the shard — are the same for 1, 2 or 8 workers."""
+    calibration and held-out packed fp32 Hessians, w1+w3 entries [2I, D] dominate. It depends on
+    neither the worker count nor the slice, so the batch plan — and the shard — are the same
+    for 1, 2 or 8 workers."""
     if not device.startswith("cuda"):
         return 4
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    resident = 4 * n_experts * (hidden * hidden + inter * inter)       # fp32 Hessians
+    # fp32 upper triangles of two passes (calibration, held-out) = one full set (to D+I entries an
+    # expert): the same batch as when GPTQ held one full set, so the same shard on GPUs too
+    resident = 4 * n_experts * (hidden * hidden + inter * inter)
     resident += 2 * n_experts * 3 * inter * hidden                    # bf16 expert weights
     free = 0.85 * total - resident - (4 << 30)                        # block, reader, CUDA context
-    return max(1, min(n_experts, int(0.6 * free // gptq_working_bytes(1, hidden, inter, margin=0))))
-
-
-def gptq_working_bytes(batch: int, hidden: int, inter: int, margin: int = 4 << 30) -> int:
-    """Device memory GPTQ of one batch works in (quantize_experts' estimate: the w1+w3 entries
-    [2I, D] dominate), plus a margin."""
-    return batch * 4 * (6 * 2 * inter * hidden + 4 * hidden * hidden) + margin
+    return max(1, min(n_experts, int(0.6 * free // gptq_entry_bytes(hidden, inter))))
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,7 @@ class StageTask:
     w2_weighting: str = "none"
     max_bytes: int = MAX_BYTES       # replay's host memory bound
     max_rows: int | None = MAX_ROWS  # rows per block call (device memory)
+    fold_rows: int = FOLD_ROWS       # rows of a partition per fp32 partial
     device: str | None = None        # None: cuda if visible else cpu
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     threads: int | None = None       # CPU: torch threads (same in every worker → same sums)
@@ -146,6 +149,7 @@ class WorkerResult:
     seconds: dict[str, float]
     device: str
     pid: int
+    memory: dict[str, dict[str, int]] = field(default_factory=dict)  # step → {"device", "host"} peak bytes
 
 
 @dataclass
@@ -170,6 +174,8 @@ class Worker:
         self.owned: dict[int, tuple] = {}                  # phase → (h_in, h_mid) of this rank's experts
         self.tokens: dict[int, list[int]] = {}
         self.seconds: dict[str, float] = {}
+        self.memory: dict[str, dict[str, int]] = {}    # step → peak bytes ("device", "host")
+        self._fresh = False
 
     # -- replay --------------------------------------------------------------------------
     def setup(self) -> dict:
@@ -184,16 +190,28 @@ class Worker:
             from .arch import load_block
 
             t0 = time.perf_counter()
+            self._reset()
             self.block = load_block(self.task.master, device=self.dev, embed_from=self.task.embed_from)
             self.reader = StoreReader(list(self.task.plan.stores))
             self.seconds["load"] = time.perf_counter() - t0
+            self._peak("load")
+
+    def _reset(self) -> None:
+        self._fresh = _peak_reset(self.dev)
+
+    def _peak(self, step: str) -> dict[str, int]:
+        """Record this step's peak memory since ``_reset`` (the larger one where a step runs twice)."""
+        got = _peak_read(self.dev, self._fresh)
+        old = self.memory.get(step, {})
+        self.memory[step] = {k: max(v, old.get(k, 0)) for k, v in got.items()}
+        return got
 
     def _cfg(self, mode: str):
         from .replay import ReplayConfig
 
         t = self.task
         return ReplayConfig(mode=mode, w2_weighting=t.w2_weighting, max_bytes=t.max_bytes, max_rows=t.max_rows,
-                            device=self.dev)
+                            fold_rows=t.fold_rows, device=self.dev)
 
     def replay(self, ph: int, parts: list[int], experts: list[int] | None) -> dict:
         """Fold partitions ``parts`` of phase ``ph`` into this rank's sums: of all experts
@@ -202,31 +220,33 @@ class Worker:
 
         self._setup()
         phase = self.task.phases[ph]
+        self._reset()
         if ph not in self.sums:
             self.sums[ph] = new_sums(self.block, self.task.plan, phase.split, phase.mode, experts, self.dev,
-                                     self.task.w2_weighting)
+                                     self.task.w2_weighting, batch=self.task.batch)
         before = self.reader.bytes_read
         kill = self._maybe_die if phase.split == "calibration" else None
         sums = replay_partitions(self.block, self.reader, self.task.plan, self.sums[ph], parts, self._cfg(phase.mode),
                                  after_each=kill)
         self.seconds[f"replay_{phase.split}_{phase.mode}"] = sums.seconds
-        self.seconds[f"fold_{phase.split}_{phase.mode}"] = sums.fold_seconds
         return {"rank": self.rank, "phase": ph, "split": phase.split, "mode": phase.mode, "partitions": list(parts),
                 "rows": sum(self.task.plan.parts(phase.split)[i].rows for i in parts),
-                "bytes_read": self.reader.bytes_read - before, "seconds": sums.seconds,
-                "fold_seconds": sums.fold_seconds, "pid": os.getpid(),
-                "all_experts": experts is None}
+                "bytes_read": self.reader.bytes_read - before, "seconds": sums.seconds, "pid": os.getpid(),
+                "all_experts": experts is None, "peak": self._peak(f"replay {phase.split}/{phase.mode}")}
 
     def keep(self, ph: int) -> dict:
         """Sums of this rank's own experts over all partitions (replicated, or catching up)
         become its fp32 Hessians of phase ``ph``."""
         sums = self.sums.pop(ph)
-        self.owned[ph] = (sums.h_in.to_set(), sums.h_mid.to_set())
+        phase = self.task.phases[ph]
+        self._reset()
+        self.owned[ph] = (sums.h_in.to_packed(), sums.h_mid.to_packed())
         self.tokens[ph] = sums.tokens.tolist()
         parts = list(sums.partitions)
-        del sums  # before _park measures free memory: the int64 sums are not needed any more
+        del sums
         self._park(ph)
-        return {"rank": self.rank, "phase": ph, "partitions": parts}
+        return {"rank": self.rank, "phase": ph, "partitions": parts,
+                "peak": self._peak(f"reduce {phase.split}/{phase.mode}")}
 
     def _maybe_die(self, _partition: int) -> None:
         if not self.task.kill_marker:
@@ -261,22 +281,29 @@ class Worker:
 
     def reduce(self, ph: int) -> dict:
         """Collective: every rank's all-expert sums of phase ``ph`` are summed onto each GPTQ
-        batch's owner (``dist.reduce`` per batch, in place: no second set); the owner keeps
-        its slice as fp32 Hessians. Token counts are all-reduced."""
+        batch's owner (``dist.reduce`` per block = batch, in place: no second set); every other
+        rank drops the block once sent, the owner keeps its slice as fp32 upper triangles.
+        Token counts are all-reduced."""
         import torch.distributed as dist
 
         t0 = time.perf_counter()
         if ph not in self.sums:
             raise RuntimeError(f"worker {self.rank} holds no sums of phase {ph} to reduce")
+        phase = self.task.phases[ph]
+        self._reset()
         sums = self.sums.pop(ph)
         owner = {e: r for r, sl in enumerate(self.task.slices) for e in sl}
+        if sums.h_in.blocks != [(b[0], b[-1] + 1) for b in plan_batches(len(owner), self.task.batch)]:
+            raise RuntimeError("the sums' blocks are not the GPTQ batches: refusing to reduce them")
         nbytes = 0
-        for b in plan_batches(len(owner), self.task.batch):
-            e0, e1 = b[0], b[-1] + 1
+        for b, (e0, _) in enumerate(sums.h_in.blocks):
             for fp in (sums.h_in, sums.h_mid):
-                chunk = fp.q[e0:e1]
+                chunk = fp.q[b]
                 dist.reduce(chunk, dst=owner[e0], op=dist.ReduceOp.SUM)
                 nbytes += chunk.numel() * chunk.element_size()
+                if owner[e0] != self.rank:
+                    del chunk
+                    fp.drop(b)
         tokens = sums.tokens.to(self.dev)
         dist.all_reduce(tokens, op=dist.ReduceOp.SUM)
         # no group outlives its reduce: a worker lost while replaying never leaves one
@@ -286,26 +313,28 @@ class Worker:
         mine = self.task.slices[self.rank]
         if mine:  # a rank beyond the GPTQ batches only contributes
             own = slice(mine[0], mine[-1] + 1)
-            self.owned[ph] = (sums.h_in.to_set(own), sums.h_mid.to_set(own))
+            self.owned[ph] = (sums.h_in.to_packed(own), sums.h_mid.to_packed(own))
         self.tokens[ph] = tokens.cpu().tolist()
         del sums
         self._park(ph)
         secs = time.perf_counter() - t0
-        self.seconds[f"reduce_{self.task.phases[ph].split}_{self.task.phases[ph].mode}"] = secs
-        return {"rank": self.rank, "phase": ph, "bytes_reduced": nbytes, "seconds": secs}
+        self.seconds[f"reduce_{phase.split}_{phase.mode}"] = secs
+        return {"rank": self.rank, "phase": ph, "bytes_reduced": nbytes, "seconds": secs,
+                "peak": self._peak(f"reduce {phase.split}/{phase.mode}")}
 
     def _park(self, ph: int) -> None:
         """Earlier phases' Hessians go to the host when the GPU lacks room for the next
-        phase's sums (int64, all experts) and partial (fp32) plus the replay's activations."""
+        phase's sums (int64 upper triangles, all experts), fp32 partial and fold window plus
+        the replay's activations."""
         if not self.dev.startswith("cuda") or ph == len(self.task.phases) - 1 or ph not in self.owned:
             return
         spec = self.block.spec
-        need = 12 * spec.n_experts * (spec.hidden ** 2 + spec.moe_inter ** 2) + REPLAY_HEADROOM
+        need = 8 * spec.n_experts * (tri(spec.hidden) + tri(spec.moe_inter)) + REPLAY_HEADROOM
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(torch.device(self.dev))
         if free < need:
             for hs in self.owned[ph]:
-                hs.h = hs.h.cpu()
+                hs.to("cpu")
 
     # -- GPTQ ----------------------------------------------------------------------------
     def quantize(self) -> WorkerResult:
@@ -317,10 +346,12 @@ class Worker:
         task, experts = self.task, self.task.slices[self.rank]
         if not experts:  # more workers than GPTQ batches: this one only replayed
             return WorkerResult(self.rank, [], {}, [], self.tokens, {}, dict(self.seconds), _device_name(self.dev),
-                                os.getpid())
+                                os.getpid(), dict(self.memory))
         last = len(task.phases) - 1
+        self._reset()
         h_in, h_mid = self.owned[last]
-        h_in.h, h_mid.h = h_in.h.to(self.dev), h_mid.h.to(self.dev)
+        h_in.to(self.dev)
+        h_mid.to(self.dev)
         distance: dict[int, tuple[float, float]] = {}
         ident = [i for i, p in enumerate(task.phases) if p.split == "calibration" and i != last]
         if ident:
@@ -331,15 +362,6 @@ class Worker:
             del self.owned[ident[0]], i_in, i_mid
             self.seconds["distance"] = time.perf_counter() - t0
         held = [i for i, p in enumerate(task.phases) if p.split == "heldout"]
-        if held and self.dev.startswith("cuda"):
-            # GPTQ's batch was planned with one Hessian set resident: the held-out set stays on
-            # the GPU only if GPTQ's working set still fits beside it (else it waits on the host)
-            spec = self.block.spec
-            torch.cuda.empty_cache()
-            free, _ = torch.cuda.mem_get_info(torch.device(self.dev))
-            if free < gptq_working_bytes(task.batch, spec.hidden, spec.moe_inter):
-                for hs in self.owned[held[0]]:
-                    hs.h = hs.h.cpu()
         t0 = time.perf_counter()
         w1, w2, w3, rows = _weights_for_gptq(self.block, experts, self.dev)
         cfg = ExpertQuantConfig(gptq=task.gptq, name_fn=self.block.spec.expert_name, batch_size=task.batch,
@@ -356,13 +378,47 @@ class Worker:
                                  batch=task.batch, device=self.dev, spec=task.gptq.spec)
             out = [r | ho[(r["expert"], r["proj"])] for r in out]
             self.seconds["heldout_errors"] = time.perf_counter() - t0
+        self._peak("gptq")
         return WorkerResult(self.rank, list(experts), tensors, out, self.tokens, distance, dict(self.seconds),
-                            _device_name(self.dev), os.getpid())
+                            _device_name(self.dev), os.getpid(), dict(self.memory))
 
 
 # Device memory the replay needs besides its Hessians: the block's activations at 16,384
 # rows per call (DSV4-Flash shapes: ~18 GiB measured) and a margin.
 REPLAY_HEADROOM = 24 << 30
+
+
+def _peak_reset(dev: str) -> bool:
+    """Restart the peak counters: the allocator's on a GPU, and the process's peak RSS (VmHWM,
+    Linux ``clear_refs`` 5) — False where that cannot be reset."""
+    if dev.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(torch.device(dev))
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_read(dev: str, fresh: bool) -> dict[str, int]:
+    """Peak bytes since ``_peak_reset``: "device" (allocated by torch on the GPU) and "host"
+    (peak RSS; "host_lifetime", the process's whole life, where it was not reset)."""
+    out = {}
+    if dev.startswith("cuda"):
+        out["device"] = int(torch.cuda.max_memory_allocated(torch.device(dev)))
+    host = 0
+    try:
+        with open("/proc/self/status") as f:
+            host = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        pass
+    if not host:
+        import resource
+
+        host, fresh = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, False
+    out["host" if fresh else "host_lifetime"] = host
+    return out
 
 
 def _rel_frobenius(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

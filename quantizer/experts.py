@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from .gptq import GPTQConfig, gptq_batched, relative_output_error
-from .hessian import HessianSet
+from .hessian import HessianSet, PackedHessians
 from .pack import packed_tensors
 from .quant import dequantize, rtn
 
@@ -75,9 +75,9 @@ class LowTokenPolicy:
         return (counts > 0) & (counts < self.ratio * dim)
 
 
-def pooled_hessian(hs: HessianSet) -> torch.Tensor:
+def pooled_hessian(hs: HessianSet | PackedHessians) -> torch.Tensor:
     """``Σ_e H_e / Σ_e T_e`` over the experts of ``hs`` [D, D] fp32 (zero when no tokens)."""
-    return hs.h.sum(0) / max(int(hs.count.sum()), 1)
+    return hs.pooled()
 
 
 @dataclass

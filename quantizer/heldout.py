@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .gptq import relative_output_error
-from .hessian import HessianSet
+from .hessian import HessianSet, PackedHessians
 from .pack import unpack_int32
 from .quant import QuantSpec, dequantize, rtn
 
@@ -39,7 +39,7 @@ def written_weights(tensors: dict[str, torch.Tensor], name: str, spec: QuantSpec
 
 
 def heldout_records(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, tensors: dict[str, torch.Tensor],
-                    h_in: HessianSet, h_mid: HessianSet, name_fn: Callable[[int, str], str],
+                    h_in: HessianSet | PackedHessians, h_mid: HessianSet | PackedHessians, name_fn: Callable[[int, str], str],
                     rows: dict[int, int] | None = None, batch: int = 4, device: str | torch.device = "cpu",
                     spec: QuantSpec = QuantSpec()) -> dict[tuple[int, str], dict]:
     """Per (expert, proj) of the experts of ``h_in``: held-out tokens, error of the written
@@ -51,10 +51,11 @@ def heldout_records(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, tensor
     for s in range(0, len(experts), batch):
         local = list(range(s, min(s + batch, len(experts))))
         ids = [experts[i] for i in local]
+        h = {id(hs): hs.sums(local, device) for hs in (h_in, h_mid)}  # unpacked once per batch
         for proj, stack, hs in (("w1", w1, h_in), ("w3", w3, h_in), ("w2", w2, h_mid)):
             w = torch.stack([stack[r(e)] for e in ids]).to(device).float()
             wq = torch.stack([written_weights(tensors, name_fn(e, proj), spec, device) for e in ids])
-            err_q, err_r = tensor_errors(w, wq, hs.h[local].to(device), spec)
+            err_q, err_r = tensor_errors(w, wq, h[id(hs)], spec)
             for j, e in enumerate(ids):
                 q, rt = float(err_q[j]), float(err_r[j])
                 known = q == q and rt == rt

@@ -119,6 +119,20 @@ class HessianSet:
         self.count += other.count
         return self
 
+    def to(self, device: str | torch.device) -> "HessianSet":
+        """Moved to ``device`` (in place)."""
+        self.h = self.h.to(device)
+        return self
+
+    def sums(self, index: slice | list[int] | None = None, device: str | torch.device | None = None) -> torch.Tensor:
+        """Unnormalised Σ xxᵀ of local experts ``index`` (default all), on ``device``."""
+        h = self.h if index is None else self.h[index]
+        return h if device is None else h.to(device)
+
+    def pooled(self) -> torch.Tensor:
+        """Σ_e H_e / Σ_e T_e over these experts [d, d] (the ``shrink`` policy's pool)."""
+        return self.h.sum(0) / max(int(self.count.sum()), 1)
+
     def mean(self, index: slice | list[int] | None = None) -> torch.Tensor:
         """H / n per expert (zero-token experts stay all-zero), optionally for a subset of
         local experts only (avoids a second full-size copy at DSV4 scale: 17 GB)."""
@@ -162,57 +176,212 @@ def fixed_point_shift(row_bound: torch.Tensor, rows: int) -> torch.Tensor:
     return (FIXED_POINT_BITS - torch.ceil(torch.log2(bound))).long()
 
 
-class FixedPointSum:
-    """Σ of ``HessianSet`` partials over experts ``experts`` as int64 multiples of 2^-shift[e].
+def packed_size(dim: int) -> int:
+    """Entries of a d×d symmetric matrix's upper triangle (diagonal included)."""
+    return dim * (dim + 1) // 2
 
-    ``add_(hs, rows)`` folds one partial built from ``rows`` store rows (checked against the
-    bound: a violation is an error, never a wrapped integer); ``q`` and ``count`` are what
-    workers sum with a collective (integer SUM: any order gives the same bits);
-    ``to_set(index)`` gives fp32 Hessians back. ``chunk`` experts are converted at a time,
-    which bounds the temporary memory."""
+
+_TRIU: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _triu(dim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of the upper triangle (r ≤ c, row-major) in a d×d matrix: r·d + c, and of
+    its mirror image c·d + r."""
+    key = (dim, str(torch.device(device)))
+    if key not in _TRIU:
+        r, c = torch.triu_indices(dim, dim, device=device)
+        _TRIU[key] = (r * dim + c, c * dim + r)
+    return _TRIU[key]
+
+
+def pack_upper(h: torch.Tensor) -> torch.Tensor:
+    """[n, d, d] → [n, d(d+1)/2]: the upper triangles, row by row (a copy)."""
+    n, d, _ = h.shape
+    return h.reshape(n, d * d).index_select(1, _triu(d, h.device)[0])
+
+
+def unpack_upper(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """[n, d(d+1)/2] → the symmetric [n, d, d] (upper triangle mirrored; exact: a copy of values)."""
+    up, low = _triu(dim, p.device)
+    out = torch.empty(p.shape[0], dim * dim, dtype=p.dtype, device=p.device)
+    out.index_copy_(1, up, p)
+    out.index_copy_(1, low, p)  # the diagonal twice, the same value
+    return out.view(p.shape[0], dim, dim)
+
+
+def _blocks(n: int, block: int) -> list[tuple[int, int]]:
+    return [(s, min(s + block, n)) for s in range(0, n, max(block, 1))]
+
+
+class FixedPointSum:
+    """Σ of ``HessianSet`` partials over experts ``experts`` as int64 multiples of 2^-shift[e],
+    upper triangles only (Hessians are symmetric: half the bytes), held in ``blocks`` of
+    ``block`` consecutive experts — the GPTQ batches, so that each block is reduced to one owner
+    and dropped everywhere else (``drop``).
+
+    ``add_(hs, rows, start)`` folds one partial of experts ``experts[start:]`` built from ``rows``
+    store rows (checked against the bound: a violation is an error, never a wrapped integer);
+    ``q[b]`` and ``count`` are what workers sum with a collective (integer SUM: any order gives
+    the same bits); ``to_packed`` / ``to_set`` give fp32 Hessians back. ``chunk`` experts are
+    converted at a time, which bounds the temporary memory."""
 
     def __init__(self, num_experts: int, dim: int, shift: torch.Tensor, row_bound: torch.Tensor,
-                 device: str | torch.device = "cpu", experts: torch.Tensor | None = None, chunk: int = 16):
+                 device: str | torch.device = "cpu", experts: torch.Tensor | None = None, block: int = 16,
+                 chunk: int = 4):
         self.experts = torch.arange(num_experts) if experts is None else experts.cpu().long()
         self.num_experts, self.dim, self.chunk = num_experts, dim, chunk
         self.shift = shift.cpu().long()[self.experts]
         self.row_bound = row_bound.cpu().double()[self.experts]
-        self.q = torch.zeros(len(self.experts), dim, dim, dtype=torch.int64, device=device)
+        self.blocks = _blocks(len(self.experts), block)       # local [lo, hi) per block
+        self.q: list[torch.Tensor | None] = [torch.zeros(hi - lo, packed_size(dim), dtype=torch.int64, device=device)
+                                             for lo, hi in self.blocks]
         self.count = torch.zeros(len(self.experts), dtype=torch.int64)
+        self.device = torch.device(device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(q.numel() * q.element_size() for q in self.q if q is not None)
 
     def _scale(self, sl: slice, sign: int, device) -> torch.Tensor:
         exps = sign * self.shift[sl]
-        return torch.ldexp(torch.ones(len(exps), dtype=torch.float64), exps).to(device)[:, None, None]
+        return torch.ldexp(torch.ones(len(exps), dtype=torch.float64), exps).to(device)[:, None]
 
-    def add_(self, hs: HessianSet, rows: int) -> "FixedPointSum":
-        if not torch.equal(hs.experts, self.experts) or hs.dim != self.dim:
+    def _spans(self, lo: int, hi: int):
+        """(block, first, last) local pieces of experts [lo, hi), ``chunk`` experts each."""
+        for b, (b0, b1) in enumerate(self.blocks):
+            for e0 in range(max(lo, b0), min(hi, b1), self.chunk):
+                yield b, b0, e0, min(e0 + self.chunk, hi, b1)
+
+    def add_(self, hs: HessianSet, rows: int, start: int = 0) -> "FixedPointSum":
+        n = len(hs.experts)
+        if not torch.equal(hs.experts, self.experts[start:start + n]) or hs.dim != self.dim:
             raise ValueError("partial Hessians cover other experts or dimensions than the sum")
-        for e0 in range(0, len(self.experts), self.chunk):
-            sl = slice(e0, min(e0 + self.chunk, len(self.experts)))
-            h = hs.h[sl].to(self.q.device)
+        for b, b0, e0, e1 in self._spans(start, start + n):
+            q = self.q[b]
+            if q is None:
+                raise RuntimeError(f"experts {int(self.experts[b0])}…: block already reduced away")
+            sl = slice(e0, e1)
+            h = pack_upper(hs.h[e0 - start:e1 - start].to(q.device))
             limit = (self.row_bound[sl] * rows).to(h.device)
-            peak = h.abs().amax((1, 2)).double()
+            peak = h.abs().amax(1).double()
             if not bool(torch.isfinite(peak).all()):
                 raise ValueError("non-finite partial Hessian (non-finite activations in the replay)")
             if bool((peak > limit).any()):
                 e = int(self.experts[sl][int((peak / limit.clamp(min=1e-300)).argmax())])
                 raise RuntimeError(f"expert {e}: a Hessian entry exceeds the fixed-point bound of {rows} rows "
                                    "(the per-row bound is wrong for this block)")
-            scale = self._scale(sl, 1, h.device).float()  # powers of two: h·2^s is exact in fp32
-            self.q[sl] += torch.round(h * scale).long()
-        self.count += hs.count.cpu()
+            h.mul_(self._scale(sl, 1, h.device).float())  # powers of two: h·2^s is exact in fp32
+            q[e0 - b0:e1 - b0] += torch.round_(h).long()
+        self.count[start:start + n] += hs.count.cpu()
         return self
 
-    def to_set(self, index: slice | None = None, device: str | torch.device | None = None) -> HessianSet:
-        """fp32 Hessians of local experts ``index`` (default all), on ``device``."""
+    def drop(self, b: int) -> None:
+        """Free block ``b`` (its sum now lives on its owner)."""
+        self.q[b] = None
+
+    def _fp32(self, b: int, b0: int, e0: int, e1: int, device) -> torch.Tensor:
+        q = self.q[b][e0 - b0:e1 - b0]
+        return (q.double() * self._scale(slice(e0, e1), -1, q.device)).float().to(device)
+
+    def _index(self, index: slice | None) -> slice:
         index = index or slice(0, len(self.experts))
+        lo, hi, _ = index.indices(len(self.experts))
+        return slice(lo, hi)
+
+    def to_packed(self, index: slice | None = None, device: str | torch.device | None = None,
+                  free: bool = True) -> "PackedHessians":
+        """fp32 packed Hessians of local experts ``index`` (default all; whole blocks), on
+        ``device``; ``free``: each int64 block is dropped once converted (no second set)."""
+        index = self._index(index)
+        dev = torch.device(device) if device is not None else self.device
+        blocks = []
+        for b, (b0, b1) in enumerate(self.blocks):
+            if b1 <= index.start or b0 >= index.stop:
+                continue
+            if b0 < index.start or b1 > index.stop:
+                raise ValueError(f"experts {index.start}…{index.stop - 1} do not cover whole blocks of the sum")
+            if self.q[b] is None:
+                raise RuntimeError(f"experts {int(self.experts[b0])}…: block already reduced away")
+            out = torch.empty(b1 - b0, packed_size(self.dim), dtype=torch.float32, device=dev)
+            for _, _, e0, e1 in self._spans(b0, b1):
+                out[e0 - b0:e1 - b0] = self._fp32(b, b0, e0, e1, dev)
+            blocks.append(out)
+            if free:
+                self.drop(b)
+        return PackedHessians(self.num_experts, self.dim, self.experts[index], blocks, self.count[index].clone())
+
+    def to_set(self, index: slice | None = None, device: str | torch.device | None = None) -> HessianSet:
+        """fp32 full Hessians of local experts ``index`` (default all), on ``device``."""
+        index = self._index(index)
         ids = self.experts[index]
         out = HessianSet(self.num_experts, self.dim, device="meta", experts=ids)
-        dev = torch.device(device) if device is not None else self.q.device
+        dev = torch.device(device) if device is not None else self.device
         out.h = torch.empty(len(ids), self.dim, self.dim, dtype=torch.float32, device=dev)
-        for e0 in range(0, len(ids), self.chunk):
-            sl = slice(index.start + e0, index.start + min(e0 + self.chunk, len(ids)))
-            q = self.q[sl]
-            out.h[e0:e0 + q.shape[0]] = (q.double() * self._scale(sl, -1, q.device)).float().to(dev)
+        for b, b0, e0, e1 in self._spans(index.start, index.stop):
+            out.h[e0 - index.start:e1 - index.start] = unpack_upper(self._fp32(b, b0, e0, e1, dev), self.dim)
         out.count = self.count[index].clone()
         return out
+
+
+class PackedHessians:
+    """fp32 Hessians of experts ``experts`` as upper triangles, in blocks of consecutive experts
+    (half an fp32 set: what a worker keeps of its slice from the reduce to GPTQ). ``mean`` and
+    ``sums`` unpack only the experts asked for — GPTQ's batch at a time. Stands in for a
+    ``HessianSet`` wherever the Hessians are read (``quantize_experts``, held-out errors)."""
+
+    def __init__(self, num_experts: int, dim: int, experts: torch.Tensor, blocks: list[torch.Tensor],
+                 count: torch.Tensor):
+        if sum(b.shape[0] for b in blocks) != len(experts):
+            raise ValueError(f"{sum(b.shape[0] for b in blocks)} packed Hessians for {len(experts)} experts")
+        self.num_experts, self.dim, self.experts, self.blocks, self.count = num_experts, dim, experts, blocks, count
+        self._first = [0]
+        for b in blocks:
+            self._first.append(self._first[-1] + b.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0].device if self.blocks else torch.device("cpu")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.blocks)
+
+    def to(self, device: str | torch.device) -> "PackedHessians":
+        """Moved to ``device``, block by block (in place)."""
+        self.blocks = [b.to(device) for b in self.blocks]
+        return self
+
+    def _positions(self, index) -> list[int]:
+        n = len(self.experts)
+        if index is None:
+            return list(range(n))
+        if isinstance(index, slice):
+            return list(range(*index.indices(n)))
+        return [int(i) for i in index]
+
+    def packed(self, index: slice | list[int] | None = None) -> torch.Tensor:
+        """[len(index), d(d+1)/2] packed Hessians of local experts ``index``."""
+        rows = []
+        for i in self._positions(index):
+            b = next(k for k in range(len(self.blocks)) if self._first[k] <= i < self._first[k + 1])
+            rows.append(self.blocks[b][i - self._first[b]])
+        if not rows:
+            return torch.empty(0, packed_size(self.dim), dtype=torch.float32, device=self.device)
+        return torch.stack(rows)
+
+    def sums(self, index: slice | list[int] | None = None, device: str | torch.device | None = None) -> torch.Tensor:
+        """Unnormalised Σ xxᵀ [len(index), d, d] of local experts ``index``, unpacked on
+        ``device`` (default: where they are)."""
+        p = self.packed(index)
+        return unpack_upper(p if device is None else p.to(device), self.dim)
+
+    def mean(self, index: slice | list[int] | None = None) -> torch.Tensor:
+        """H / n per expert (zero-token experts stay all-zero), as ``HessianSet.mean``."""
+        h = self.sums(index)
+        n = self.count[self._positions(index)].clamp(min=1).to(h.device, torch.float32)
+        return h.div_(n[:, None, None])
+
+    def pooled(self) -> torch.Tensor:
+        """Σ_e H_e / Σ_e T_e over these experts [d, d] (the ``shrink`` policy's pool)."""
+        total = sum(b.sum(0) for b in self.blocks)
+        return unpack_upper(total[None], self.dim)[0] / max(int(self.count.sum()), 1)

@@ -20,10 +20,12 @@ sequences (attention needs each sequence's earlier rows). Only the requested exp
 Hessians and w1/w3 live on the device. Rows are replayed in store order whatever the
 batching, so the result depends on ``max_bytes`` only through fp32 summation order.
 
-Partitions (``partition.py``): ``replay_partitions`` replays chosen partitions of one split,
-each into an fp32 partial set that is folded into a ``hessian.FixedPointSum`` — a worker's
-share of a data-parallel sum, exact under any grouping. ``split_hessians`` does all of one
-split in this process (the stage's numbers, e.g. held-out Hessians for a policy study).
+Partitions (``partition.py``): ``replay_partitions`` replays chosen partitions of one split
+and folds them into a ``hessian.FixedPointSum`` (int64 upper triangles) — a worker's share of a
+data-parallel sum, exact under any grouping — through fp32 partials of ``FOLD_EXPERTS`` experts
+over ``fold_rows`` rows at a time (``limits.py``), never a whole fp32 set. ``split_hessians``
+does all of one split in this process (the stage's numbers, e.g. held-out Hessians for a
+policy study).
 
 Making a store to replay from a tiny fixture (CPU, ~1 min)::
 
@@ -51,7 +53,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .hessian import FixedPointSum, HessianSet, fixed_point_shift, swiglu_intermediate
-from .limits import MAX_BYTES, MAX_ROWS
+from .limits import FOLD_EXPERTS, FOLD_ROWS, MAX_BYTES, MAX_ROWS
 
 MODES = ("identity", "full")
 WEIGHTINGS = ("none", "routing")
@@ -64,6 +66,7 @@ class ReplayConfig:
     max_bytes: int = MAX_BYTES      # host memory bound for the rows being replayed
     device: str | None = None       # None: cuda if available else cpu
     max_rows: int | None = MAX_ROWS  # rows per block call (bounds device memory); None: from max_bytes
+    fold_rows: int = FOLD_ROWS      # rows of a partition per fp32 partial (partitions only)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -74,6 +77,8 @@ class ReplayConfig:
             raise ValueError(f"max_rows must be positive, got {self.max_rows}")
         if self.max_bytes < 1:
             raise ValueError(f"max_bytes must be positive, got {self.max_bytes}")
+        if self.fold_rows < 1:
+            raise ValueError(f"fold_rows must be positive, got {self.fold_rows}")
 
 
 @dataclass
@@ -126,24 +131,14 @@ def _chunks(reader, cfg: ReplayConfig, runs: list[tuple[int, str, int, int]] | N
     of at most half of ``max_bytes`` (the reader holds the other half) and ``max_rows`` rows
     (a sequence longer than that is one group of its own)."""
     half = max(cfg.max_bytes // 2, 1)
+    if cfg.mode == "identity":
+        for b in reader.batches(max_rows=cfg.max_rows, max_bytes=half, runs=runs):
+            yield (b.hidden_torch(), torch.from_numpy(b.next_token).long(),
+                   torch.from_numpy(b.position).long(), None)
+        return
     cap = max(half // reader.row_bytes, 1)
     if cfg.max_rows is not None:  # a longer sequence still goes whole: attention needs all of it
         cap = min(cap, cfg.max_rows)
-    if cfg.mode == "identity":
-        # The reader cuts a batch at every run's end (a partition's runs are separated by held-out
-        # sequences): consecutive short batches go to the block as one call of up to ``cap`` rows,
-        # since each call has a fixed cost (seen on a GPU: ~0.1 s per call at DSV4 shapes).
-        pend: list = []
-        n = 0
-        for b in reader.batches(max_rows=cfg.max_rows, max_bytes=half, runs=runs):
-            if pend and n + len(b) > cap:
-                yield _joined(pend)
-                pend, n = [], 0
-            pend.append(b)
-            n += len(b)
-        if pend:
-            yield _joined(pend)
-        return
     group: list = []
     rows = 0
 
@@ -164,13 +159,6 @@ def _chunks(reader, cfg: ReplayConfig, runs: list[tuple[int, str, int, int]] | N
         rows += n
     if group:
         yield flush()
-
-
-def _joined(batches: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-    """Reader batches as one identity-mode block call's rows."""
-    cat = (lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs))  # noqa: E731
-    return (cat([b.hidden_torch() for b in batches]), cat([torch.from_numpy(b.next_token).long() for b in batches]),
-            cat([torch.from_numpy(b.position).long() for b in batches]), None)
 
 
 def route_counts(block, stores: list[str], cfg: ReplayConfig) -> torch.Tensor:
@@ -214,36 +202,42 @@ class HessianAccumulator:
         self.tokens = torch.zeros(spec.n_experts, dtype=torch.int64)   # every expert, owned or not
         self.rows = 0
 
-    def reset(self) -> None:
-        """Back to empty, memory kept (the next partition's partial)."""
-        for hs in (self.h_in, self.h_mid):
-            hs.h.zero_()
-            hs.count.zero_()
-        self.tokens.zero_()
-        self.rows = 0
-
     def add(self, x: torch.Tensor, ids: torch.Tensor, g: torch.Tensor) -> None:
-        k = self.spec.topk
         x, ids, g = x.to(self.device), ids.to(self.device), g.to(self.device)
         self.tokens += torch.bincount(ids.reshape(-1), minlength=self.spec.n_experts).cpu()
         self.rows += x.shape[0]
-        lid = self.local[ids.reshape(-1)]
-        pair = torch.nonzero(lid >= 0).squeeze(1)                  # flat (token, slot) indices
-        pair = pair[torch.argsort(lid[pair], stable=True)]         # grouped by expert, token order kept
-        counts = torch.bincount(lid[pair], minlength=self.experts.numel()).cpu()
-        if not pair.numel():
-            return
-        xs = x.index_select(0, pair // k)
-        self.h_in.add_segments(xs, counts)
-        mids, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                a = swiglu_intermediate(xs[start:start + n], self.w1[e], self.w3[e], self.spec.swiglu_limit)
-                if self.weighting == "routing":
-                    a = a.float() * g.reshape(-1)[pair[start:start + n], None]
-                mids.append(a)
-                start += n
-        self.h_mid.add_segments(torch.cat(mids), counts)
+        pair, counts = _group_pairs(ids, self.local, self.experts.numel())
+        _add_pairs(self.h_in, self.h_mid, x, g, pair, counts.tolist(), self.w1, self.w3, range(self.experts.numel()),
+                   self.spec, self.weighting)
+
+
+def _group_pairs(ids: torch.Tensor, local: torch.Tensor, n_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat (token, slot) indices of ``ids`` [T, k] routed to local experts (``local``: global
+    id → local index or −1), grouped by local expert with token order kept, and their counts."""
+    lid = local[ids.reshape(-1)]
+    pair = torch.nonzero(lid >= 0).squeeze(1)
+    pair = pair[torch.argsort(lid[pair], stable=True)]
+    return pair, torch.bincount(lid[pair], minlength=n_local).cpu()
+
+
+def _add_pairs(h_in: HessianSet, h_mid: HessianSet, x: torch.Tensor, g: torch.Tensor, pair: torch.Tensor,
+               counts: list[int], w1: torch.Tensor, w3: torch.Tensor, rows, spec, weighting: str) -> None:
+    """``h_in``/``h_mid`` (experts in ``counts`` order) += the Gram matrices of MoE inputs ``x`` and
+    of their swiglu intermediates over ``pair`` (grouped by expert, ``counts`` each); ``rows``:
+    each expert's row in the stacks ``w1``/``w3``."""
+    if not pair.numel():
+        return
+    xs = x.index_select(0, pair // spec.topk)
+    h_in.add_segments(xs, torch.tensor(counts))
+    mids, start = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            a = swiglu_intermediate(xs[start:start + n], w1[rows[e]], w3[rows[e]], spec.swiglu_limit)
+            if weighting == "routing":
+                a = a.float() * g.reshape(-1)[pair[start:start + n], None]
+            mids.append(a)
+            start += n
+    h_mid.add_segments(torch.cat(mids), torch.tensor(counts))
 
 
 def accumulate_hessians(block, stores: list[str], cfg: ReplayConfig, experts: Sequence[int] | None = None,
@@ -298,28 +292,88 @@ class PartitionSums:
     partitions: list[int]           # indices folded, in order
     rows: int = 0
     seconds: float = 0.0
-    fold_seconds: float = 0.0       # of ``seconds``: resetting partials and folding them into the sums
 
 
 def new_sums(block, plan, split: str, mode: str, experts: Sequence[int] | None, device,
-             w2_weighting: str = "none") -> PartitionSums:
-    """Empty sums whose grid covers all rows of ``split`` (the same grid on every worker)."""
+             w2_weighting: str = "none", batch: int = FOLD_EXPERTS) -> PartitionSums:
+    """Empty sums whose grid covers all rows of ``split`` (the same grid on every worker), in
+    blocks of ``batch`` experts (the GPTQ batches: what the reduce sends to one owner)."""
     spec = block.spec
     rows = plan.rows(split)
     b_in, b_mid = row_bounds(block, w2_weighting)
     ids = torch.arange(spec.n_experts) if experts is None else torch.as_tensor(list(experts), dtype=torch.long)
-    mk = lambda dim, b: FixedPointSum(spec.n_experts, dim, fixed_point_shift(b, rows), b, device, ids)  # noqa: E731
+
+    def mk(dim, b):
+        return FixedPointSum(spec.n_experts, dim, fixed_point_shift(b, rows), b, device, ids, block=batch)
     return PartitionSums(plan.id, split, mode, mk(spec.hidden, b_in), mk(spec.moe_inter, b_mid),
                          torch.zeros(spec.n_experts, dtype=torch.int64), [])
+
+
+class _Folds:
+    """The block's outputs for up to ``fold_rows`` rows of one partition, folded into ``sums``
+    FOLD_EXPERTS experts at a time: the fp32 partial holds one such chunk's Hessians, never the
+    whole set (DSV4-Flash: 1.3 GB, not 21.5 GB). The window is a property of the partition and
+    the batching (it restarts with every partition), so every worker folds the same partials.
+    Each expert's fp32 sum sees its rows in the order, and in the GEMMs, of a whole-set
+    ``HessianAccumulator``: with one window per partition the sums are the same bits."""
+
+    def __init__(self, block, sums: PartitionSums, device: torch.device, weighting: str):
+        spec = block.spec
+        self.spec, self.sums, self.device, self.weighting = spec, sums, device, weighting
+        ids = sums.h_in.experts
+        w1, _, w3 = block.expert_weights()
+        if w1.device == torch.empty(0, device=device).device:  # the master's stacks where they sit: no copy
+            self.w1, self.w3, self.rows_of = w1, w3, ids.tolist()
+        else:                    # only these experts on the device
+            self.w1 = w1.index_select(0, ids.to(w1.device)).to(device)
+            self.w3 = w3.index_select(0, ids.to(w3.device)).to(device)
+            self.rows_of = list(range(len(ids)))
+        local = torch.full((spec.n_experts,), -1, dtype=torch.long)
+        local[ids] = torch.arange(ids.numel())
+        self.local = local.to(device)
+        chunks = sums.h_in.blocks  # within a block, FOLD_EXPERTS at a time (the last one shorter)
+        self.chunks = [(e0, min(e0 + FOLD_EXPERTS, b1)) for b0, b1 in chunks for e0 in range(b0, b1, FOLD_EXPERTS)]
+        self.batches: list[tuple] = []
+        self.rows = 0
+        self.tokens = torch.zeros(spec.n_experts, dtype=torch.int64)
+
+    def add(self, x: torch.Tensor, ids: torch.Tensor, g: torch.Tensor) -> None:
+        x, ids, g = x.to(self.device), ids.to(self.device), g.to(self.device)
+        self.tokens += torch.bincount(ids.reshape(-1), minlength=self.spec.n_experts).cpu()
+        self.rows += x.shape[0]
+        pair, counts = _group_pairs(ids, self.local, len(self.rows_of))
+        offs = [0] + torch.cumsum(counts, 0).tolist()
+        self.batches.append((x, g, pair, offs))
+
+    def fold(self) -> None:
+        """Fold the window into the sums, chunk by chunk; empty it."""
+        if not self.batches:
+            return
+        spec, sums = self.spec, self.sums
+        for lo, hi in self.chunks:
+            ids = sums.h_in.experts[lo:hi]
+            h_in = HessianSet(spec.n_experts, spec.hidden, self.device, experts=ids)
+            h_mid = HessianSet(spec.n_experts, spec.moe_inter, self.device, experts=ids)
+            for x, g, pair, offs in self.batches:
+                counts = [offs[e + 1] - offs[e] for e in range(lo, hi)]
+                _add_pairs(h_in, h_mid, x, g, pair[offs[lo]:offs[hi]], counts, self.w1, self.w3,
+                           self.rows_of[lo:hi], spec, self.weighting)
+            sums.h_in.add_(h_in, self.rows, start=lo)
+            sums.h_mid.add_(h_mid, self.rows, start=lo)
+            del h_in, h_mid
+        sums.tokens += self.tokens
+        self.tokens.zero_()
+        self.batches, self.rows = [], 0
 
 
 def replay_partitions(block, reader, plan, sums: PartitionSums, parts: Sequence[int], cfg: ReplayConfig,
                       progress: Callable[[int], None] | None = None,
                       after_each: Callable[[int], None] | None = None) -> PartitionSums:
     """Replay partitions ``parts`` of ``sums.split`` (mode ``cfg.mode``) from ``reader`` (over the
-    plan's stores) and fold each, as one fp32 partial, into ``sums``. A partition is replayed
-    in batches fixed by the partition and ``cfg`` alone, so its partial is the same bits on
-    any worker. ``after_each(index)``: called after each fold."""
+    plan's stores) and fold each into ``sums``: every ``cfg.fold_rows`` rows (whole batches) as
+    fp32 partials of a few experts at a time (``_Folds``). A partition is replayed in batches
+    fixed by the partition and ``cfg`` alone, so its partials are the same bits on any worker.
+    ``after_each(index)``: called after each partition."""
     if sums.plan_id != plan.id:
         raise ValueError(f"partition plan {plan.id} differs from the plan {sums.plan_id} these sums were "
                          "started with (the partition count or the stores changed): refusing to mix them")
@@ -327,26 +381,23 @@ def replay_partitions(block, reader, plan, sums: PartitionSums, parts: Sequence[
         raise ValueError(f"replay mode {cfg.mode!r} differs from the sums' mode {sums.mode!r}")
     t0 = time.perf_counter()
     split = plan.parts(sums.split)
-    acc = HessianAccumulator(block, sums.h_in.experts.tolist(), _device(cfg), cfg.w2_weighting)
     with torch.no_grad():
         for i in parts:
             if i in sums.partitions:
                 raise ValueError(f"{sums.split} partition {i} added twice")
-            t1 = time.perf_counter()
-            acc.reset()
-            sums.fold_seconds += time.perf_counter() - t1
+            folds, rows = _Folds(block, sums, _device(cfg), cfg.w2_weighting), 0
             for hidden, tok, pos, lens in _chunks(reader, cfg, split[i].reader_runs()):
-                acc.add(*block.moe_inputs(hidden, tok, pos, cfg.mode, lens))
+                n = hidden.shape[0]
+                if folds.rows and folds.rows + n > cfg.fold_rows:
+                    folds.fold()
+                folds.add(*block.moe_inputs(hidden, tok, pos, cfg.mode, lens))
+                rows += n
                 if progress is not None:
-                    progress(hidden.shape[0])
-            if acc.rows != split[i].rows:
-                raise RuntimeError(f"{sums.split} partition {i}: replayed {acc.rows} rows, the plan has {split[i].rows}")
-            t1 = time.perf_counter()
-            sums.h_in.add_(acc.h_in, acc.rows)
-            sums.h_mid.add_(acc.h_mid, acc.rows)
-            sums.fold_seconds += time.perf_counter() - t1  # add_ reads its checks back: synchronised
-            sums.tokens += acc.tokens
-            sums.rows += acc.rows
+                    progress(n)
+            if rows != split[i].rows:  # (the sums hold part of it now: this worker's sums are spoilt)
+                raise RuntimeError(f"{sums.split} partition {i}: replayed {rows} rows, the plan has {split[i].rows}")
+            folds.fold()
+            sums.rows += rows
             sums.partitions.append(i)
             if after_each is not None:
                 after_each(i)

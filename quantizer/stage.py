@@ -7,7 +7,8 @@ directory with the GPTQ'd MTP shard, a manifest and a quality report.
 1. Check inputs (cheap, before any work): master config → ``MTPSpec``, routed experts present,
    stores match the master (hidden size, hc_mult, rows), base has an index and is the same
    model, ``out`` does not exist. Cut the stores into calibration and held-out partitions
-   (``partition``: seeded by prompt; ``holdout`` 0 for none).
+   (``partition``: seeded by prompt; ``holdout`` 0 for none). Estimate each worker's peak
+   memory from the plan and refuse one that ``memory_limit`` cannot hold (``memory``).
 2. Hessians + GPTQ (``distribute``): data-parallel replay of the partitions, an exact
    reduction to each expert slice's owner, GPTQ there, held-out errors of what is written and
    of RTN — Ray actors, spawned processes, or this process.
@@ -40,7 +41,8 @@ from .assemble import (AssembleConfig, check_base_matches, fsync_dir, read_base,
 from .distribute import (KILL_ENV, PARALLEL, StageTask, gptq_batch_size, phases_for, plan_slices, run_local,
                          run_processes, run_ray)
 from .gptq import GPTQConfig
-from .limits import MAX_BYTES, MAX_ROWS
+from .limits import FOLD_ROWS, MAX_BYTES, MAX_ROWS
+from .memory import GIB, Shapes, check as check_memory, estimate as estimate_memory
 from .partition import assign, plan_partitions
 from .replay import check_store_matches
 from .report import write_report
@@ -75,6 +77,10 @@ class QuantizeJob:
     gptq_batch: int | None = None   # experts per GPTQ batch; None: from the device (fixed per run)
     max_bytes: int = MAX_BYTES      # replay's host memory bound per worker
     max_rows: int | None = MAX_ROWS  # rows per block call (bounds the replay's device memory)
+    # per-worker memory the plan must fit (GPU memory on GPUs, host memory on CPUs); None: the
+    # GPU's total memory, or this host's memory divided among the workers
+    memory_limit: int | None = None
+    fold_rows: int = FOLD_ROWS      # rows of a partition per fp32 partial (fixed per job: part of the sums' bits)
     fp8_scale: str = "auto"         # FP8 pass-through scale naming: auto | keep | .scale | .weight_scale_inv | .weight_scale
     ray_retries: int = 2            # retries of a lost worker (Ray task, or spawned process)
     durable: bool = True            # fsync the output before publishing it
@@ -92,6 +98,10 @@ class QuantizeJob:
             raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.partitions is not None and self.partitions < 1:
             raise ValueError(f"partitions must be ≥ 1, got {self.partitions}")
+        if self.memory_limit is not None and self.memory_limit < 1:
+            raise ValueError(f"memory_limit must be positive, got {self.memory_limit}")
+        if self.fold_rows < 1:
+            raise ValueError(f"fold_rows must be ≥ 1, got {self.fold_rows}")
 
 
 @dataclass
@@ -283,8 +293,6 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
     plan = plan_partitions(list(job.stores), job.partitions, job.holdout, job.holdout_seed)
     timings["checks"] = time.perf_counter() - t_start
 
-    hasher = ThreadPoolExecutor(1)
-    hashes = hasher.submit(_hash_inputs, master, where, spec, base, base_index)
     use_ray = job.use_ray if job.use_ray is not None else job.workers > 1
     local = not use_ray and not (job.processes and job.workers > 1)
     device = job.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -295,9 +303,11 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
     task = StageTask(master=str(master), embed_from=_embed_source(spec, where, base), plan=plan, phases=phases,
                      slices=slices, batch=batch, replay=job.replay, parallel=job.parallel,
                      w2_weighting=job.w2_weighting, max_bytes=job.max_bytes, max_rows=job.max_rows,
-                     device=device if local else None, gptq=gptq,
+                     fold_rows=job.fold_rows, device=device if local else None, gptq=gptq,
                      threads=torch.get_num_threads() if device == "cpu" else None,
                      kill_marker=os.environ.get(KILL_ENV) or None)
+    memory = _memory_plan(job, spec, where, master_config, task, device)
+    check_memory(memory["estimate"], memory["limit"], memory["limit_source"])  # before any work
     idle = _idle_workers(task)
     for split, n in idle.items():
         warnings.warn(f"{n} of {task.world} workers replay no {split} partition ({len(plan.parts(split))} "
@@ -309,6 +319,8 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
     bars = _Bars(progress, copies * sum(plan.rows(p.split) for p in phases), 3 * spec.n_experts)
     tmp = None
     writing = False
+    hasher = ThreadPoolExecutor(1)
+    hashes = hasher.submit(_hash_inputs, master, where, spec, base, base_index)
     try:
         t0 = time.perf_counter()
         if use_ray:
@@ -351,7 +363,10 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
         timings["hash_wait"] = time.perf_counter() - t0
 
         workers = _worker_facts(task, results, steps)
+        memory = _memory_facts(memory, results)
         summary = _summary(job, spec, out, records, tokens, plan, task, workers, idle, use_ray, rows, timings)
+        summary["peak_memory_per_worker"] = memory["peak_per_worker"]
+        summary["peak_memory_estimate"] = memory["estimate"]["peak"]
         manifest = {
             "format": "requant.quantize/2",
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
@@ -377,6 +392,7 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
                        for r in records if r["path"] != "gptq"],
             "heldout_not_below_rtn": [r["name"] for r in records if r.get("heldout_not_below_rtn")],
             "workers": workers,
+            "memory": memory,
             "cluster": ray_info,
             "assembly": facts,
             "timings": timings,
@@ -418,6 +434,72 @@ ERROR_DEFINITIONS = {
     "err_rtn_heldout": "held-out: the same for round-to-nearest",
     "heldout_not_below_rtn": "the written tensor's held-out error is not below RTN's (GPTQ did no good there)",
 }
+
+
+def _block_bytes(spec: MTPSpec, where: dict[str, Path], master_config: dict) -> tuple[int, int]:
+    """(bytes of the block's weights as a worker holds them, of which the routed experts): bf16
+    stacks of the experts, the MTP's other tensors in bf16 (their FP8 scales consumed), and the
+    embedding where the MTP layer has none of its own."""
+    experts = 2 * 3 * spec.n_experts * spec.moe_inter * spec.hidden
+    heads = {f: safetensors_header(f) for f in {where[n] for n in where if n.startswith(spec.prefix)}}
+    expert_names = {spec.expert_name(e, p) for e in range(spec.n_experts) for p in ("w1", "w2", "w3")}
+    other, embed = 0, False
+    for name, f in where.items():
+        if not name.startswith(spec.prefix) or name.rsplit(".", 1)[0] in expert_names:
+            continue
+        if name.endswith(("scale", "scale_inv")):
+            continue
+        embed |= "embed" in name
+        numel = 1
+        for d in heads[f][name]["shape"]:
+            numel *= int(d)
+        other += 2 * numel
+    if not embed:
+        other += 2 * int(master_config.get("vocab_size") or 0) * spec.hidden
+    return experts + other, experts
+
+
+def _memory_limit(job: QuantizeJob, device: str) -> tuple[int, str]:
+    if job.memory_limit is not None:
+        return job.memory_limit, "memory_limit"
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return props.total_memory, f"{props.name}'s memory"
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total // job.workers, (f"this host's {total / GIB:.1f} GiB" + (f" / {job.workers} workers"
+                                                                        if job.workers > 1 else ""))
+
+
+def _memory_plan(job: QuantizeJob, spec: MTPSpec, where: dict[str, Path], master_config: dict,
+                 task: StageTask, device: str) -> dict:
+    """The per-worker memory estimate of this plan (``memory.estimate``) and the limit."""
+    block, experts = _block_bytes(spec, where, master_config)
+    largest = max(p.rows for ph in task.phases for p in task.plan.parts(ph.split))
+    per_call = min(job.max_rows or largest, largest)
+    own = max(len(sl) for sl in task.slices)
+    row_bytes = 2 * spec.hc_mult * spec.hidden + 24
+    est = estimate_memory(Shapes(spec.n_experts, spec.hidden, spec.moe_inter, spec.topk, block, experts),
+                          [(p.split, p.mode) for p in task.phases],
+                          accumulate=spec.n_experts if task.parallel == "data" else own, own=own, batch=task.batch,
+                          rows_per_call=per_call, window_rows=min(largest, max(job.fold_rows, per_call)),
+                          gptq_batch=task.batch, device=device,
+                          host_rows_bytes=min(job.max_bytes, 2 * largest * row_bytes))
+    limit, source = _memory_limit(job, device)
+    return {"estimate": est, "limit": limit, "limit_source": source, "device": device}
+
+
+def _memory_facts(memory: dict, results: list) -> dict:
+    """The manifest's memory section: the estimate per step, the limit, and each worker's
+    measured peak per step (device: ``torch.cuda.max_memory_allocated``; host: peak RSS)."""
+    est = memory["estimate"]
+    kind = "device" if memory["device"].startswith("cuda") else "host"
+    measured = [{"rank": r.rank, "steps": r.memory} for r in results]
+    peaks = [max((m.get(kind, m.get(f"{kind}_lifetime", 0)) for m in r.memory.values()), default=0) for r in results]
+    return {"limit": memory["limit"], "limit_source": memory["limit_source"], "measured_kind": kind,
+            "estimate": {"peak": est["peak"], "peak_step": est["peak_step"],
+                         "steps": {k: v["bytes"] for k, v in est["steps"].items()},
+                         "parts": {k: v["parts"] for k, v in est["steps"].items()}},
+            "peak_per_worker": peaks, "workers": measured}
 
 
 def _idle_workers(task: StageTask) -> dict[str, int]:

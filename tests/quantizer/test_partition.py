@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from requant.quantizer.hessian import FixedPointSum, HessianSet, fixed_point_shift
+from requant.quantizer.hessian import FixedPointSum, HessianSet, fixed_point_shift, pack_upper, unpack_upper
 from requant.quantizer.partition import assign, heldout_prompts, plan_partitions
 from requant.storage import CaptureStore, Layout, StoreMeta, StoreReader
 
@@ -122,7 +122,9 @@ def test_reading_a_partition_reads_its_rows_only(tmp_path):
 
 def test_fixed_point_sums_are_exact_under_any_grouping():
     """fp32 partials folded one by one, in reverse, or as two halves summed as integers (what
-    a collective does): identical int64 sums; back in fp32 they match a float64 sum."""
+    a collective does): identical int64 sums — upper triangles in blocks of 2 experts, the
+    same integers as rounding the full matrices; back in fp32 they match a float64 sum, packed
+    or unpacked (the same bits as the full-matrix conversion)."""
     g = torch.Generator().manual_seed(0)
     E, D, rows = 3, 32, 100
     parts = []
@@ -135,22 +137,51 @@ def test_fixed_point_sums_are_exact_under_any_grouping():
     shift = fixed_point_shift(bound, rows * len(parts))
 
     def fold(order):
-        s = FixedPointSum(E, D, shift, bound)
+        s = FixedPointSum(E, D, shift, bound, block=2)
         for i in order:
             s.add_(parts[i], rows)
         return s
 
     seq, rev = fold(range(6)), fold(reversed(range(6)))
     lo, hi = fold(range(3)), fold(range(3, 6))
-    assert torch.equal(seq.q, rev.q) and torch.equal(seq.q, lo.q + hi.q)
+    assert seq.blocks == [(0, 2), (2, 3)] and [q.shape for q in seq.q] == [(2, D * (D + 1) // 2), (1, 528)]
+    assert all(torch.equal(a, b) and torch.equal(a, c + d) for a, b, c, d in zip(seq.q, rev.q, lo.q, hi.q))
     assert torch.equal(seq.count, sum(p.count for p in parts))
+    scale = torch.ldexp(torch.ones(E, dtype=torch.float64), shift)[:, None, None]
+    full = sum(torch.round(p.h * scale.float()).long() for p in parts)    # whole matrices, as int64
+    assert torch.equal(torch.cat(seq.q), pack_upper(full))
     ref = sum(p.h.double() for p in parts)
     back = seq.to_set().h
     assert back.dtype == torch.float32 and float((back.double() - ref).abs().max() / ref.abs().max()) < 1e-6
+    assert torch.equal(pack_upper(back), pack_upper((full.double() / scale).float())) and torch.equal(back, back.mT)
     assert torch.equal(seq.to_set(slice(1, 3)).h, back[1:3])
+    packed = seq.to_packed(free=False)
+    assert packed.nbytes == 4 * E * (D * (D + 1) // 2) and torch.equal(packed.sums(), back)
+    assert torch.equal(packed.mean([2, 0]), seq.to_set().mean([2, 0]))
+    with pytest.raises(ValueError, match="do not cover whole blocks"):
+        seq.to_packed(slice(1, 3))
+    mine = seq.to_packed(slice(0, 2))            # an owner's slice: its int64 blocks are freed
+    assert seq.q[0] is None and torch.equal(mine.sums(), back[:2]) and torch.equal(mine.count, seq.count[:2])
+    with pytest.raises(RuntimeError, match="already reduced away"):
+        seq.add_(parts[0], rows)
     with pytest.raises(RuntimeError, match="exceeds the fixed-point bound"):
         FixedPointSum(E, D, shift, bound / 100).add_(parts[0], rows)
     bad = HessianSet(E, D)
     bad.h[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite partial Hessian"):
         FixedPointSum(E, D, shift, bound).add_(bad, rows)
+
+
+def test_packed_upper_triangle_round_trip_is_exact():
+    """pack_upper/unpack_upper: a symmetric matrix back bit for bit (fp32 and int64, odd and
+    DSV-like sizes), row-major upper-triangle order."""
+    g = torch.Generator().manual_seed(1)
+    for d, dtype in ((1, torch.float32), (5, torch.float32), (128, torch.float32), (33, torch.int64)):
+        a = torch.randn(3, d, d, generator=g, dtype=torch.float64)
+        a = (a + a.mT) * 1e7
+        a = a.to(dtype)
+        p = pack_upper(a)
+        assert p.shape == (3, d * (d + 1) // 2) and p.dtype == dtype
+        assert torch.equal(unpack_upper(p, d), a)
+    m = torch.arange(9.).reshape(1, 3, 3)
+    assert pack_upper(m).tolist() == [[0, 1, 2, 4, 5, 8]]

@@ -1,6 +1,7 @@
 """Replay (quantizer/replay.py) on a store captured from the tiny DeepSeek-V4 fixture with the hf
 engine: Hessians against a direct computation from the block's outputs, independence of the
-memory bound (batching) and of the expert slice, routing counts, store/master mismatches."""
+memory bound (batching) and of the expert slice, fold windows (chunked fp32 partials) against a
+whole-set partial and across workers, routing counts, store/master mismatches."""
 import os
 
 import pytest
@@ -10,7 +11,9 @@ from requant.hooks.fixtures import make_dsv4
 from requant.hooks.hf_engine import HFCaptureConfig, capture_hf
 from requant.quantizer.arch import load_block
 from requant.quantizer.hessian import swiglu_intermediate
-from requant.quantizer.replay import ReplayConfig, accumulate_hessians, check_store_matches, route_counts
+from requant.quantizer.partition import plan_partitions
+from requant.quantizer.replay import (HessianAccumulator, ReplayConfig, _chunks, accumulate_hessians,
+                                      check_store_matches, new_sums, replay_partitions, route_counts)
 from requant.storage import CaptureStore, Layout, StoreMeta, StoreReader
 from requant.storage.reader import DECODE_FACTOR_DIRECT
 
@@ -110,6 +113,49 @@ def test_expert_slice_is_bit_identical_to_full_set(setup):
     assert torch.equal(part.tokens_per_expert, full.tokens_per_expert)   # routing counted for every expert
     with pytest.raises(ValueError, match="distinct ids"):
         accumulate_hessians(block, [store], ReplayConfig(device="cpu"), experts=[1, 1])
+
+
+def test_fold_windows_are_exact_per_partition(setup):
+    """The replay folds fp32 partials of FOLD_EXPERTS experts over ``fold_rows`` rows (whole
+    batches) of one partition. One window per partition: the int64 sums equal folding a
+    whole-set fp32 partial of each partition, bit for bit. Windows of 20 rows in 8-row batches:
+    they restart with every partition, so partitions 0–3 folded by one worker or split 0–1 / 2–3
+    between two (integer sum) give the same bits; they round differently from one window
+    (close, not equal). Blocks of 3 experts leave a short last block; 8 experts, FOLD_EXPERTS 16."""
+    _, store, block = setup
+    plan = plan_partitions([store], partitions=4, holdout=0)
+
+    def sums(parts, cfg):
+        s = new_sums(block, plan, "calibration", "identity", None, "cpu", batch=3)
+        with StoreReader([store]) as reader:
+            return replay_partitions(block, reader, plan, s, parts, cfg)
+
+    def q(s):
+        return [torch.cat(fp.q) for fp in (s.h_in, s.h_mid)]
+
+    whole = ReplayConfig(mode="identity", device="cpu", max_rows=8)
+    one = sums(range(4), whole)
+    assert [b for b in one.h_in.blocks] == [(0, 3), (3, 6), (6, 8)]
+    ref = new_sums(block, plan, "calibration", "identity", None, "cpu", batch=3)
+    with StoreReader([store]) as reader, torch.no_grad():
+        for part in plan.calibration:   # the previous way: one all-expert fp32 partial per partition
+            acc = HessianAccumulator(block, device="cpu")
+            for hidden, tok, pos, lens in _chunks(reader, whole, part.reader_runs()):
+                acc.add(*block.moe_inputs(hidden, tok, pos, "identity", lens))
+            ref.h_in.add_(acc.h_in, acc.rows)
+            ref.h_mid.add_(acc.h_mid, acc.rows)
+            ref.tokens += acc.tokens
+    assert all(torch.equal(a, b) for a, b in zip(q(one), q(ref))) and torch.equal(one.tokens, ref.tokens)
+    assert torch.equal(one.h_in.count, ref.h_in.count)
+
+    small = ReplayConfig(mode="identity", device="cpu", max_rows=8, fold_rows=20)
+    seq, lo, hi = sums(range(4), small), sums([0, 1], small), sums([2, 3], small)
+    assert all(torch.equal(a, b + c) for a, b, c in zip(q(seq), q(lo), q(hi)))
+    assert torch.equal(seq.tokens, one.tokens) and seq.rows == one.rows == plan.rows("calibration")
+    assert not all(torch.equal(a, b) for a, b in zip(q(seq), q(one)))   # other windows: other roundings
+    for a, b in ((seq.h_in, one.h_in), (seq.h_mid, one.h_mid)):
+        ha, hb = a.to_set().h.double(), b.to_set().h.double()
+        assert ((ha - hb).norm() / hb.norm()).item() < 1e-5
 
 
 def test_route_counts(setup):

@@ -107,6 +107,13 @@ def test_layout_index_and_manifest(env):
     assert set(m["hessian_distance"]) == {str(e) for e in range(8)}
     assert all(0 < v[0] and 0 < v[1] for v in m["hessian_distance"].values())
     assert m["replay"] == "both" and m["versions"]["torch"] and m["timings"]["hessians_gptq"] > 0
+    mem = m["memory"]   # each step's peak RSS (CPU) beside the plan's estimate of it, and the limit checked
+    steps = mem["workers"][0]["steps"]
+    assert mem["measured_kind"] == "host" and mem["limit"] > mem["estimate"]["peak"] > 0
+    assert {"load", "replay heldout/full", "replay calibration/identity", "reduce calibration/full", "gptq"} <= set(
+        steps) <= set(mem["estimate"]["steps"])
+    assert all(v["host"] > 0 for v in steps.values()) and s["peak_memory_per_worker"] == [max(
+        v["host"] for v in steps.values())]
     report = res.report.read_text()
     assert "Identity vs full replay" in report and "GPTQ vs RTN, in-sample" in report
     assert "GPTQ vs RTN on held-out prompts" in report and "in-sample" in m["error_definitions"]["err_gptq"]
@@ -251,11 +258,12 @@ def test_heldout_errors_match_an_independent_computation(env):
 
 
 def test_worker_count_and_a_killed_worker_do_not_change_the_shard(env, ray_cluster, tmp_path, monkeypatch):
-    """Data-parallel replay over 8 calibration partitions: 1 worker in this process, 2 and 4
-    Ray actors, 2 and 4 spawned processes — in the 4-worker runs one worker is killed
-    (os._exit) after folding the first of its 2 partitions, and its replacement reruns them —
-    and replicated replay in 2 processes: one shard, bit for bit. Every worker reads only its
-    partitions (the bytes add up to one reading of the store) and ran outside this process."""
+    """Data-parallel replay over 8 calibration partitions, folded in windows of whole sequences:
+    1 worker in this process, 2 and 4 Ray actors, 2 and 4 spawned processes — in the 4-worker
+    runs one worker is killed (os._exit) after folding the first of its 2 partitions, and its
+    replacement reruns them — and replicated replay in 2 processes: one shard, bit for bit.
+    Every worker reads only its partitions (the bytes add up to one reading of the store) and
+    ran outside this process."""
     assert plan_slices(8, 2, 4) == [[0, 1], [2, 3], [4, 5], [6, 7]] and plan_slices(8, 4, 3)[2] == []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # every worker runs with the driver's thread count: 1 here (2 cores)
@@ -266,8 +274,9 @@ def test_worker_count_and_a_killed_worker_do_not_change_the_shard(env, ray_clust
 
 
 def _all_runs_one_shard(env, tmp_path, monkeypatch):
+    # 16-row fold windows: a partition of two sequences folds twice (windows of whole batches)
     job = dict(stores=[env["store"]], master=str(env["ckpt"]), base=str(env["base"]), replay="full", partitions=8,
-               gptq_batch=2, durable=False)
+               gptq_batch=2, fold_rows=16, durable=False)
     one = run_quantize(QuantizeJob(out=str(tmp_path / "one"), **job), progress=False)
     ref, whole = _sha(one.shard), one.summary["bytes_read_per_worker"][0]
     assert one.summary["workers"] == 1 and one.summary["partitions"] == 8
@@ -360,6 +369,20 @@ def test_output_exists_is_refused_untouched(env, tmp_path):
         run_quantize(QuantizeJob(stores=[env["store"]], master=str(env["ckpt"]), base=str(env["base"]), out=str(out)),
                      progress=False)
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_memory_limit_too_small_is_refused_before_any_work(env, tmp_path):
+    """A per-worker memory limit the plan's estimate exceeds: refused before a worker starts,
+    the error names the step, its parts and the limit in GiB; nothing written."""
+    from requant.quantizer.memory import MemoryLimitError
+
+    job = dict(stores=[env["store"]], master=str(env["ckpt"]), base=str(env["base"]), out=str(tmp_path / "o"))
+    with pytest.raises(MemoryLimitError, match=r"the plan needs ~0\.\d+ GiB per worker at its peak \(replay "
+                       r"calibration/identity: .* GiB\) but the memory limit is 0\.0195 GiB \(memory_limit\); "
+                       r"try fewer rows per block call \(--max-rows\)") as e:
+        run_quantize(QuantizeJob(memory_limit=20 << 20, **job), progress=False)
+    assert all(f"{part} 0.0" in str(e.value) for part in ("int64 sums (upper triangles)", "fp32 partial", "activations"))
+    _no_output(tmp_path, tmp_path / "o")
 
 
 def test_store_master_mismatch_and_empty_store(env, tmp_path):
