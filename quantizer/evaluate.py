@@ -93,12 +93,21 @@ def load_mtp_for_eval(path: str | Path, spec: MTPSpec, device) -> dict[str, torc
     """The MTP tensors (relative names), with compressed-tensors packed experts decoded to bf16
     (``weight_packed`` int4 × ``weight_scale`` per group, the weights vLLM's kernels use)."""
     w = load_mtp_weights(path, prefix=spec.prefix, device=device)
-    for k in [k for k in w if k.endswith(".weight_packed")]:
-        base = k.removesuffix(".weight_packed")
+
+    def scale_of(base: str) -> torch.Tensor:
         found = read_tensor(path, [spec.prefix + base + ".weight_scale"])
         if found is None:
-            raise ValueError(f"{path}: {spec.prefix}{k} has no {base}.weight_scale")
-        scale = found[1].to(device)
+            raise ValueError(f"{path}: {spec.prefix}{base}.weight_packed has no {base}.weight_scale")
+        return found[1].to(device)
+    return decode_packed(w, scale_of)
+
+
+def decode_packed(w: dict[str, torch.Tensor], scale_of) -> dict[str, torch.Tensor]:
+    """``w`` with every ``X.weight_packed`` (and ``X.weight_shape``) replaced by ``X.weight`` in bf16:
+    int4 × the group scales ``scale_of(X)`` (the weights vLLM's kernels use); ``w`` is changed."""
+    for k in [k for k in w if k.endswith(".weight_packed")]:
+        base = k.removesuffix(".weight_packed")
+        scale = scale_of(base)
         shape = w.pop(base + ".weight_shape", None)
         q = unpack_int32(w.pop(k))
         if shape is not None:
@@ -300,9 +309,12 @@ def _embed_source(master: str | Path, ckpt: Path) -> Path | None:
         else ckpt
 
 
-def evaluate_offline(cfg: OfflineConfig, progress=None) -> dict:
+def evaluate_offline(cfg: OfflineConfig, progress=None, weights: dict[str, torch.Tensor] | None = None) -> dict:
     """Acceptance, cross-entropy and KL to the master of the checkpoint's MTP drafts on the
-    stores' sequences (module docstring); ``progress(rows)`` after each group of sequences."""
+    stores' sequences (module docstring); ``progress(rows)`` after each group of sequences.
+    ``weights``: MTP tensors (names relative to the layer's prefix, as ``load_mtp_for_eval``
+    gives them) to evaluate in place of the checkpoint's own — e.g. other quantisations of its
+    experts, without writing a checkpoint for each; the checkpoint still supplies config and head."""
     from requant.storage import CaptureStore
 
     from .replay import check_store_matches
@@ -327,8 +339,13 @@ def evaluate_offline(cfg: OfflineConfig, progress=None) -> dict:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lengths = prompt_lengths(cfg.prompts, ckpt) if cfg.prompts else {}
 
-    block = load_block(ckpt, device=device, weights=load_mtp_for_eval(ckpt, spec, device))
-    same = against is not None and Path(against).resolve() == ckpt.resolve()
+    if weights is None:
+        weights = load_mtp_for_eval(ckpt, spec, device)
+        given = False
+    else:
+        given = True
+    block = load_block(ckpt, device=device, weights=weights)
+    same = not given and against is not None and Path(against).resolve() == ckpt.resolve()
     master = None if against is None or same else load_block(against, device=device, embed_from=_embed_source(against, ckpt))
     head = TargetHead(ckpt, spec, config, device)
 
@@ -387,6 +404,7 @@ def evaluate_offline(cfg: OfflineConfig, progress=None) -> dict:
         "checkpoint": str(ckpt), "against": against, "arch": spec.arch, "stores": stores,
         "store_ids": [store_facts(s)["id"] for s in stores],
         "in_sample": calibrated_on(ckpt, stores),   # the stores (or one of them) calibrated this checkpoint
+        "weights": "given" if given else "checkpoint",
         "sequences": sequences, "generated_positions_from": how, "head": head.name,
         "modes": {m: accs[m].summary(against is not None) for m in cfg.modes},
         "device": str(device), "seconds": time.perf_counter() - t0, "config": _jsonable(asdict(cfg)),
