@@ -110,6 +110,10 @@ class QuantizeSpec(_Strict):
     holdout: float = Field(0.1, ge=0.0, lt=1.0)
     holdout_seed: int = 0
     act_order: bool = False
+    # low-token GPTQ policy and its parameters (None: the quantize stage's defaults)
+    low_tokens: Literal["damp", "token_damp", "shrink", "rtn_below"] | None = None
+    low_tokens_alpha: float | None = Field(None, ge=0.0)
+    low_tokens_ratio: float | None = Field(None, ge=0.0)
     w2_weighting: Literal["none", "routing"] = "none"
     min_tokens: int = Field(64, ge=0)
     device: str | None = None
@@ -124,6 +128,9 @@ class QuantizeSpec(_Strict):
         from requant.quantizer.stage import QuantizeJob
 
         d = self.model_dump(exclude={"kind", "schedule"})
+        for k in ("low_tokens", "low_tokens_alpha", "low_tokens_ratio"):
+            if d[k] is None:
+                del d[k]
         return QuantizeJob(**d)
 
 

@@ -21,8 +21,9 @@ def _quantize(args: argparse.Namespace) -> int:
                       partitions=args.partitions, holdout=args.holdout,
                       holdout_seed=args.holdout_seed, act_order=args.act_order,
                       w2_weighting=args.w2_weighting, min_tokens=args.min_tokens, device=args.device,
-                      damp=args.damp, fp8_scale=args.fp8_scale, max_bytes=int(args.max_memory_gib * (1 << 30)),
-                      max_rows=args.max_rows,
+                      damp=args.damp, low_tokens=args.low_tokens, low_tokens_alpha=args.low_tokens_alpha,
+                      low_tokens_ratio=args.low_tokens_ratio, fp8_scale=args.fp8_scale,
+                      max_bytes=int(args.max_memory_gib * (1 << 30)), max_rows=args.max_rows,
                       memory_limit=None if args.memory_limit_gib is None else int(args.memory_limit_gib * (1 << 30)))
     res = run_quantize(job, progress=not args.quiet)
     print(format_summary(res.summary))
@@ -31,6 +32,7 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from .experts import POLICIES, LowTokenPolicy
     from .limits import MAX_BYTES, MAX_ROWS
 
     q = sub.add_parser("quantize", help="replay capture stores through the MTP layer, GPTQ its routed experts, "
@@ -56,6 +58,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--w2-weighting", choices=["none", "routing"], default="none")
     q.add_argument("--min-tokens", type=int, default=64, help="report flags experts with fewer routed tokens")
     q.add_argument("--damp", type=float, default=0.01)
+    low = LowTokenPolicy()
+    q.add_argument("--low-tokens", choices=POLICIES, default=low.kind,
+                   help="GPTQ for experts with few calibration tokens T for an input D wide (default %(default)s): "
+                        "damp: the fixed --damp; token_damp: damp + alpha·D/T; shrink: toward the pooled Hessian "
+                        "of all experts, weight T/(T+D); rtn_below: RTN when T < ratio·D")
+    q.add_argument("--low-tokens-alpha", type=float, default=low.alpha, help="token_damp's alpha (default %(default)g)")
+    q.add_argument("--low-tokens-ratio", type=float, default=low.ratio, help="rtn_below's ratio (default %(default)g)")
     q.add_argument("--fp8-scale", default="auto", choices=["auto", "keep", ".scale", ".weight_scale_inv", ".weight_scale"],
                    help="scale naming of FP8 MTP tensors passed through (auto: the base's convention)")
     q.add_argument("--max-memory-gib", type=float, default=MAX_BYTES / (1 << 30),

@@ -44,8 +44,9 @@ from typing import Callable
 
 import torch
 
-from .experts import ExpertQuantConfig, quantize_experts
+from .experts import ExpertQuantConfig, LowTokenPolicy, quantize_experts
 from .gptq import GPTQConfig
+from .hessian import pool_shift, pooled_sum
 from .limits import FOLD_ROWS, MAX_BYTES, MAX_ROWS
 from .memory import gptq_entry_bytes, tri
 from .partition import PartitionPlan, assign
@@ -126,6 +127,7 @@ class StageTask:
     fold_rows: int = FOLD_ROWS       # rows of a partition per fp32 partial
     device: str | None = None        # None: cuda if visible else cpu
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    low_tokens: LowTokenPolicy = field(default_factory=LowTokenPolicy)
     threads: int | None = None       # CPU: torch threads (same in every worker → same sums)
     kill_marker: str | None = None   # test hook, see KILL_ENV
 
@@ -337,9 +339,20 @@ class Worker:
                 hs.to("cpu")
 
     # -- GPTQ ----------------------------------------------------------------------------
-    def quantize(self) -> WorkerResult:
+    def pooled_part(self) -> dict:
+        """This rank's share of the pooled Hessians of the last phase (what ``shrink`` pulls toward):
+        Σ over its experts on grids every rank shares (``hessian.pooled_sum``), int64 on the CPU, with
+        those grids and the phase's routed tokens of all experts."""
+        self._setup()
+        last = len(self.task.phases) - 1
+        shifts = pool_shifts(self.block, self.task.plan.rows("calibration"), self.task.w2_weighting)
+        parts = tuple(pooled_sum(h, sh).cpu() for h, sh in zip(self.owned[last], shifts))
+        return {"parts": parts, "shifts": shifts, "tokens": sum(self.tokens[last])}
+
+    def quantize(self, pooled: tuple[torch.Tensor, torch.Tensor] | None = None) -> WorkerResult:
         """GPTQ of this rank's experts from the last phase's Hessians; the identity-vs-full
-        distance (replay=both) and the held-out errors where those phases ran."""
+        distance (replay=both) and the held-out errors where those phases ran. ``pooled``: the
+        pooled mean Hessians of all experts (``pooled_means``), for the shrink policy."""
         from .heldout import heldout_records
 
         self._setup()
@@ -365,8 +378,10 @@ class Worker:
         t0 = time.perf_counter()
         w1, w2, w3, rows = _weights_for_gptq(self.block, experts, self.dev)
         cfg = ExpertQuantConfig(gptq=task.gptq, name_fn=self.block.spec.expert_name, batch_size=task.batch,
-                                device=self.dev)
-        tensors, records = quantize_experts(w1, w2, w3, h_in, h_mid, cfg, rows=rows)
+                                device=self.dev, low_tokens=task.low_tokens)
+        if pooled is not None:
+            pooled = tuple(p.to(self.dev) for p in pooled)
+        tensors, records = quantize_experts(w1, w2, w3, h_in, h_mid, cfg, rows=rows, pooled=pooled)
         if self.dev.startswith("cuda"):
             torch.cuda.synchronize()
         self.seconds["gptq"] = time.perf_counter() - t0
@@ -381,6 +396,25 @@ class Worker:
         self._peak("gptq")
         return WorkerResult(self.rank, list(experts), tensors, out, self.tokens, distance, dict(self.seconds),
                             _device_name(self.dev), os.getpid(), dict(self.memory))
+
+
+def pool_shifts(block, rows: int, w2_weighting: str = "none") -> tuple[int, int]:
+    """Grids (``hessian.pool_shift``) of the pooled input and intermediate Hessians of ``rows`` rows."""
+    from .replay import row_bounds
+
+    b_in, b_mid = row_bounds(block, w2_weighting)
+    return pool_shift(b_in, rows), pool_shift(b_mid, rows)
+
+
+def pooled_means(parts: list[tuple[torch.Tensor, torch.Tensor]], shifts: tuple[int, int],
+                 tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_e H_e / Σ_e T_e over all experts (fp32) from the ranks' ``pooled_part`` shares: an integer sum,
+    so the same bits for any worker count — in the stage a 1-worker run pools the same way."""
+    out = []
+    for i, sh in enumerate(shifts):
+        total = torch.stack([p[i] for p in parts]).sum(0)
+        out.append((torch.ldexp(total.double(), torch.tensor(float(-sh), dtype=torch.float64)) / max(tokens, 1)).float())
+    return out[0], out[1]
 
 
 # Device memory the replay needs besides its Hessians: the block's activations at 16,384
@@ -561,7 +595,14 @@ def _attempt(pool, task: StageTask, lost_count: list[int], max_retries: int, pro
         walls[f"reduce {name}"] = time.perf_counter() - t0
         finished.append(ph)
     t0 = time.perf_counter()
-    results = run_step({r: ("quantize",) for r in range(W)})
+    pooled = None
+    if task.low_tokens.kind == "shrink":  # every expert's slice of the pooled Hessian, summed here
+        parts = run_step({r: ("pooled_part",) for r in range(W) if task.slices[r]})
+        if len({(p["shifts"], p["tokens"]) for p in parts.values()}) != 1:
+            raise RuntimeError("workers disagree on the pooled Hessian's grid or token count")
+        first = next(iter(parts.values()))
+        pooled = pooled_means([p["parts"] for p in parts.values()], first["shifts"], first["tokens"])
+    results = run_step({r: ("quantize", pooled) for r in range(W)})
     walls["gptq"] = time.perf_counter() - t0
     return RunOutcome([results[r] for r in range(W)], steps, walls)
 
@@ -720,8 +761,8 @@ def _unflatten(flat: dict) -> dict[str, torch.Tensor]:
 class _RayWorker(Worker):
     """The Ray actor: results leave as numpy (the object store takes it without a pickled copy)."""
 
-    def quantize(self) -> WorkerResult:
-        res = super().quantize()
+    def quantize(self, pooled: tuple[torch.Tensor, torch.Tensor] | None = None) -> WorkerResult:
+        res = super().quantize(pooled)
         flat = _flatten(res.tensors)
         flat["data"] = flat["data"].numpy()
         res.tensors = flat

@@ -14,6 +14,7 @@ is the same bits whatever the grouping — any worker count, any collective's or
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -385,3 +386,24 @@ class PackedHessians:
         """Σ_e H_e / Σ_e T_e over these experts [d, d] (the ``shrink`` policy's pool)."""
         total = sum(b.sum(0) for b in self.blocks)
         return unpack_upper(total[None], self.dim)[0] / max(int(self.count.sum()), 1)
+
+
+def pool_shift(row_bound: torch.Tensor, rows: int) -> int:
+    """Exponent s of the grid 2^-s on which ``pooled_sum`` adds the Hessians of all experts: any
+    entry of Σ_e H_e is at most rows × experts × the largest per-row bound, kept below 2^61."""
+    bound = float(row_bound.double().max()) * max(rows, 1) * len(row_bound)
+    return FIXED_POINT_BITS - math.ceil(math.log2(max(bound, 1e-300)))
+
+
+def pooled_sum(hs: "HessianSet | PackedHessians", shift: int, chunk: int = 16) -> torch.Tensor:
+    """Σ over the set's experts of round(H_e · 2^shift): int64 [D, D]. Each H_e (itself the same bits for
+    any worker count) is rounded on its own, so sums over slices of experts, added as integers, give the
+    pooled Hessian of all experts in the same bits however the experts are sliced."""
+    if isinstance(hs, PackedHessians):
+        parts = iter(hs.blocks)
+    else:
+        parts = (pack_upper(hs.h[e0:e0 + chunk]) for e0 in range(0, len(hs.experts), chunk))
+    out = torch.zeros(packed_size(hs.dim), dtype=torch.int64, device=hs.device)
+    for part in parts:
+        out += torch.round(torch.ldexp(part, torch.tensor(float(shift), device=part.device))).long().sum(0)
+    return unpack_upper(out[None], hs.dim)[0]

@@ -40,6 +40,7 @@ from .assemble import (AssembleConfig, check_base_matches, fsync_dir, read_base,
                        write_assembly)
 from .distribute import (KILL_ENV, PARALLEL, StageTask, gptq_batch_size, phases_for, plan_slices, run_local,
                          run_processes, run_ray)
+from .experts import LowTokenPolicy
 from .gptq import GPTQConfig
 from .limits import FOLD_ROWS, MAX_BYTES, MAX_ROWS
 from .memory import GIB, Shapes, check as check_memory, estimate as estimate_memory
@@ -74,6 +75,11 @@ class QuantizeJob:
     min_tokens: int = 64            # report flags experts below this
     device: str | None = None       # None: cuda if available else cpu
     damp: float = 0.01
+    # GPTQ for experts with few calibration tokens (experts.LowTokenPolicy): kind, token_damp's alpha,
+    # rtn_below's ratio
+    low_tokens: str = LowTokenPolicy().kind
+    low_tokens_alpha: float = LowTokenPolicy().alpha
+    low_tokens_ratio: float = LowTokenPolicy().ratio
     gptq_batch: int | None = None   # experts per GPTQ batch; None: from the device (fixed per run)
     max_bytes: int = MAX_BYTES      # replay's host memory bound per worker
     max_rows: int | None = MAX_ROWS  # rows per block call (bounds the replay's device memory)
@@ -102,6 +108,11 @@ class QuantizeJob:
             raise ValueError(f"memory_limit must be positive, got {self.memory_limit}")
         if self.fold_rows < 1:
             raise ValueError(f"fold_rows must be ≥ 1, got {self.fold_rows}")
+        self.low_token_policy  # a bad policy is refused here, before any work
+
+    @property
+    def low_token_policy(self) -> LowTokenPolicy:
+        return LowTokenPolicy(self.low_tokens, alpha=self.low_tokens_alpha, ratio=self.low_tokens_ratio)
 
 
 @dataclass
@@ -304,6 +315,7 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
                      slices=slices, batch=batch, replay=job.replay, parallel=job.parallel,
                      w2_weighting=job.w2_weighting, max_bytes=job.max_bytes, max_rows=job.max_rows,
                      fold_rows=job.fold_rows, device=device if local else None, gptq=gptq,
+                     low_tokens=job.low_token_policy,
                      threads=torch.get_num_threads() if device == "cpu" else None,
                      kill_marker=os.environ.get(KILL_ENV) or None)
     memory = _memory_plan(job, spec, where, master_config, task, device)
@@ -379,7 +391,8 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
             "w2_weighting": job.w2_weighting,
             "partitions": plan.describe(),
             "phases": [asdict(p) for p in phases],
-            "gptq": {"damp": job.damp, "act_order": job.act_order, "block_size": gptq.block_size,
+            "gptq": {"damp": job.damp, "act_order": job.act_order, "low_tokens": asdict(job.low_token_policy),
+                     "block_size": gptq.block_size,
                      "group_size": gptq.spec.group_size, "num_bits": gptq.spec.num_bits, "symmetric": True,
                      "batch": batch, "damp_growth": gptq.damp_growth, "damp_max": gptq.damp_max},
             "error_definitions": ERROR_DEFINITIONS,

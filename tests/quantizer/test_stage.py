@@ -53,8 +53,10 @@ def env(tmp_path_factory):
     base = make_base(ckpt, d / "base")
     base_hashes = {p.name: _sha(p) for p in base.glob("*.safetensors")}
     out = d / "out"
-    res = run_quantize(QuantizeJob(stores=[store], master=str(ckpt), base=str(base), out=str(out), replay="both"),
-                       progress=False)
+    # plain GPTQ (the damp policy), which test_shard_decodes_to_independent_gptq reproduces independently;
+    # the other runs here use the default policy (shrink)
+    res = run_quantize(QuantizeJob(stores=[store], master=str(ckpt), base=str(base), out=str(out), replay="both",
+                                   low_tokens="damp"), progress=False)
     return {"d": d, "ckpt": ckpt, "store": store, "base": base, "base_hashes": base_hashes, "out": out, "res": res}
 
 
@@ -101,6 +103,7 @@ def test_layout_index_and_manifest(env):
     assert m["workers"][0]["bytes_read"] == s["bytes_read_per_worker"][0] > 0
     assert len(m["tensors"]) == 24 and {r["path"] for r in m["tensors"]} <= {"gptq", "gptq_damp_retry"}
     assert all(r["damp"] == 0.01 for r in m["tensors"] if r["path"] == "gptq")
+    assert m["gptq"]["low_tokens"]["kind"] == "damp"
     assert all(r["err_gptq"] < r["err_rtn"] for r in m["tensors"])
     assert len(m["inputs"]["master"]["mtp_tensors_sha256"]) == 64 and set(m["inputs"]["base"]["shards"]) == set(
         env["base_hashes"])
@@ -121,7 +124,8 @@ def test_layout_index_and_manifest(env):
 
 def test_shard_decodes_to_independent_gptq(env):
     """compressed-tensors 0.17 decompresses every packed tensor to exactly the weights an
-    independent run of GPTQ (replay → Hessians → gptq_batched, same batches) produces."""
+    independent run of plain GPTQ (replay → Hessians → gptq_batched, same batches) produces: the
+    module's run names the damp policy."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
@@ -280,6 +284,7 @@ def _all_runs_one_shard(env, tmp_path, monkeypatch):
     one = run_quantize(QuantizeJob(out=str(tmp_path / "one"), **job), progress=False)
     ref, whole = _sha(one.shard), one.summary["bytes_read_per_worker"][0]
     assert one.summary["workers"] == 1 and one.summary["partitions"] == 8
+    assert json.loads(one.manifest.read_text())["gptq"]["low_tokens"]["kind"] == "shrink"  # the default's pooling
     runs = [("ray2", dict(workers=2, use_ray=True), None), ("ray4", dict(workers=4, use_ray=True), 2),
             ("proc2", dict(workers=2, use_ray=False, processes=True), None),
             ("proc4", dict(workers=4, use_ray=False, processes=True), 1),
@@ -488,8 +493,9 @@ def test_quantize_experts_on_a_slice_of_rows_equals_full_stack():
     h_in.add(x, ids)
     h_mid.add(torch.randn(400, I, generator=g).bfloat16(), ids)
     cfg = ExpertQuantConfig(batch_size=2, device="cpu")
-    full = quantize_experts(w1, w2, w3, h_in, h_mid, cfg)
-    part = quantize_experts(w1[mine], w2[mine], w3[mine], h_in, h_mid, cfg, rows={3: 0, 4: 1, 5: 2})
+    pooled = (torch.eye(D) * 0.5, torch.eye(I) * 0.5)  # the default (shrink) pools all experts: given, on a slice
+    full = quantize_experts(w1, w2, w3, h_in, h_mid, cfg, pooled=pooled)
+    part = quantize_experts(w1[mine], w2[mine], w3[mine], h_in, h_mid, cfg, rows={3: 0, 4: 1, 5: 2}, pooled=pooled)
     assert full[0].keys() == part[0].keys() and all(torch.equal(full[0][k], part[0][k]) for k in full[0])
     assert [r.as_dict() for r in full[1]] == [r.as_dict() | {"seconds": r2.seconds} for r, r2 in zip(part[1], full[1])]
 
