@@ -549,7 +549,7 @@ def run_table(m: Measure, work: Path, sizes: list[int], chosen: Policy, max_toke
             sets = {k: PromptConfig(source=str(work / "prompts" / f"eval-{k}.jsonl"), shuffle=False,
                                     max_tokens=max_tokens) for k in KINDS}
             logs = work / "logs" / Path(ckpt).name
-            # eager: torch.compile would add ~40 s to each server's start on 2 cores, for the same drafts
+            # eager (evaluate's CPU default too): torch.compile adds ~40 s to each start-up on 2 cores
             res = run_online_sets(OnlineConfig(checkpoint=str(ckpt), prompts=sets["code"], log_dir=str(logs),
                                                vllm_args=ONLINE_ARGS), m.spec.arch, sets)
             row["online"] = {k: {f: v[f] for f in ("acceptance", "drafts", "draft_tokens", "accepted", "requests",
