@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _path import ensure_requant  # noqa: E402
 
 ensure_requant()
-from requant.quantizer.gptq import ul_cholesky  # noqa: E402
+from requant.quantizer.core.gptq import ul_cholesky  # noqa: E402
 
 
 def main():

@@ -87,7 +87,7 @@ def measure_reads() -> None:
     from _path import ensure_requant
 
     ensure_requant()
-    from requant.quantizer.partition import plan_partitions
+    from requant.quantizer.stage.partition import plan_partitions
     from requant.storage import CaptureStore, Layout, StoreMeta, StoreReader
 
     d = Path(tempfile.mkdtemp(prefix="requant-reads-"))

@@ -12,8 +12,8 @@ from _path import ensure_requant  # noqa: E402
 
 ensure_requant()
 from reference import gptq_reference  # noqa: E402
-from requant.quantizer.gptq import GPTQConfig, gptq_batched  # noqa: E402
-from requant.quantizer.hessian import HessianSet  # noqa: E402
+from requant.quantizer.core.gptq import GPTQConfig, gptq_batched  # noqa: E402
+from requant.quantizer.core.hessian import HessianSet  # noqa: E402
 
 
 def main():

@@ -55,8 +55,8 @@ ensure_requant()
 
 import torch  # noqa: E402
 
-from requant.quantizer.experts import ExpertQuantConfig, LowTokenPolicy, quantize_experts  # noqa: E402
-from requant.quantizer.gptq import GPTQConfig  # noqa: E402
+from requant.quantizer.core.experts import ExpertQuantConfig, LowTokenPolicy, quantize_experts  # noqa: E402
+from requant.quantizer.core.gptq import GPTQConfig  # noqa: E402
 
 KINDS = ("code", "chat")
 BINS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, math.inf)   # T/D bin edges
@@ -260,7 +260,7 @@ def calibration_plan(work: Path, lo: int, hi: int, chunks: tuple[int, ...] = CHU
     sequences."""
     import hashlib
 
-    from requant.quantizer.partition import Partition, PartitionPlan, Run, plan_partitions
+    from requant.quantizer.stage.partition import Partition, PartitionPlan, Run, plan_partitions
     from requant.storage import CaptureStore
 
     if lo == 0 and hi in chunks:
@@ -284,7 +284,7 @@ def calibration_plan(work: Path, lo: int, hi: int, chunks: tuple[int, ...] = CHU
 
 
 def hessians(block, plan, mode: str):
-    from requant.quantizer.replay import ReplayConfig, split_hessians
+    from requant.quantizer.stage.replay import ReplayConfig, split_hessians
 
     h_in, h_mid, _ = split_hessians(block, plan, "calibration", ReplayConfig(mode=mode, device="cpu"))
     return h_in, h_mid
@@ -296,9 +296,9 @@ class Measure:
     """Held-out errors and offline acceptance of quantised experts, against the BF16 master."""
 
     def __init__(self, work: Path, model: Path):
-        from requant.quantizer.arch import load_block
-        from requant.quantizer.evaluate import load_mtp_for_eval
-        from requant.quantizer.partition import plan_partitions
+        from requant.quantizer.mtp.arch import load_block
+        from requant.quantizer.mtp.evaluate import load_mtp_for_eval
+        from requant.quantizer.stage.partition import plan_partitions
 
         self.work, self.model = work, model
         self.block = load_block(model, device="cpu")
@@ -313,7 +313,7 @@ class Measure:
 
     def errors(self, tensors: dict) -> dict[tuple[int, str], dict]:
         """(expert, proj) → held-out error of the written tensor and of RTN, per prompt kind."""
-        from requant.quantizer.heldout import heldout_records
+        from requant.quantizer.core.heldout import heldout_records
 
         w1, w2, w3 = self.w
         out: dict = {}
@@ -327,7 +327,7 @@ class Measure:
     def weights_with(self, tensors: dict) -> dict:
         """The master's MTP tensors with the routed experts replaced by ``tensors`` (packed), decoded
         as ``requant evaluate`` decodes a checkpoint."""
-        from requant.quantizer.evaluate import decode_packed
+        from requant.quantizer.mtp.evaluate import decode_packed
 
         p = self.spec.prefix
         w = dict(self.master_weights)
@@ -344,7 +344,7 @@ class Measure:
                    modes: tuple[str, ...] = ("full",)) -> dict:
         """Offline acceptance per prompt kind of a checkpoint, or of the master with ``tensors``'
         experts (None, None: the BF16 master)."""
-        from requant.quantizer.evaluate import OfflineConfig, evaluate_offline
+        from requant.quantizer.mtp.evaluate import OfflineConfig, evaluate_offline
 
         weights = self.weights_with(tensors) if tensors is not None else None
         out = {}
@@ -360,8 +360,8 @@ class Measure:
     def quantize(self, policy: Policy, h_in, h_mid, rows: int):
         """What the stage writes for these Hessians of ``rows`` calibration rows (its CPU batch of 4;
         shrink's pooled Hessian summed the stage's way)."""
-        from requant.quantizer.distribute import pool_shifts, pooled_means
-        from requant.quantizer.hessian import pooled_sum
+        from requant.quantizer.stage.distribute import pool_shifts, pooled_means
+        from requant.quantizer.core.hessian import pooled_sum
 
         w1, w2, w3 = self.w
         pooled = None
@@ -494,7 +494,7 @@ def run_table(m: Measure, work: Path, sizes: list[int], chosen: Policy, max_toke
     from requant.orchestrator.evaluate import OnlineConfig, run_online_sets
     from requant.orchestrator.prompts import PromptConfig
     from requant.quantizer.base_fixture import make_base
-    from requant.quantizer.stage import QuantizeJob, run_quantize
+    from requant.quantizer.stage.run import QuantizeJob, run_quantize
 
     t0 = time.perf_counter()
     base = work / "base"

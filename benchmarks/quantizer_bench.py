@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _path import ensure_requant  # noqa: E402
 
 ensure_requant()
-from requant.quantizer.gptq import GPTQConfig, _prepare, gptq_batched  # noqa: E402
-from requant.quantizer.experts import LowTokenPolicy, pooled_hessian  # noqa: E402
-from requant.quantizer.hessian import HessianSet, swiglu_intermediate  # noqa: E402
-from requant.quantizer.quant import QuantSpec, dequantize, group_scales, rtn  # noqa: E402
+from requant.quantizer.core.gptq import GPTQConfig, _prepare, gptq_batched  # noqa: E402
+from requant.quantizer.core.experts import LowTokenPolicy, pooled_hessian  # noqa: E402
+from requant.quantizer.core.hessian import HessianSet, swiglu_intermediate  # noqa: E402
+from requant.quantizer.core.quant import QuantSpec, dequantize, group_scales, rtn  # noqa: E402
 
 
 def sync():
@@ -125,7 +125,7 @@ def bench_hessians(a, dev, counts, basis, outl, scale_in, w1, w3, g):
         torch.backends.cuda.matmul.allow_tf32 = prev
         t_ref += t
         if s == 0 and dev == "cuda" and a.syrk_configs:  # Triton SYRK configurations, same data
-            from requant.quantizer.hessian_triton import grouped_syrk_
+            from requant.quantizer.core.hessian_triton import grouped_syrk_
             x64 = xs[int(n[:int(torch.argmax(n))].sum()):][:int(n.max())].double()
             h64 = x64.T @ x64
             jmax = int(torch.argmax(n))

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _path import ensure_requant  # noqa: E402
 
 ensure_requant()
-from requant.quantizer.arch import MTPSpec  # noqa: E402
-from requant.quantizer.mtp_dsv4 import DSV4Block, DSV4Dims  # noqa: E402
-from requant.quantizer.replay import HessianAccumulator  # noqa: E402
+from requant.quantizer.mtp.arch import MTPSpec  # noqa: E402
+from requant.quantizer.mtp.dsv4 import DSV4Block, DSV4Dims  # noqa: E402
+from requant.quantizer.stage.replay import HessianAccumulator  # noqa: E402
 
 SEED_ROWS = 473_000
 

@@ -31,8 +31,8 @@ from _path import ensure_requant  # noqa: E402
 ensure_requant()
 from quantize_stage import dsv4_config, fake_base, fake_master  # noqa: E402
 
-from requant.quantizer.stage import QuantizeJob, run_quantize  # noqa: E402
-from requant.quantizer.weights import dequant_fp8_block  # noqa: E402
+from requant.quantizer.stage.run import QuantizeJob, run_quantize  # noqa: E402
+from requant.quantizer.mtp.weights import dequant_fp8_block  # noqa: E402
 
 SHARD = "model-mtp-w4a16.safetensors"
 
@@ -54,7 +54,10 @@ if what == "store":  # the earlier tree's store format, which this tree still re
     synthetic_store(Path(args["path"]), dsv4_config(args["small"]), args["rows"], args["seqs"],
                     torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 else:
-    from requant.quantizer.stage import QuantizeJob, run_quantize
+    try:  # the quantizer's layout since the stage became a package
+        from requant.quantizer.stage.run import QuantizeJob, run_quantize
+    except ImportError:
+        from requant.quantizer.stage import QuantizeJob, run_quantize
     run_quantize(QuantizeJob(**args), progress=False)
 assert all(Path(m.__file__).resolve().is_relative_to(Path(old).resolve())
            for n, m in sys.modules.items() if n.startswith("requant.") and getattr(m, "__file__", None))

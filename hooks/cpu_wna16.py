@@ -21,7 +21,7 @@ OP = "requant::cpu_wna16_moe"
 def moe_forward(hidden, w13, w2, topk_weights, topk_ids, expert_map=None):
     """Σ_k g_k · w2_e(silu(gate_e(x)) · up_e(x)) [T, H] fp32; ``w13`` [E, 2I, H] (gate rows
     first, as vLLM stacks them), ``w2`` [E, H, I], ``expert_map`` global → local id (−1: not here)."""
-    from requant.quantizer.moe import routed_output
+    from requant.quantizer.mtp.moe import routed_output
 
     ids, g = topk_ids.long(), topk_weights
     if expert_map is not None:

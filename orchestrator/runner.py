@@ -41,7 +41,7 @@ def main(d: str) -> int:
             _write_json(d / "result.json", {"ok": True, "error": None, "out": spec.out, "acceptance": summary,
                                             "agreement": r.get("agreement")})
         else:
-            from requant.quantizer.stage import run_quantize
+            from requant.quantizer.stage.run import run_quantize
 
             if Path(spec.out).exists() and (Path(spec.out) / "requant-manifest.json").exists():
                 _write_json(d / "result.json", {"ok": True, "error": None, "out": spec.out, "note": "already published"})

@@ -125,7 +125,7 @@ class QuantizeSpec(_Strict):
         return _check_cron(v)
 
     def job(self):
-        from requant.quantizer.stage import QuantizeJob
+        from requant.quantizer.stage.run import QuantizeJob
 
         d = self.model_dump(exclude={"kind", "schedule"})
         for k in ("low_tokens", "low_tokens_alpha", "low_tokens_ratio"):

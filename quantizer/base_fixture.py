@@ -10,7 +10,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from .arch import load_spec
+from requant.quantizer.mtp.arch import load_spec
 
 
 def make_base(src: str | Path, out: str | Path, shards: int = 2, drop_mtp: bool = True,

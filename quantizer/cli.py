@@ -14,7 +14,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .stage import QuantizeJob, format_summary, run_quantize
+    from requant.quantizer.stage.run import QuantizeJob, format_summary, run_quantize
 
     job = QuantizeJob(stores=args.store, master=args.master, base=args.base, out=args.out, replay=args.replay,
                       workers=args.gpus, use_ray=False if args.no_ray else None, processes=args.processes,
@@ -32,8 +32,8 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from .experts import POLICIES, LowTokenPolicy
-    from .limits import MAX_BYTES, MAX_ROWS
+    from requant.quantizer.core.experts import POLICIES, LowTokenPolicy
+    from requant.quantizer.core.limits import MAX_BYTES, MAX_ROWS
 
     q = sub.add_parser("quantize", help="replay capture stores through the MTP layer, GPTQ its routed experts, "
                                         "assemble a checkpoint (base + MTP W4A16 shard), manifest and report")

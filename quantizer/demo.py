@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .experts import ExpertQuantConfig, quantize_experts
-from .gptq import GPTQConfig
-from .hessian import HessianSet, swiglu_intermediate
+from requant.quantizer.core.experts import ExpertQuantConfig, quantize_experts
+from requant.quantizer.core.gptq import GPTQConfig
+from requant.quantizer.core.hessian import HessianSet, swiglu_intermediate
 from .synthetic import correlated_activations, expert_weights, skewed_counts
 
 

@@ -553,29 +553,3 @@ class StoreInfo:
     @property
     def ratio(self) -> float | None:
         return self.raw_bytes / self.stored_bytes if self.stored_bytes else None
-
-
-def fsync_paths(root: str | Path, names: list[str], pool=None) -> None:
-    """fsync the files ``names`` under ``root`` that exist, their directories and ``root``
-    itself, so committed chunks and their renames survive power loss (local stores).
-    With ``pool`` (an executor) the fsyncs run concurrently: the file system's journal
-    takes them in one flush rather than one after another."""
-    root = Path(root)
-    files = [root / rel for rel in names if (root / rel).is_file()]
-    dirs = {root} | {p.parent for p in files}
-    if pool is None:
-        for p in files + sorted(dirs):
-            _fsync(p)
-        return
-    for f in [pool.submit(_fsync, p) for p in files]:
-        f.result()
-    for f in [pool.submit(_fsync, d) for d in dirs]:
-        f.result()
-
-
-def _fsync(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -37,7 +37,8 @@ import numpy as np
 
 from .checksum import commit_record, entry_crc, row_crcs
 from .schema import COMMIT_ATTR, CRC_ARRAY, ROW_ARRAYS, CorruptStoreError, StoreError, index_arrays
-from .store import CaptureStore, fsync_paths
+from .durable import fsync_paths
+from .store import CaptureStore
 
 _FLUSH = object()
 _STOP = object()

@@ -158,7 +158,7 @@ def assembly_disk_full(work: Path, master: str, base: str, store: str) -> dict:
 def manifest_disk_full(work: Path, master: str, base: str, store: str) -> dict:
     """The disk fills just before the manifest is written (the last file, after the shard,
     the base shards, config, index and report)."""
-    import requant.quantizer.stage as stage
+    import requant.quantizer.stage.run as stage
 
     fs = mount_tmpfs(work / "manifest-fs", "256m")
     report = stage.write_report

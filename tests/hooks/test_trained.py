@@ -109,7 +109,7 @@ def test_export_is_what_transformers_deepseek_v3_computes(random_export):
 
 
 def test_export_mtp_is_what_the_replay_block_computes(random_export):
-    from requant.quantizer.arch import load_block
+    from requant.quantizer.mtp.arch import load_block
 
     m, d = random_export
     block = load_block(d, device="cpu", dtype=torch.float32)

@@ -2,10 +2,10 @@
 kernels executed by Triton's CPU interpreter against the torch code paths."""
 import torch
 
-from requant.quantizer.gptq import GPTQConfig, _block_torch, _permute_cols, _prepare
-from requant.quantizer.gptq_triton import block_kernel
-from requant.quantizer.hessian_triton import grouped_syrk_
-from requant.quantizer.quant import group_scales
+from requant.quantizer.core.gptq import GPTQConfig, _block_torch, _permute_cols, _prepare
+from requant.quantizer.core.gptq_triton import block_kernel
+from requant.quantizer.core.hessian_triton import grouped_syrk_
+from requant.quantizer.core.quant import group_scales
 
 torch.manual_seed(0)
 B, R, C = 2, 32, 256

@@ -1,4 +1,4 @@
-"""MTP architecture adapters (quantizer/arch.py): specs from both tiny fixtures' configs, names
+"""MTP architecture adapters (quantizer/mtp/arch.py): specs from both tiny fixtures' configs, names
 that exist in the checkpoints, the block built for each, and clear refusals."""
 import json
 
@@ -8,7 +8,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from requant.hooks.fixtures import dsv3_config, dsv4_config, make_dsv3, make_dsv4
-from requant.quantizer.arch import MTPSpec, load_block, load_spec
+from requant.quantizer.mtp.arch import MTPSpec, load_block, load_spec
 
 
 @pytest.fixture(scope="module")

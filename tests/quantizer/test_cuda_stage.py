@@ -10,13 +10,13 @@ import torch
 
 from requant.hooks.fixtures import make_dsv4
 from requant.hooks.hf_engine import HFCaptureConfig, capture_hf
-from requant.quantizer.arch import load_block
+from requant.quantizer.mtp.arch import load_block
 from requant.quantizer.base_fixture import make_base
-from requant.quantizer.distribute import _weights_for_gptq
-from requant.quantizer.hessian import HessianSet
-from requant.quantizer.experts import ExpertQuantConfig, quantize_experts
-from requant.quantizer.replay import ReplayConfig, accumulate_hessians
-from requant.quantizer.stage import QuantizeJob, run_quantize
+from requant.quantizer.stage.distribute import _weights_for_gptq
+from requant.quantizer.core.hessian import HessianSet
+from requant.quantizer.core.experts import ExpertQuantConfig, quantize_experts
+from requant.quantizer.stage.replay import ReplayConfig, accumulate_hessians
+from requant.quantizer.stage.run import QuantizeJob, run_quantize
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
 

@@ -5,8 +5,8 @@ from compressed_tensors.compressors.pack_quantized.base import PackedQuantizatio
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
 
-from requant.quantizer.pack import pack_int32, packed_tensors, unpack_int32, w4a16_config_group
-from requant.quantizer.quant import QuantSpec, dequantize, group_scales, rtn
+from requant.quantizer.core.pack import pack_int32, packed_tensors, unpack_int32, w4a16_config_group
+from requant.quantizer.core.quant import QuantSpec, dequantize, group_scales, rtn
 
 SPEC = QuantSpec()
 ARGS = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=128)

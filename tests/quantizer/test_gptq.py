@@ -3,8 +3,8 @@ damp retries / fallbacks and the bad-input contract."""
 import pytest
 import torch
 
-from requant.quantizer.gptq import GPTQConfig, gptq_batched, relative_output_error
-from requant.quantizer.quant import QuantSpec, dequantize, rtn
+from requant.quantizer.core.gptq import GPTQConfig, gptq_batched, relative_output_error
+from requant.quantizer.core.quant import QuantSpec, dequantize, rtn
 
 from .reference import gptq_reference
 
@@ -101,7 +101,7 @@ def test_bad_input_is_refused(bad, msg):
 
 @pytest.mark.parametrize("block", [0, 64, 128])
 def test_ul_cholesky_is_upper_factor_and_reports_failure(block):
-    from requant.quantizer.gptq import ul_cholesky
+    from requant.quantizer.core.gptq import ul_cholesky
     a = torch.randn(3, 300, 300, dtype=torch.float64)
     h = a @ a.mT + torch.eye(300)
     v, info = ul_cholesky(h, block)

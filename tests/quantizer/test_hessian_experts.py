@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from requant.quantizer.experts import ExpertQuantConfig, quantize_experts
-from requant.quantizer.hessian import HessianSet, swiglu_intermediate
-from requant.quantizer.pack import unpack_int32
-from requant.quantizer.quant import QuantSpec, dequantize
+from requant.quantizer.core.experts import ExpertQuantConfig, quantize_experts
+from requant.quantizer.core.hessian import HessianSet, swiglu_intermediate
+from requant.quantizer.core.pack import unpack_int32
+from requant.quantizer.core.quant import QuantSpec, dequantize
 
 E, D, I = 6, 256, 128
 

@@ -6,11 +6,11 @@ fixed damp on fresh (held-out) tokens."""
 import pytest
 import torch
 
-from requant.quantizer.experts import ExpertQuantConfig, LowTokenPolicy, pooled_hessian, quantize_experts
-from requant.quantizer.gptq import GPTQConfig, gptq_batched, relative_output_error
-from requant.quantizer.hessian import HessianSet
-from requant.quantizer.pack import packed_tensors, unpack_int32
-from requant.quantizer.quant import QuantSpec, dequantize, rtn
+from requant.quantizer.core.experts import ExpertQuantConfig, LowTokenPolicy, pooled_hessian, quantize_experts
+from requant.quantizer.core.gptq import GPTQConfig, gptq_batched, relative_output_error
+from requant.quantizer.core.hessian import HessianSet
+from requant.quantizer.core.pack import packed_tensors, unpack_int32
+from requant.quantizer.core.quant import QuantSpec, dequantize, rtn
 
 from .test_gptq import problem
 
@@ -87,7 +87,7 @@ def test_per_entry_damp_retries_each_entry_from_its_own_damp():
 
 
 def test_default_policy_is_shrink():
-    from requant.quantizer.stage import QuantizeJob
+    from requant.quantizer.stage.run import QuantizeJob
 
     assert LowTokenPolicy().kind == "shrink" and ExpertQuantConfig().low_tokens == LowTokenPolicy("shrink")
     job = QuantizeJob(stores=["s"], master="m", base="b", out="o")
@@ -99,8 +99,8 @@ def test_default_policy_is_shrink():
 def test_stage_pooled_hessian_is_the_pooled_mean_in_any_slicing(experts):
     """The stage's pooled Hessian (integer sums of each expert's rounded Hessian) equals
     Σ_e H_e / Σ_e T_e to fp32 precision, and slices of experts summed give the same bits."""
-    from requant.quantizer.distribute import pooled_means
-    from requant.quantizer.hessian import pool_shift, pooled_sum
+    from requant.quantizer.stage.distribute import pooled_means
+    from requant.quantizer.core.hessian import pool_shift, pooled_sum
 
     _, _, _, h_in, h_mid, *_ = experts
     rows = int(h_in.count.sum())

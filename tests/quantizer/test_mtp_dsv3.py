@@ -1,4 +1,4 @@
-"""DeepSeek-V3 MTP block (quantizer/mtp_dsv3.py) on the tiny DSV3 fixture, against transformers'
+"""DeepSeek-V3 MTP block (quantizer/mtp/dsv3.py) on the tiny DSV3 fixture, against transformers'
 DeepseekV3DecoderLayer run on eh_proj's output with the fixture's MTP-layer weights: full-mode
 expert inputs and top-k, with plain RoPE and with DeepSeek-V3's YaRN settings. The fixture's
 random attention is near-uniform (logits std ~0.07, RoPE barely matters), so the MTP layer's
@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from requant.hooks.fixtures import make_dsv3
-from requant.quantizer.arch import load_block, load_spec
-from requant.quantizer.mtp_dsv3 import DSV3Block, DSV3Rope, rms_norm
-from requant.quantizer.weights import load_mtp_weights
+from requant.quantizer.mtp.arch import load_block, load_spec
+from requant.quantizer.mtp.dsv3 import DSV3Block, DSV3Rope, rms_norm
+from requant.quantizer.mtp.weights import load_mtp_weights
 
 # DeepSeek-V3/R1's config.json rope settings
 YARN = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,

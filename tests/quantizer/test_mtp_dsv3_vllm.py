@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from requant.hooks.fixtures import make_dsv3
-from requant.quantizer.arch import load_block
+from requant.quantizer.mtp.arch import load_block
 
 from .test_mtp_dsv3 import sharpen_mtp_attention
 

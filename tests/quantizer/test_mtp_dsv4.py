@@ -1,4 +1,4 @@
-"""DeepSeek-V4 MTP block (quantizer/mtp_dsv4.py) against independent references on the tiny
+"""DeepSeek-V4 MTP block (quantizer/mtp/dsv4.py) against independent references on the tiny
 fixture: `full` mode against transformers' DeepseekV4DecoderLayer holding the fixture's
 mtp.0 weights; `identity` mode against a float64 per-row computation written from the
 equations (reference notes §2)."""
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from requant.hooks.fixtures import make_dsv4
-from requant.quantizer.arch import load_block
-from requant.quantizer.weights import load_mtp_weights
+from requant.quantizer.mtp.arch import load_block
+from requant.quantizer.mtp.weights import load_mtp_weights
 
 # Measured on this fixture (CPU): fp32 block vs transformers fp32: max |ΔX| ≈ 1e-6 (X ~ 1);
 # bf16 block (vLLM's precision) vs transformers fp32: relative ‖ΔX‖ ≈ 4e-3.

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from requant.quantizer.hessian import FixedPointSum, HessianSet, fixed_point_shift, pack_upper, unpack_upper
-from requant.quantizer.partition import assign, heldout_prompts, plan_partitions
+from requant.quantizer.core.hessian import FixedPointSum, HessianSet, fixed_point_shift, pack_upper, unpack_upper
+from requant.quantizer.stage.partition import assign, heldout_prompts, plan_partitions
 from requant.storage import CaptureStore, Layout, StoreMeta, StoreReader
 
 WIDTH = 64

@@ -1,4 +1,4 @@
-"""Replay (quantizer/replay.py) on a store captured from the tiny DeepSeek-V4 fixture with the hf
+"""Replay (quantizer/stage/replay.py) on a store captured from the tiny DeepSeek-V4 fixture with the hf
 engine: Hessians against a direct computation from the block's outputs, independence of the
 memory bound (batching) and of the expert slice, fold windows (chunked fp32 partials) against a
 whole-set partial and across workers, routing counts, store/master mismatches."""
@@ -9,10 +9,10 @@ import torch
 
 from requant.hooks.fixtures import make_dsv4
 from requant.hooks.hf_engine import HFCaptureConfig, capture_hf
-from requant.quantizer.arch import load_block
-from requant.quantizer.hessian import swiglu_intermediate
-from requant.quantizer.partition import plan_partitions
-from requant.quantizer.replay import (HessianAccumulator, ReplayConfig, _chunks, accumulate_hessians,
+from requant.quantizer.mtp.arch import load_block
+from requant.quantizer.core.hessian import swiglu_intermediate
+from requant.quantizer.stage.partition import plan_partitions
+from requant.quantizer.stage.replay import (HessianAccumulator, ReplayConfig, _chunks, accumulate_hessians,
                                       check_store_matches, new_sums, replay_partitions, route_counts)
 from requant.storage import CaptureStore, Layout, StoreMeta, StoreReader
 from requant.storage.reader import DECODE_FACTOR_DIRECT

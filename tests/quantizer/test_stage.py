@@ -21,15 +21,15 @@ from safetensors.torch import load_file, save_file
 
 from requant.hooks.fixtures import make_dsv4
 from requant.hooks.hf_engine import HFCaptureConfig, capture_hf
-from requant.quantizer.arch import load_block
-from requant.quantizer.assemble import INDEX, merge_quant_config, AssembleConfig
+from requant.quantizer.mtp.arch import load_block
+from requant.quantizer.stage.assemble import INDEX, merge_quant_config, AssembleConfig
 from requant.quantizer.base_fixture import make_base
-from requant.quantizer.distribute import KILL_ENV, plan_slices
-from requant.quantizer.gptq import GPTQConfig, gptq_batched
-from requant.quantizer.partition import plan_partitions
-from requant.quantizer.quant import QuantSpec, dequantize
-from requant.quantizer.replay import ReplayConfig, route_counts, split_hessians
-from requant.quantizer.stage import MANIFEST, QuantizeJob, format_summary, run_quantize
+from requant.quantizer.stage.distribute import KILL_ENV, plan_slices
+from requant.quantizer.core.gptq import GPTQConfig, gptq_batched
+from requant.quantizer.stage.partition import plan_partitions
+from requant.quantizer.core.quant import QuantSpec, dequantize
+from requant.quantizer.stage.replay import ReplayConfig, route_counts, split_hessians
+from requant.quantizer.stage.run import MANIFEST, QuantizeJob, format_summary, run_quantize
 from requant.storage import CaptureStore, StoreMeta
 
 PROMPTS = ["tell me about the expert router", "why quantize the hessian weight", "explain attention hidden state",
@@ -179,7 +179,7 @@ def test_config_accepted_by_vllm_parser(env):
 
 
 def test_merge_keeps_base_config_and_refuses_conflicts(env):
-    from requant.quantizer.arch import load_spec
+    from requant.quantizer.mtp.arch import load_spec
 
     master_cfg = json.loads((env["ckpt"] / "config.json").read_text())
     spec = load_spec(master_cfg)
@@ -222,7 +222,7 @@ def test_heldout_errors_match_an_independent_computation(env):
     recomputed here in float64; RTN's too."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
-    from requant.quantizer.quant import rtn
+    from requant.quantizer.core.quant import rtn
 
     m = json.loads((env["out"] / MANIFEST).read_text())
     block = load_block(env["ckpt"], device="cpu")
@@ -319,7 +319,7 @@ def _all_runs_one_shard(env, tmp_path, monkeypatch):
 def test_partition_sums_refuse_another_plan_and_double_folds(env):
     """A worker's sums belong to one partition plan: partitions of a plan with another
     partition count (a retry that changed it) or a partition folded twice are errors."""
-    from requant.quantizer.replay import new_sums, replay_partitions
+    from requant.quantizer.stage.replay import new_sums, replay_partitions
     from requant.storage import StoreReader
 
     block = load_block(env["ckpt"], device="cpu")
@@ -339,8 +339,8 @@ def test_partition_sums_refuse_another_plan_and_double_folds(env):
 def test_row_bounds_hold_on_the_fixture(env):
     """The a-priori bounds behind the fixed-point grid hold for every replayed row — and are
     not absurdly loose (within 2^20 of the largest contribution seen)."""
-    from requant.quantizer.hessian import swiglu_intermediate
-    from requant.quantizer.replay import _chunks, row_bounds
+    from requant.quantizer.core.hessian import swiglu_intermediate
+    from requant.quantizer.stage.replay import _chunks, row_bounds
     from requant.storage import StoreReader
 
     block = load_block(env["ckpt"], device="cpu")
@@ -379,7 +379,7 @@ def test_output_exists_is_refused_untouched(env, tmp_path):
 def test_memory_limit_too_small_is_refused_before_any_work(env, tmp_path):
     """A per-worker memory limit the plan's estimate exceeds: refused before a worker starts,
     the error names the step, its parts and the limit in GiB; nothing written."""
-    from requant.quantizer.memory import MemoryLimitError
+    from requant.quantizer.core.memory import MemoryLimitError
 
     job = dict(stores=[env["store"]], master=str(env["ckpt"]), base=str(env["base"]), out=str(tmp_path / "o"))
     with pytest.raises(MemoryLimitError, match=r"the plan needs ~0\.\d+ GiB per worker at its peak \(replay "
@@ -479,8 +479,8 @@ def test_cli_quantize(env, tmp_path):
 def test_quantize_experts_on_a_slice_of_rows_equals_full_stack():
     """A worker hands GPTQ only its experts' weights (``rows`` maps id → row, as on its GPU):
     same tensors and records as indexing the full stack."""
-    from requant.quantizer.experts import ExpertQuantConfig, quantize_experts
-    from requant.quantizer.hessian import HessianSet
+    from requant.quantizer.core.experts import ExpertQuantConfig, quantize_experts
+    from requant.quantizer.core.hessian import HessianSet
 
     g = torch.Generator().manual_seed(0)
     E, D, I = 6, 256, 128
@@ -505,8 +505,8 @@ def test_fp8_passthrough_renames_scales_to_the_base_convention(env, tmp_path):
     carries the same bytes with the scale named as the base names it (`.weight_scale_inv` here);
     into a base without an FP8 group (vLLM builds those modules unquantised) the stage writes
     them dequantised to BF16 without a scale, lists them in `ignore` and in the manifest."""
-    from requant.quantizer.assemble import passthrough_tensors, resolve_fp8_scale
-    from requant.quantizer.arch import load_spec
+    from requant.quantizer.stage.assemble import passthrough_tensors, resolve_fp8_scale
+    from requant.quantizer.mtp.arch import load_spec
 
     ckpt = env["ckpt"]
     sd = load_file(str(ckpt / "model.safetensors"))
@@ -604,7 +604,7 @@ def test_offline_evaluation_of_the_quantised_dsv4_mtp(env, tmp_path):
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    from requant.quantizer.evaluate import OfflineConfig, evaluate_offline, load_mtp_for_eval
+    from requant.quantizer.mtp.evaluate import OfflineConfig, evaluate_offline, load_mtp_for_eval
 
     out, ckpt, store = env["out"], env["ckpt"], env["store"]
     spec = load_block(ckpt, device="cpu").spec

@@ -16,9 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from requant.hooks.fixtures import make_dsv3
-from requant.quantizer.assemble import INDEX
+from requant.quantizer.stage.assemble import INDEX
 from requant.quantizer.base_fixture import make_base
-from requant.quantizer.stage import MANIFEST, QuantizeJob, run_quantize
+from requant.quantizer.stage.run import MANIFEST, QuantizeJob, run_quantize
 
 SCRIPT = Path(__file__).with_name("_vllm_load.py")
 SHARD = "model-mtp-w4a16.safetensors"

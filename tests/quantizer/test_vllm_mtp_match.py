@@ -23,11 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from requant.hooks.fixtures import make_dsv3, make_dsv4
-from requant.quantizer.arch import load_spec
-from requant.quantizer.assemble import AssembleConfig, read_base, write_assembly
+from requant.quantizer.mtp.arch import load_spec
+from requant.quantizer.stage.assemble import AssembleConfig, read_base, write_assembly
 from requant.quantizer.base_fixture import make_base
-from requant.quantizer.pack import packed_tensors
-from requant.quantizer.quant import QuantSpec, rtn
+from requant.quantizer.core.pack import packed_tensors
+from requant.quantizer.core.quant import QuantSpec, rtn
 
 ATTN = ("wq_a", "wkv", "wq_b", "wo_a", "wo_b")
 EXPERTS = r"re:.*ffn\.experts\.\d+\.(w1|w2|w3)$"

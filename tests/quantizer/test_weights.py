@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from requant.quantizer.weights import dequant_mxfp4, e8m0_to_float, load_mtp_weights
+from requant.quantizer.mtp.weights import dequant_mxfp4, e8m0_to_float, load_mtp_weights
 
 LUT = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 

@@ -20,10 +20,10 @@ from typing import Callable
 
 import torch
 
-from .gptq import GPTQConfig, gptq_batched, relative_output_error
-from .hessian import HessianSet, PackedHessians
-from .pack import packed_tensors
-from .quant import dequantize, rtn
+from requant.quantizer.core.gptq import GPTQConfig, gptq_batched, relative_output_error
+from requant.quantizer.core.hessian import HessianSet, PackedHessians
+from requant.quantizer.core.pack import packed_tensors
+from requant.quantizer.core.quant import dequantize, rtn
 
 PATH_ZERO_TOKENS = "rtn_zero_tokens"
 PATH_LOW_TOKENS = "rtn_low_tokens"

@@ -35,84 +35,23 @@ from typing import Callable
 
 import torch
 
-from .arch import MTPSpec, check_config, load_spec
-from .assemble import (AssembleConfig, check_base_matches, fsync_dir, read_base, safetensors_header,
+from requant.quantizer.mtp.arch import MTPSpec, check_config, load_spec
+from requant.storage.durable import fsync, fsync_tree
+from requant.quantizer.stage.assemble import (AssembleConfig, check_base_matches, read_base, safetensors_header,
                        write_assembly)
-from .distribute import (KILL_ENV, PARALLEL, StageTask, gptq_batch_size, phases_for, plan_slices, run_local,
+from requant.quantizer.stage.distribute import (KILL_ENV, PARALLEL, StageTask, gptq_batch_size, phases_for, plan_slices, run_local,
                          run_processes, run_ray)
-from .experts import LowTokenPolicy
-from .gptq import GPTQConfig
-from .limits import FOLD_ROWS, MAX_BYTES, MAX_ROWS
-from .memory import GIB, Shapes, check as check_memory, estimate as estimate_memory
-from .partition import assign, plan_partitions
-from .replay import check_store_matches
-from .report import write_report
-from .weights import _shards, read_json
+from requant.quantizer.core.experts import LowTokenPolicy
+from requant.quantizer.core.gptq import GPTQConfig
+from requant.quantizer.core.limits import FOLD_ROWS, MAX_BYTES, MAX_ROWS
+from requant.quantizer.core.memory import GIB, Shapes, check as check_memory, estimate as estimate_memory
+from requant.quantizer.stage.job import REPLAYS, QuantizeJob
+from requant.quantizer.stage.partition import assign, plan_partitions
+from requant.quantizer.stage.replay import check_store_matches
+from requant.quantizer.stage.report import write_report
+from requant.quantizer.mtp.weights import _shards, read_json
 
-REPLAYS = ("identity", "full", "both")
 MANIFEST = "requant-manifest.json"
-
-
-@dataclass(frozen=True)
-class QuantizeJob:
-    stores: list[str]
-    master: str
-    base: str
-    out: str
-    replay: str = "identity"        # identity | full | both (both: quantise with full, report the distance)
-    workers: int = 1                # workers (GPUs); >1 uses Ray unless use_ray=False
-    use_ray: bool | None = None     # None: Ray when workers > 1
-    processes: bool = False         # no Ray, workers > 1: one spawned process per worker (GPU g each)
-    # data: each worker replays its partitions. replicated: every worker replays every row for its
-    # own experts — the same shard, slower at every worker count measured (benchmarks/dp_replay.py,
-    # whose anchor it is); not offered on the CLI or the API
-    parallel: str = "data"
-    partitions: int | None = None   # calibration partitions (None: one per 65,536 rows, ≤ 64); not the worker count
-    holdout: float = 0.1            # fraction of prompts held out for the quality figures (0: none)
-    holdout_seed: int = 0
-    act_order: bool = False
-    w2_weighting: str = "none"
-    min_tokens: int = 64            # report flags experts below this
-    device: str | None = None       # None: cuda if available else cpu
-    damp: float = 0.01
-    # GPTQ for experts with few calibration tokens (experts.LowTokenPolicy): kind, token_damp's alpha,
-    # rtn_below's ratio
-    low_tokens: str = LowTokenPolicy().kind
-    low_tokens_alpha: float = LowTokenPolicy().alpha
-    low_tokens_ratio: float = LowTokenPolicy().ratio
-    gptq_batch: int | None = None   # experts per GPTQ batch; None: from the device (fixed per run)
-    max_bytes: int = MAX_BYTES      # replay's host memory bound per worker
-    max_rows: int | None = MAX_ROWS  # rows per block call (bounds the replay's device memory)
-    # per-worker memory the plan must fit (GPU memory on GPUs, host memory on CPUs); None: the
-    # GPU's total memory, or this host's memory divided among the workers
-    memory_limit: int | None = None
-    fold_rows: int = FOLD_ROWS      # rows of a partition per fp32 partial (fixed per job: part of the sums' bits)
-    fp8_scale: str = "auto"         # FP8 pass-through scale naming: auto | keep | .scale | .weight_scale_inv | .weight_scale
-    ray_retries: int = 2            # retries of a lost worker (Ray task, or spawned process)
-    durable: bool = True            # fsync the output before publishing it
-
-    def __post_init__(self):
-        if self.replay not in REPLAYS:
-            raise ValueError(f"replay must be one of {REPLAYS}, got {self.replay!r}")
-        if self.workers < 1:
-            raise ValueError(f"workers must be ≥ 1, got {self.workers}")
-        if not self.stores:
-            raise ValueError("no capture stores given")
-        if self.parallel not in PARALLEL:
-            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
-        if not 0.0 <= self.holdout < 1.0:
-            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
-        if self.partitions is not None and self.partitions < 1:
-            raise ValueError(f"partitions must be ≥ 1, got {self.partitions}")
-        if self.memory_limit is not None and self.memory_limit < 1:
-            raise ValueError(f"memory_limit must be positive, got {self.memory_limit}")
-        if self.fold_rows < 1:
-            raise ValueError(f"fold_rows must be ≥ 1, got {self.fold_rows}")
-        self.low_token_policy  # a bad policy is refused here, before any work
-
-    @property
-    def low_token_policy(self) -> LowTokenPolicy:
-        return LowTokenPolicy(self.low_tokens, alpha=self.low_tokens_alpha, ratio=self.low_tokens_ratio)
 
 
 @dataclass
@@ -239,19 +178,6 @@ def _versions() -> dict:
 
 
 # -- the stage ---------------------------------------------------------------------------------
-
-def _fsync_tree(d: Path) -> None:
-    """Everything written (small files; the shard was fsynced as written; hard links are clean)
-    reaches the disk before the rename publishes it."""
-    for p in d.iterdir():
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fsync_dir(d)
-
 
 class _Bars:
     """tqdm bars for replayed rows and quantised tensors (no-ops when progress is off), or a
@@ -418,13 +344,13 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
         timings["total"] = summary["seconds_total"] = time.perf_counter() - t_start
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         if job.durable:
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
         if out.exists():
             raise FileExistsError(f"output {out} appeared while quantising; result left unpublished")
         os.rename(tmp, out)
         tmp = None
         if job.durable:
-            fsync_dir(out.parent)
+            fsync(out.parent)
     except OSError as e:
         if not writing or tmp is None or e.errno is None:  # not a failed write into the temp dir
             raise

@@ -26,7 +26,7 @@ The head is the target's (vLLM replaces the MTP's own ``shared_head.head`` by th
 ``lm_head``). Works for DeepSeek-V3 and DeepSeek-V4 checkpoints; quantised experts in
 compressed-tensors ``pack-quantized`` form are decoded to the weights vLLM computes with.
 
-    from requant.quantizer.evaluate import OfflineConfig, evaluate_offline
+    from requant.quantizer.mtp.evaluate import OfflineConfig, evaluate_offline
     res = evaluate_offline(OfflineConfig(checkpoint="runs/q", against="DeepSeek-V4-Flash", stores=["runs/held"]))
     res["modes"]["full"]["acceptance"]
 """
@@ -39,11 +39,11 @@ from pathlib import Path
 
 import torch
 
-from .arch import MTPSpec, _config, load_block, load_spec, read_tensor
-from .limits import MAX_BYTES, MAX_ROWS
-from .pack import unpack_int32
-from .quant import QuantSpec, dequantize
-from .weights import _shards, load_mtp_weights
+from requant.quantizer.mtp.arch import MTPSpec, _config, load_block, load_spec, read_tensor
+from requant.quantizer.core.limits import MAX_BYTES, MAX_ROWS
+from requant.quantizer.core.pack import unpack_int32
+from requant.quantizer.core.quant import QuantSpec, dequantize
+from requant.quantizer.mtp.weights import _shards, load_mtp_weights
 
 MODES = ("identity", "full")
 LOGIT_BYTES = 256 << 20   # fp32 logits held at once (rows × vocab)
@@ -131,7 +131,7 @@ class TargetHead:
         self.spec, self.device = spec, torch.device(device)
         self.hc = None
         if spec.arch == "dsv4":
-            from .mtp_dsv4 import DSV4Dims
+            from requant.quantizer.mtp.dsv4 import DSV4Dims
 
             parts = {}
             for key, cands in (("fn", ["hc_head_fn", "model.hc_head_fn"]), ("base", ["hc_head_base", "model.hc_head_base"]),
@@ -150,13 +150,13 @@ class TargetHead:
         """[T] bool: whether the stored next token is the target's greedy choice at each store row
         (hidden [T, width]) — within 1% of the row's logit range of the top logit, so that the
         bf16 rounding of the stored state cannot turn a near-tie into a mismatch."""
-        from .mtp_dsv3 import rms_norm
+        from requant.quantizer.mtp.dsv3 import rms_norm
 
         out, step = [], _logit_rows(self.weight.shape[0])
         for s in range(0, hidden.shape[0], step):
             h = hidden[s:s + step].to(self.device)
             if self.hc is not None:
-                from .mtp_dsv4 import hc_head
+                from requant.quantizer.mtp.dsv4 import hc_head
 
                 d = self.dims
                 z = hc_head(h.view(h.shape[0], d.hc_mult, d.hidden), self.hc["fn"], self.hc["scale"],
@@ -183,7 +183,7 @@ def _manifest_master(ckpt: Path) -> str | None:
 def calibrated_on(ckpt: Path, stores: list[str]) -> bool:
     """Whether a requant checkpoint's manifest lists one of ``stores`` as calibration data: the
     same directory (grown since, perhaps) or a store with the same id (a copy)."""
-    from .stage import store_facts
+    from requant.quantizer.stage.run import store_facts
 
     m = ckpt / "requant-manifest.json"
     if not m.exists():
@@ -303,7 +303,7 @@ def _embed_source(master: str | Path, ckpt: Path) -> Path | None:
     """Where the master's block takes the target's embedding from: the master, or — a master that
     is the MTP layer alone, as the stage accepts with a base — the evaluated checkpoint (the same
     target embedding, from the base)."""
-    from .arch import read_tensor
+    from requant.quantizer.mtp.arch import read_tensor
 
     return None if read_tensor(Path(master), ["embed.weight", "model.embed_tokens.weight", "embed_tokens.weight"]) \
         else ckpt
@@ -317,8 +317,8 @@ def evaluate_offline(cfg: OfflineConfig, progress=None, weights: dict[str, torch
     experts, without writing a checkpoint for each; the checkpoint still supplies config and head."""
     from requant.storage import CaptureStore
 
-    from .replay import check_store_matches
-    from .stage import store_facts
+    from requant.quantizer.stage.replay import check_store_matches
+    from requant.quantizer.stage.run import store_facts
 
     t0 = time.perf_counter()
     ckpt = Path(cfg.checkpoint)

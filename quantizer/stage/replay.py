@@ -36,8 +36,8 @@ Making a store to replay from a tiny fixture (CPU, ~1 min)::
                ["tell me about experts", "why quantize the hessian"])
     # or: requant capture --engine hf /tmp/dsv4 --store /tmp/dsv4-cap --prompts prompts.txt
 
-    from requant.quantizer.arch import load_block
-    from requant.quantizer.replay import ReplayConfig, accumulate_hessians
+    from requant.quantizer.mtp.arch import load_block
+    from requant.quantizer.stage.replay import ReplayConfig, accumulate_hessians
     block = load_block("/tmp/dsv4")
     res = accumulate_hessians(block, ["/tmp/dsv4-cap"], ReplayConfig(mode="full"))
     res.h_in.h.shape, res.h_mid.h.shape, res.tokens_per_expert   # [8,512,512], [8,256,256], [8]
@@ -52,8 +52,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .hessian import FixedPointSum, HessianSet, fixed_point_shift, swiglu_intermediate
-from .limits import FOLD_EXPERTS, FOLD_ROWS, MAX_BYTES, MAX_ROWS
+from requant.quantizer.core.hessian import FixedPointSum, HessianSet, fixed_point_shift, swiglu_intermediate
+from requant.quantizer.core.limits import FOLD_EXPERTS, FOLD_ROWS, MAX_BYTES, MAX_ROWS
 
 MODES = ("identity", "full")
 WEIGHTINGS = ("none", "routing")

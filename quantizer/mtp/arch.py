@@ -18,7 +18,7 @@ import torch
 
 from requant.storage.schema import DamagedInputError
 
-from .weights import _shards, load_mtp_weights, open_tensors, read_json
+from requant.quantizer.mtp.weights import _shards, load_mtp_weights, open_tensors, read_json
 
 _DSV3_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
@@ -193,11 +193,11 @@ def load_block(master: str | Path, device=None, embed_from: str | Path | None = 
     if embed.shape[1] != spec.hidden:
         raise ValueError(f"embedding width {embed.shape[1]} != hidden_size {spec.hidden}")
     if spec.arch == "dsv4":
-        from .mtp_dsv4 import DSV4Block, DSV4Dims
+        from requant.quantizer.mtp.dsv4 import DSV4Block, DSV4Dims
 
         return DSV4Block(spec, DSV4Dims.from_config(config), weights, embed, device=device, dtype=dtype)
     try:
-        from .mtp_dsv3 import DSV3Block
+        from requant.quantizer.mtp.dsv3 import DSV3Block
     except ImportError:
-        raise NotImplementedError("DeepSeek-V3 MTP replay (quantizer/mtp_dsv3.py) is not available yet") from None
+        raise NotImplementedError("DeepSeek-V3 MTP replay (quantizer/mtp/dsv3.py) is not available yet") from None
     return DSV3Block(spec, config, weights, embed, device=device, dtype=dtype)

@@ -81,7 +81,7 @@ def block_kernel(w: torch.Tensor, w0: torch.Tensor, v: torch.Tensor, scale: torc
     slices of larger buffers, unit column stride), returns the block loss [B]."""
     spec = cfg.spec
     if cfg.block_size != spec.group_size:
-        from .gptq import _block_torch
+        from requant.quantizer.core.gptq import _block_torch
         return _block_torch(w, w0, v, scale, gidx, b0, b1, cfg, q1, d1)
     if not (v.is_contiguous() and scale.is_contiguous() and w.is_contiguous()
             and q1.stride(-1) == 1 and d1.stride(-1) == 1):

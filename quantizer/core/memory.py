@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .limits import FOLD_EXPERTS
+from requant.quantizer.core.limits import FOLD_EXPERTS
 
 GIB = 1 << 30
 ACT_BYTES = 18 * GIB / (16384 * 4096)   # block activations per row and hidden unit (measured, above)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .moe import routed_output, shared_output
+from requant.quantizer.mtp.moe import routed_output, shared_output
 
 # What the draft's logits need beyond the MoE inputs (head_input); optional for replay.
 _HEAD = ["ffn.shared_experts.w1.weight", "ffn.shared_experts.w2.weight", "ffn.shared_experts.w3.weight",

@@ -13,10 +13,10 @@ from typing import Callable
 
 import torch
 
-from .gptq import relative_output_error
-from .hessian import HessianSet, PackedHessians
-from .pack import unpack_int32
-from .quant import QuantSpec, dequantize, rtn
+from requant.quantizer.core.gptq import relative_output_error
+from requant.quantizer.core.hessian import HessianSet, PackedHessians
+from requant.quantizer.core.pack import unpack_int32
+from requant.quantizer.core.quant import QuantSpec, dequantize, rtn
 
 
 def tensor_errors(w: torch.Tensor, wq: torch.Tensor, h: torch.Tensor, spec: QuantSpec = QuantSpec()

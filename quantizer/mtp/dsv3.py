@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .moe import routed_output, shared_output
+from requant.quantizer.mtp.moe import routed_output, shared_output
 
 # What the draft's logits need beyond the MoE inputs (head_input); optional for replay.
 _HEAD = ["mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight",
@@ -191,7 +191,7 @@ class DSV3Block:
     def __init__(self, spec, config: dict, weights: dict[str, torch.Tensor], embed: torch.Tensor | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16):
         if spec is None:
-            from .arch import load_spec
+            from requant.quantizer.mtp.arch import load_spec
 
             spec = load_spec(config)
         self.spec = spec

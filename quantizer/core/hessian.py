@@ -42,7 +42,7 @@ def _add_gram(h: torch.Tensor, x: torch.Tensor) -> None:
 
 def _grouped_kernel():
     try:
-        from .hessian_triton import grouped_syrk_
+        from requant.quantizer.core.hessian_triton import grouped_syrk_
     except Exception:  # no Triton (CPU builds): per-expert GEMMs
         return None
     return grouped_syrk_

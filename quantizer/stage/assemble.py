@@ -34,12 +34,12 @@ from pathlib import Path
 
 import torch
 
-from .arch import MTPSpec, check_config
-from .pack import w4a16_config_group
-from .quant import QuantSpec
+from requant.quantizer.mtp.arch import MTPSpec, check_config
+from requant.quantizer.core.pack import w4a16_config_group
+from requant.quantizer.core.quant import QuantSpec
 from requant.storage.schema import DamagedInputError
 
-from .weights import (SCALE_SUFFIXES, _shards, dequant_fp8_block, e8m0_to_float, open_tensors, read_header,
+from requant.quantizer.mtp.weights import (SCALE_SUFFIXES, _shards, dequant_fp8_block, e8m0_to_float, open_tensors, read_header,
                       read_json)
 
 INDEX = "model.safetensors.index.json"
@@ -385,13 +385,6 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
             f.flush()
             os.fsync(f.fileno())
 
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 def link_or_copy(src: Path, dst: Path) -> str:
     try:

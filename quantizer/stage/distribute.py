@@ -44,12 +44,12 @@ from typing import Callable
 
 import torch
 
-from .experts import ExpertQuantConfig, LowTokenPolicy, quantize_experts
-from .gptq import GPTQConfig
-from .hessian import pool_shift, pooled_sum
-from .limits import FOLD_ROWS, MAX_BYTES, MAX_ROWS
-from .memory import gptq_entry_bytes, tri
-from .partition import PartitionPlan, assign
+from requant.quantizer.core.experts import ExpertQuantConfig, LowTokenPolicy, quantize_experts
+from requant.quantizer.core.gptq import GPTQConfig
+from requant.quantizer.core.hessian import pool_shift, pooled_sum
+from requant.quantizer.core.limits import FOLD_ROWS, MAX_BYTES, MAX_ROWS
+from requant.quantizer.core.memory import gptq_entry_bytes, tri
+from requant.quantizer.stage.partition import PartitionPlan, assign
 
 # Test hook: "<marker path>:<rank>" makes that rank's first attempt kill its process
 # (os._exit) right after it folded its first calibration partition, leaving the marker so
@@ -189,7 +189,7 @@ class Worker:
         if self.block is None:
             from requant.storage import StoreReader
 
-            from .arch import load_block
+            from requant.quantizer.mtp.arch import load_block
 
             t0 = time.perf_counter()
             self._reset()
@@ -209,7 +209,7 @@ class Worker:
         return got
 
     def _cfg(self, mode: str):
-        from .replay import ReplayConfig
+        from requant.quantizer.stage.replay import ReplayConfig
 
         t = self.task
         return ReplayConfig(mode=mode, w2_weighting=t.w2_weighting, max_bytes=t.max_bytes, max_rows=t.max_rows,
@@ -218,7 +218,7 @@ class Worker:
     def replay(self, ph: int, parts: list[int], experts: list[int] | None) -> dict:
         """Fold partitions ``parts`` of phase ``ph`` into this rank's sums: of all experts
         (``experts`` None: a data-parallel share) or only of ``experts``."""
-        from .replay import new_sums, replay_partitions
+        from requant.quantizer.stage.replay import new_sums, replay_partitions
 
         self._setup()
         phase = self.task.phases[ph]
@@ -353,7 +353,7 @@ class Worker:
         """GPTQ of this rank's experts from the last phase's Hessians; the identity-vs-full
         distance (replay=both) and the held-out errors where those phases ran. ``pooled``: the
         pooled mean Hessians of all experts (``pooled_means``), for the shrink policy."""
-        from .heldout import heldout_records
+        from requant.quantizer.core.heldout import heldout_records
 
         self._setup()
         task, experts = self.task, self.task.slices[self.rank]
@@ -400,7 +400,7 @@ class Worker:
 
 def pool_shifts(block, rows: int, w2_weighting: str = "none") -> tuple[int, int]:
     """Grids (``hessian.pool_shift``) of the pooled input and intermediate Hessians of ``rows`` rows."""
-    from .replay import row_bounds
+    from requant.quantizer.stage.replay import row_bounds
 
     b_in, b_mid = row_bounds(block, w2_weighting)
     return pool_shift(b_in, rows), pool_shift(b_mid, rows)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .quant import QuantSpec
+from requant.quantizer.core.quant import QuantSpec
 
 
 def pack_int32(q: torch.Tensor, num_bits: int = 4) -> torch.Tensor:

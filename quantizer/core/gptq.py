@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .quant import QuantSpec, group_scales
+from requant.quantizer.core.quant import QuantSpec, group_scales
 
 PATH_GPTQ = "gptq"
 PATH_DAMP_RETRY = "gptq_damp_retry"
@@ -280,7 +280,7 @@ def _permute_cols(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 def _triton_block():
     try:
-        from .gptq_triton import block_kernel
+        from requant.quantizer.core.gptq_triton import block_kernel
     except Exception:  # Triton missing or no CUDA: the torch loop is the fallback
         return None
     return block_kernel

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .hessian import swiglu_intermediate
+from requant.quantizer.core.hessian import swiglu_intermediate
 
 
 def routed_output(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
