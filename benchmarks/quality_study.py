@@ -493,7 +493,7 @@ def run_table(m: Measure, work: Path, sizes: list[int], chosen: Policy, max_toke
 
     from requant.orchestrator.evaluate import OnlineConfig, run_online_sets
     from requant.orchestrator.prompts import PromptConfig
-    from requant.quantizer.base_fixture import make_base
+    from requant.testing.base import make_base
     from requant.quantizer.stage.run import QuantizeJob, run_quantize
 
     t0 = time.perf_counter()

@@ -108,7 +108,7 @@ def quantize_store(model: Path, store: Path, out: Path, progress: bool) -> dict:
         from requant.quantizer.stage.run import QuantizeJob, run_quantize
     except ImportError as e:  # the quantize stage is optional for capture-only installs
         return {"quantize": f"skipped: quantize stage unavailable ({e})", "quantize_seconds": 0.0}
-    from requant.quantizer.base_fixture import make_base
+    from requant.testing.base import make_base
 
     t0 = time.time()
     base = out / "base"

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from requant.quantizer.core.experts import ExpertQuantConfig, quantize_experts
 from requant.quantizer.core.gptq import GPTQConfig
 from requant.quantizer.core.hessian import HessianSet, swiglu_intermediate
-from .synthetic import correlated_activations, expert_weights, skewed_counts
+from requant.testing.synthetic import correlated_activations, expert_weights, skewed_counts
 
 
 def run_demo(experts: int = 8, dim: int = 512, inter: int = 256, mean_tokens: int = 600,

@@ -19,8 +19,9 @@ import pytest
 from requant.orchestrator.ledger import Ledger, StoreIndex, ledger_path
 from requant.storage import CaptureStore, StoreError, StoreMeta, StoreReader
 from requant.storage.schema import DamagedInputError
+from requant.testing.stores import META, append
 
-from .conftest import META, SHARD, append
+from .conftest import SHARD
 from .harness import DAMAGES, Matrix, call, clear_error, cli, no_partial_output
 
 LEDGER = "<ledger>"

@@ -1,5 +1,5 @@
 """Run by test_dsv4.py in its own process: build vLLM's real DeepSeek-V4 module trees of every
-platform (nvidia, amd, xpu, cpu — on the meta device, see tests/_vllm_meta.py) from the tiny
+platform (nvidia, amd, xpu, cpu — on the meta device, see requant.testing.vllm_meta) from the tiny
 fixture's config, with and without MTP speculative decoding, and resolve every declared vLLM
 capture point on each; collect the start-up errors of trees that match nothing; and drive
 the NVIDIA point's function-level hook the way DeepseekV4Model.forward calls the kernel.
@@ -11,8 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for tests._vllm_meta
 
 
 def plain_torch_hc_head(x, fn, scale, base, eps, hc_eps):
@@ -31,7 +29,7 @@ def _desc(mods):
 
 def resolve_points(model: str, port: int) -> tuple[dict, dict]:
     from requant.hooks.points import CapturePointError, find_point, resolve, resolve_hidden, row_shape
-    from tests._vllm_meta import TREES, build, engine_config, init_distributed, tree_class
+    from requant.testing.vllm_meta import TREES, build, engine_config, init_distributed, tree_class
 
     from requant.hooks.plugin import compile_refusal
 

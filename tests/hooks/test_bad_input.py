@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from requant.hooks.fixtures import make_dsv3
 from requant.storage import CaptureStore, StoreMeta
 
 SCRIPT = Path(__file__).with_name("_capture_offline.py")
 
 
 @pytest.fixture(scope="module")
-def dsv3(tmp_path_factory):
-    return make_dsv3(tmp_path_factory.mktemp("dsv3"), seed=0)
+def dsv3(tiny_dsv3):
+    return tiny_dsv3
 
 
 def _fails(model, env, opts="{}"):

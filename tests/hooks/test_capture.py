@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from requant.hooks.fixtures import make_dsv3
 from requant.storage import CaptureStore, StoreReader
 
 from ._reference import check_against_reference, hf_final_hidden
@@ -22,8 +21,8 @@ SCRIPT = Path(__file__).with_name("_capture_offline.py")
 
 
 @pytest.fixture(scope="module")
-def dsv3(tmp_path_factory):
-    return make_dsv3(tmp_path_factory.mktemp("dsv3"), seed=0)
+def dsv3(tiny_dsv3):
+    return tiny_dsv3
 
 
 @pytest.fixture(scope="module")

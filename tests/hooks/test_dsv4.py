@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from requant.hooks.fixtures import make_dsv4
 from requant.orchestrator.cli import main as requant
 from requant.storage import CaptureStore, StoreReader
 
 
 @pytest.fixture(scope="module")
-def dsv4(tmp_path_factory):
-    return make_dsv4(tmp_path_factory.mktemp("dsv4"), seed=0)
+def dsv4(tiny_dsv4):
+    return tiny_dsv4
 
 
 def test_hf_engine_captures_pre_hc_head_states(dsv4, tmp_path):

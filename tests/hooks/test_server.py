@@ -14,7 +14,6 @@ import urllib.request
 import numpy as np
 import pytest
 
-from requant.hooks.fixtures import make_dsv3
 from requant.storage import CaptureStore, StoreReader
 
 from ._reference import check_against_reference, hf_final_hidden
@@ -23,8 +22,8 @@ PROMPTS = ("tell me about the model", "why the router", "write code for a hessia
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model = make_dsv3(tmp_path_factory.mktemp("dsv3"), seed=0)
+def server(tmp_path_factory, tiny_dsv3):
+    model = tiny_dsv3
     store = tmp_path_factory.mktemp("cap") / "store"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,7 +3,7 @@ import json
 import subprocess
 import sys
 
-from .conftest import job_config
+from requant.testing.jobs import job_config
 
 
 def _run(cfg, *extra, timeout=300):

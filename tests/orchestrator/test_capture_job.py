@@ -12,8 +12,7 @@ from requant.orchestrator.guard import group_members
 from requant.orchestrator.ledger import Ledger, StoreIndex, prompt_of
 from requant.orchestrator.prompts import PromptConfig, load_prompts
 from requant.storage import CaptureStore, StoreReader
-
-from .conftest import job_config, job_result, kill_group, read_status, start_job, wait_for
+from requant.testing.jobs import job_config, job_result, kill_group, read_status, start_job, wait_for
 
 
 def _store_prompt_counts(store) -> dict:

@@ -19,8 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from requant.orchestrator.ledger import StoreIndex
 from requant.storage import CaptureStore
-
-from .conftest import kill_group, wait_for
+from requant.testing.jobs import kill_group, wait_for
 
 DEMO_PROMPTS = 6
 

@@ -24,7 +24,7 @@ def _cli(*args, env=None):
 
 
 def test_checkpoint_without_mtp_layer(ckpt, tmp_path):
-    from requant.quantizer.base_fixture import make_base
+    from requant.testing.base import make_base
 
     base = make_base(ckpt, tmp_path / "base")          # the MTP layer dropped, config unchanged
     r = _cli(base, "--stores", tmp_path / "nowhere", "--json", tmp_path / "r.json")

@@ -1,5 +1,5 @@
 """Run by test_vllm_mtp_match.py in its own process: for each assembled checkpoint given, vLLM
-builds its target and MTP trees on the meta device (tests/_vllm_meta.py; DeepSeek-V4: the
+builds its target and MTP trees on the meta device (requant.testing.vllm_meta; DeepSeek-V4: the
 NVIDIA tree, DeepSeek-V3: its one tree)
 with the CompressedTensorsConfig it reads from the checkpoint's config.json — the target
 first, as the engine does, since the target's weight-name mapper rewrites the shared config.
@@ -13,8 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for tests._vllm_meta
-
 
 def _args(q):
     if q is None:
@@ -27,7 +25,7 @@ def match(ckpt: Path) -> dict:
     from safetensors import safe_open
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
-    from tests._vllm_meta import build, engine_config, tree_class
+    from requant.testing.vllm_meta import build, engine_config, tree_class
 
     vc = engine_config(str(ckpt))
     qc = vc.quant_config
@@ -73,7 +71,7 @@ def match(ckpt: Path) -> dict:
 
 def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from tests._vllm_meta import engine_config, init_distributed
+    from requant.testing.vllm_meta import engine_config, init_distributed
 
     port, ckpts = int(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
     init_distributed(engine_config(str(ckpts[0])), port)

@@ -7,18 +7,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from requant.hooks.fixtures import dsv3_config, dsv4_config, make_dsv3, make_dsv4
+from requant.hooks.fixtures import dsv3_config, dsv4_config
 from requant.quantizer.mtp.arch import MTPSpec, load_block, load_spec
 
 
 @pytest.fixture(scope="module")
-def dsv4(tmp_path_factory):
-    return make_dsv4(tmp_path_factory.mktemp("dsv4"), seed=0)
+def dsv4(tiny_dsv4):
+    return tiny_dsv4
 
 
 @pytest.fixture(scope="module")
-def dsv3(tmp_path_factory):
-    return make_dsv3(tmp_path_factory.mktemp("dsv3"), seed=0)
+def dsv3(tiny_dsv3):
+    return tiny_dsv3
 
 
 def _names(ckpt):

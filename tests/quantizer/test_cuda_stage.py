@@ -8,10 +8,7 @@ import hashlib
 import pytest
 import torch
 
-from requant.hooks.fixtures import make_dsv4
-from requant.hooks.hf_engine import HFCaptureConfig, capture_hf
 from requant.quantizer.mtp.arch import load_block
-from requant.quantizer.base_fixture import make_base
 from requant.quantizer.stage.distribute import _weights_for_gptq
 from requant.quantizer.core.hessian import HessianSet
 from requant.quantizer.core.experts import ExpertQuantConfig, quantize_experts
@@ -20,17 +17,10 @@ from requant.quantizer.stage.run import QuantizeJob, run_quantize
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
 
-PROMPTS = ["tell me about the expert router", "why quantize the hessian weight", "explain attention hidden state",
-           "write a story about a number", "what is a group scale", "list three prime numbers"]
-
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cuda_stage")
-    ckpt = make_dsv4(d / "dsv4", seed=0)
-    store = str(d / "cap")
-    capture_hf(HFCaptureConfig(model=str(ckpt), store=store, max_new_tokens=20, stop_at_eos=False), PROMPTS)
-    return d, ckpt, store, make_base(ckpt, d / "base")
+def env(tmp_path_factory, tiny_dsv4, dsv4_capture, tiny_dsv4_base):
+    return tmp_path_factory.mktemp("cuda_stage"), tiny_dsv4, dsv4_capture, tiny_dsv4_base
 
 
 def _shard_sha(out) -> str:

@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from requant.hooks.fixtures import make_dsv3
 from requant.quantizer.mtp.arch import load_block, load_spec
 from requant.quantizer.mtp.dsv3 import DSV3Block, DSV3Rope, rms_norm
 from requant.quantizer.mtp.weights import load_mtp_weights
@@ -45,9 +44,8 @@ def sharpen_mtp_attention(src, dst, scale: float = 6.0, rope_scale: float = 12.0
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dsv3")
-    return sharpen_mtp_attention(make_dsv3(root / "orig", seed=0), root / "sharp")
+def ckpt(tiny_dsv3, tmp_path_factory):
+    return sharpen_mtp_attention(tiny_dsv3, tmp_path_factory.mktemp("dsv3") / "sharp")
 
 
 @pytest.fixture(scope="module")

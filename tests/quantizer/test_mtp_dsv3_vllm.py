@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from requant.hooks.fixtures import make_dsv3
 from requant.quantizer.mtp.arch import load_block
 
 from .test_mtp_dsv3 import sharpen_mtp_attention
@@ -31,9 +30,8 @@ MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dsv3v")
-    return sharpen_mtp_attention(make_dsv3(root / "orig", seed=0), root / "sharp", zero_q_rope=True)
+def ckpt(tiny_dsv3, tmp_path_factory):
+    return sharpen_mtp_attention(tiny_dsv3, tmp_path_factory.mktemp("dsv3v") / "sharp", zero_q_rope=True)
 
 
 @pytest.fixture(scope="module")

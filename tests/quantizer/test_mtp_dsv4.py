@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from requant.hooks.fixtures import make_dsv4
 from requant.quantizer.mtp.arch import load_block
 from requant.quantizer.mtp.weights import load_mtp_weights
 
@@ -20,8 +19,8 @@ BF16_REL = 2e-2
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_dsv4(tmp_path_factory.mktemp("dsv4"), seed=0)
+def ckpt(tiny_dsv4):
+    return tiny_dsv4
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-from requant.hooks.fixtures import make_dsv4
 from requant.hooks.hf_engine import HFCaptureConfig, capture_hf
 from requant.quantizer.mtp.arch import load_block
 from requant.quantizer.core.hessian import swiglu_intermediate
@@ -27,10 +26,8 @@ SMALL = 2 * (int(min(16, os.cpu_count() or 1) * DECODE_FACTOR_DIRECT * 16 * ROW_
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("replay")
-    ckpt = make_dsv4(d / "dsv4", seed=0)
-    store = str(d / "cap")
+def setup(tmp_path_factory, tiny_dsv4):
+    ckpt, store = tiny_dsv4, str(tmp_path_factory.mktemp("replay") / "cap")
     # small chunks so that a small max_bytes really splits the store into several batches
     CaptureStore.create(store, StoreMeta(hidden_size=512, hc_mult=4, capture_point="target_pre_head"),
                         layout=Layout(rows_per_chunk=16))

@@ -19,11 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from requant.hooks.fixtures import make_dsv4
-from requant.hooks.hf_engine import HFCaptureConfig, capture_hf
 from requant.quantizer.mtp.arch import load_block
 from requant.quantizer.stage.assemble import INDEX, merge_quant_config, AssembleConfig
-from requant.quantizer.base_fixture import make_base
 from requant.quantizer.stage.distribute import KILL_ENV, plan_slices
 from requant.quantizer.core.gptq import GPTQConfig, gptq_batched
 from requant.quantizer.stage.partition import plan_partitions
@@ -31,13 +28,9 @@ from requant.quantizer.core.quant import QuantSpec, dequantize
 from requant.quantizer.stage.replay import ReplayConfig, route_counts, split_hessians
 from requant.quantizer.stage.run import MANIFEST, QuantizeJob, format_summary, run_quantize
 from requant.storage import CaptureStore, StoreMeta
+from requant.testing.stores import DSV4_GEN as GEN, DSV4_PROMPTS as PROMPTS
 
-PROMPTS = ["tell me about the expert router", "why quantize the hessian weight", "explain attention hidden state",
-           "write a story about a number", "what is a group scale", "how does the model predict the next token",
-           "list three prime numbers", "describe a quiet harbour at dawn", "what does a compiler do",
-           "summarise the rules of chess", "why is the sky blue", "translate hello into french"]
 SHARD = "model-mtp-w4a16.safetensors"
-GEN = 20  # tokens generated per prompt in the module capture
 
 
 def _sha(p: Path) -> str:
@@ -45,12 +38,9 @@ def _sha(p: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, tiny_dsv4, tiny_dsv4_base, dsv4_capture):
     d = tmp_path_factory.mktemp("stage4")
-    ckpt = make_dsv4(d / "dsv4", seed=0)
-    store = str(d / "cap")
-    capture_hf(HFCaptureConfig(model=str(ckpt), store=store, max_new_tokens=GEN, stop_at_eos=False), PROMPTS)
-    base = make_base(ckpt, d / "base")
+    ckpt, store, base = tiny_dsv4, dsv4_capture, tiny_dsv4_base
     base_hashes = {p.name: _sha(p) for p in base.glob("*.safetensors")}
     out = d / "out"
     # plain GPTQ (the damp policy), which test_shard_decodes_to_independent_gptq reproduces independently;

@@ -15,9 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from requant.hooks.fixtures import make_dsv3
 from requant.quantizer.stage.assemble import INDEX
-from requant.quantizer.base_fixture import make_base
+from requant.testing.base import make_base
 from requant.quantizer.stage.run import MANIFEST, QuantizeJob, run_quantize
 
 SCRIPT = Path(__file__).with_name("_vllm_load.py")
@@ -35,9 +34,8 @@ def _vllm(model, mode, env=None, dump=None):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    d = tmp_path_factory.mktemp("stage3")
-    ckpt = make_dsv3(d / "dsv3", seed=0)
+def env(tmp_path_factory, tiny_dsv3):
+    d, ckpt = tmp_path_factory.mktemp("stage3"), tiny_dsv3
     store = d / "cap"
     captured = _vllm(ckpt, "capture", {"REQUANT_CAPTURE": str(store), "REQUANT_CAPTURE_WRITER": "replica0"})
     base = make_base(ckpt, d / "base", drop_mtp=False)  # a base that kept its (unquantised) MTP layer

@@ -22,10 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from requant.hooks.fixtures import make_dsv3, make_dsv4
 from requant.quantizer.mtp.arch import load_spec
 from requant.quantizer.stage.assemble import AssembleConfig, read_base, write_assembly
-from requant.quantizer.base_fixture import make_base
+from requant.testing.base import make_base
 from requant.quantizer.core.pack import packed_tensors
 from requant.quantizer.core.quant import QuantSpec, rtn
 
@@ -117,15 +116,15 @@ def _qc(groups: dict, ignore: list[str], fmt: str = "mixed-precision") -> dict:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
+def checkpoints(tmp_path_factory, tiny_dsv4, tiny_dsv3, tiny_dsv4_base):
     """FP8 masters (DSV4: E8M0 ``.scale``; DSV3: float32 ``.weight_scale_inv``, as upstream)
     assembled into the bases: none; regex groups with FP8_BLOCK attention (the MTP attention
     stays FP8, e_proj/h_proj/the shared expert are dequantised); a W4A16 group targeting
     ``Linear`` (every FP8 linear dequantised); and DSV3 with a Linear and a regex base."""
     d = tmp_path_factory.mktemp("match")
-    bf16 = make_dsv4(d / "dsv4", seed=0)
+    bf16 = tiny_dsv4
     master, ref = _fp8_master(bf16, d / "dsv4-fp8", FP8_DSV4, "mtp.0.", ".scale", True, seed=5)
-    dsv3, ref3 = _fp8_master(make_dsv3(d / "dsv3", seed=0), d / "dsv3-fp8", FP8_DSV3, "model.layers.2.",
+    dsv3, ref3 = _fp8_master(tiny_dsv3, d / "dsv3-fp8", FP8_DSV3, "model.layers.2.",
                              ".weight_scale_inv", False, seed=6)
     attn4, attn3 = rf"^layers\.\d+\.attn\.({'|'.join(ATTN)})$", rf"^model\.layers\.\d+\.self_attn\.({'|'.join(DSV3_ATTN)})$"
     regex_qc = _qc({"group_0": _scheme("W4A16", [EXPERTS], "pack-quantized"),
@@ -137,7 +136,7 @@ def checkpoints(tmp_path_factory):
                                         "float-quantized")}, ["lm_head"])
     linear_qc = _qc({"group_0": _scheme("W4A16", ["Linear"], "pack-quantized")}, ["lm_head", r"re:.*ffn\.gate$"],
                     "pack-quantized")
-    bases = {"none": (master, make_base(bf16, d / "base-none")),
+    bases = {"none": (master, tiny_dsv4_base),
              "regex": (master, _fp8_base(master, d / "base-regex", attn4, regex_qc)),
              "linear": (master, make_base(bf16, d / "base-linear", quantization_config=linear_qc)),
              "dsv3-linear": (dsv3, make_base(dsv3, d / "base-dsv3-linear", quantization_config=linear_qc)),

