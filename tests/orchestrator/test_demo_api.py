@@ -45,7 +45,13 @@ def test_demo_end_to_end(demo):
     assert info.sequences == DEMO_PROMPTS and info.rows > 0
     q = out / "quantized-0"
     manifest = json.loads((q / "requant-manifest.json").read_text())
-    assert manifest
+    # the stage's record of this run: the demo's one store, every routed expert of the trained model
+    cfg = json.loads((q / "config.json").read_text())
+    s, experts = manifest["summary"], cfg["n_routed_experts"]
+    assert manifest["format"] == "requant.quantize/2" and manifest["stores"][0]["rows"] == s["rows"] == info.rows
+    assert (s["arch"], s["experts"], s["tensors"], len(manifest["tensors"])) == ("dsv3", experts, 3 * experts, 3 * experts)
+    assert sum(manifest["tokens_per_expert"]) == s["rows_calibration"] * cfg["num_experts_per_tok"]
+    assert len(manifest["inputs"]["master"]["mtp_tensors_sha256"]) == 64
     for line in ("shard", "manifest", "report"):
         row = [l for l in stdout.splitlines() if l.startswith(line + " ")]
         assert row and Path(row[0].split(None, 1)[1].strip()).exists(), stdout

@@ -50,30 +50,48 @@ def env(tmp_path_factory, tiny_dsv4, tiny_dsv4_base, dsv4_capture):
     return {"d": d, "ckpt": ckpt, "store": store, "base": base, "base_hashes": base_hashes, "out": out, "res": res}
 
 
-def test_layout_index_and_manifest(env):
-    out, base, ckpt = env["out"], env["base"], env["ckpt"]
-    res = env["res"]
+@pytest.fixture(scope="module")
+def manifest(env) -> dict:
+    return json.loads((env["out"] / MANIFEST).read_text())
+
+
+@pytest.fixture(scope="module")
+def shard(env) -> dict:
+    return load_file(str(env["out"] / SHARD))
+
+
+EXPERTS = {f"mtp.0.ffn.experts.{e}.{p}" for e in range(8) for p in ("w1", "w2", "w3")}
+
+
+def test_output_layout_and_no_temp_dir_left(env):
+    out, res = env["out"], env["res"]
     assert res.out == out and res.shard == out / SHARD and res.report.exists() and res.manifest.exists()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.tmp")]  # temp dir renamed away
     for f in ("config.json", INDEX, "tokenizer.json", "tokenizer_config.json", "generation_config.json",
               "tokens_per_expert.png", "gptq_vs_rtn.png", "hessian_distance.png", "heldout_gptq_vs_rtn.png",
               "insample_vs_heldout.png"):
         assert (out / f).exists(), f
-    # base shards: the same inode (hard link), bytes unchanged
+
+
+def test_base_shards_are_hard_linked_and_unchanged(env):
     for name, h in env["base_hashes"].items():
-        assert os.path.samefile(out / name, base / name)
-        assert _sha(base / name) == h
-    # shard: 8 experts × 3 projections × 3 tensors + every other mtp.0.* tensor of the master, raw
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert os.path.samefile(env["out"] / name, env["base"] / name)
+        assert _sha(env["base"] / name) == h
+
+
+def test_shard_holds_packed_experts_and_the_other_mtp_tensors_raw(env, shard):
+    """8 experts × 3 projections × 3 tensors + every other mtp.0.* tensor of the master, raw."""
+    with safe_open(str(env["ckpt"] / "model.safetensors"), "pt") as f:
         master = {k: f.get_tensor(k) for k in f.keys()}
-    shard = load_file(str(out / SHARD))
-    experts = {f"mtp.0.ffn.experts.{e}.{p}" for e in range(8) for p in ("w1", "w2", "w3")}
-    passthrough = {k for k in master if k.startswith("mtp.0.") and k.rsplit(".", 1)[0] not in experts}
-    packed = {f"{m}.{s}" for m in experts for s in ("weight_packed", "weight_scale", "weight_shape")}
+    passthrough = {k for k in master if k.startswith("mtp.0.") and k.rsplit(".", 1)[0] not in EXPERTS}
+    packed = {f"{m}.{s}" for m in EXPERTS for s in ("weight_packed", "weight_scale", "weight_shape")}
     assert set(shard) == passthrough | packed
     for k in passthrough:
         assert shard[k].dtype == master[k].dtype and torch.equal(shard[k], master[k]), k
-    # union index: every tensor of every file exactly once, pointing where it lives
+
+
+def test_union_index_lists_every_tensor_once_where_it_lives(env, shard):
+    out = env["out"]
     index = json.loads((out / INDEX).read_text())["weight_map"]
     seen = []
     for fname in sorted(set(index.values())):
@@ -81,9 +99,12 @@ def test_layout_index_and_manifest(env):
             seen += list(f.keys())
     assert sorted(seen) == sorted(index) and len(seen) == len(set(seen))
     assert all(index[k] == SHARD for k in shard)
-    base_index = json.loads((base / INDEX).read_text())["weight_map"]
+    base_index = json.loads((env["base"] / INDEX).read_text())["weight_map"]
     assert {k: v for k, v in index.items() if v != SHARD} == base_index
-    m = json.loads((out / MANIFEST).read_text())
+
+
+def test_manifest_rows_partitions_and_routing(manifest):
+    m = manifest
     rows, s = m["stores"][0]["rows"], m["summary"]
     assert rows == s["rows"] == s["rows_calibration"] + s["rows_heldout"] > 200 and m["stores"][0]["id"]
     assert m["partitions"]["heldout"]["prompts"] == 1 and m["partitions"]["calibration"]["prompts"] == 11
@@ -91,6 +112,10 @@ def test_layout_index_and_manifest(env):
     assert sum(m["tokens_per_expert"]) == s["rows_calibration"] * 2 == sum(m["tokens_per_expert_identity"])  # top-2
     assert sum(m["tokens_per_expert_heldout"]) == s["rows_heldout"] * 2
     assert m["workers"][0]["bytes_read"] == s["bytes_read_per_worker"][0] > 0
+
+
+def test_manifest_tensors_inputs_and_run(env, manifest):
+    m = manifest
     assert len(m["tensors"]) == 24 and {r["path"] for r in m["tensors"]} <= {"gptq", "gptq_damp_retry"}
     assert all(r["damp"] == 0.01 for r in m["tensors"] if r["path"] == "gptq")
     assert m["gptq"]["low_tokens"]["kind"] == "damp"
@@ -100,16 +125,23 @@ def test_layout_index_and_manifest(env):
     assert set(m["hessian_distance"]) == {str(e) for e in range(8)}
     assert all(0 < v[0] and 0 < v[1] for v in m["hessian_distance"].values())
     assert m["replay"] == "both" and m["versions"]["torch"] and m["timings"]["hessians_gptq"] > 0
-    mem = m["memory"]   # each step's peak RSS (CPU) beside the plan's estimate of it, and the limit checked
+
+
+def test_manifest_memory_per_step_beside_the_estimate(manifest):
+    """Each step's peak RSS (CPU) beside the plan's estimate of it, and the limit checked."""
+    mem, s = manifest["memory"], manifest["summary"]
     steps = mem["workers"][0]["steps"]
     assert mem["measured_kind"] == "host" and mem["limit"] > mem["estimate"]["peak"] > 0
     assert {"load", "replay heldout/full", "replay calibration/identity", "reduce calibration/full", "gptq"} <= set(
         steps) <= set(mem["estimate"]["steps"])
     assert all(v["host"] > 0 for v in steps.values()) and s["peak_memory_per_worker"] == [max(
         v["host"] for v in steps.values())]
-    report = res.report.read_text()
+
+
+def test_report_sections(env, manifest):
+    report = env["res"].report.read_text()
     assert "Identity vs full replay" in report and "GPTQ vs RTN, in-sample" in report
-    assert "GPTQ vs RTN on held-out prompts" in report and "in-sample" in m["error_definitions"]["err_gptq"]
+    assert "GPTQ vs RTN on held-out prompts" in report and "in-sample" in manifest["error_definitions"]["err_gptq"]
 
 
 def test_shard_decodes_to_independent_gptq(env):
