@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory):
 
 def test_two_replicas_one_killed_mid_run_exactly_once(run_dir, tiny_dsv3, prompts_parquet):
     cfg = job_config(run_dir / "job.yaml", model=str(tiny_dsv3), store=str(run_dir / "cap"), replicas=2,
-                     prompts={"source": str(prompts_parquet), "count": 16, "max_tokens": 48})
+                     prompts={"source": str(prompts_parquet), "count": 16, "max_tokens": 24})
     status, log = run_dir / "status1.json", run_dir / "log1.txt"
     proc = start_job(cfg, status, log)
     try:
@@ -70,8 +70,9 @@ def test_two_replicas_one_killed_mid_run_exactly_once(run_dir, tiny_dsv3, prompt
 def test_killed_job_resumes_exactly_once(run_dir, tiny_dsv3, prompts_parquet):
     # A bigger run over the same store: the first 16 prompts (same seed → same order) are
     # already there. Kill the whole job while it captures, rerun the same config.
+    count = 28
     cfg = job_config(run_dir / "job2.yaml", model=str(tiny_dsv3), store=str(run_dir / "cap"), replicas=1,
-                     concurrency=1, prompts={"source": str(prompts_parquet), "count": 40, "max_tokens": 64})
+                     concurrency=1, prompts={"source": str(prompts_parquet), "count": count, "max_tokens": 32})
     status, log = run_dir / "status2.json", run_dir / "log2.txt"
     proc = start_job(cfg, status, log)
     try:
@@ -104,8 +105,8 @@ def test_killed_job_resumes_exactly_once(run_dir, tiny_dsv3, prompts_parquet):
     # Nothing of the killed run's server outlived it (the guard's watcher kills its group).
     wait_for(lambda: not group_members(server), 60, "the first run's server gone")
     res = job_result(log3)
-    assert 16 <= res["prompts_skipped"] < 40, res
-    want = _expected(prompts_parquet, 40)
+    assert 16 <= res["prompts_skipped"] < count, res
+    want = _expected(prompts_parquet, count)
     counts = _store_prompt_counts(run_dir / "cap")
     assert set(counts) == want and all(c == 1 for c in counts.values()), {k: v for k, v in counts.items() if v > 1}
     assert Ledger(run_dir / "cap.ledger.jsonl").done == want
@@ -113,10 +114,10 @@ def test_killed_job_resumes_exactly_once(run_dir, tiny_dsv3, prompts_parquet):
     # A third run has nothing to send and starts no servers; its coverage check replays the
     # MTP router (quantize stage's routing) over the store: top-2 of 8 experts per row.
     status4, log4 = run_dir / "status4.json", run_dir / "log4.txt"
-    proc = start_job(cfg, status4, log4, "--min-tokens-per-expert", "1", "--max-prompts", "40")
+    proc = start_job(cfg, status4, log4, "--min-tokens-per-expert", "1", "--max-prompts", str(count))
     assert proc.wait(200) == 0, log4.read_text()[-3000:]
     res = job_result(log4)
-    assert res["prompts_skipped"] == 40 and "replicas_start" not in res["stage_seconds"]
+    assert res["prompts_skipped"] == count and "replicas_start" not in res["stage_seconds"]
     cov = res["coverage"]
     rows = CaptureStore.open(run_dir / "cap").info().rows
     assert cov["reached"] and len(cov["tokens_per_expert"]) == 8 and sum(cov["tokens_per_expert"]) == 2 * rows
