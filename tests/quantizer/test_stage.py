@@ -28,6 +28,7 @@ from requant.quantizer.core.quant import QuantSpec, dequantize
 from requant.quantizer.stage.replay import ReplayConfig, route_counts, split_hessians
 from requant.quantizer.stage.run import MANIFEST, QuantizeJob, format_summary, run_quantize
 from requant.storage import CaptureStore, StoreMeta
+from requant.testing.base import checked_weight_map
 from requant.testing.stores import DSV4_GEN as GEN, DSV4_PROMPTS as PROMPTS
 
 SHARD = "model-mtp-w4a16.safetensors"
@@ -91,13 +92,7 @@ def test_shard_holds_packed_experts_and_the_other_mtp_tensors_raw(env, shard):
 
 
 def test_union_index_lists_every_tensor_once_where_it_lives(env, shard):
-    out = env["out"]
-    index = json.loads((out / INDEX).read_text())["weight_map"]
-    seen = []
-    for fname in sorted(set(index.values())):
-        with safe_open(str(out / fname), "pt") as f:
-            seen += list(f.keys())
-    assert sorted(seen) == sorted(index) and len(seen) == len(set(seen))
+    index = checked_weight_map(env["out"])
     assert all(index[k] == SHARD for k in shard)
     base_index = json.loads((env["base"] / INDEX).read_text())["weight_map"]
     assert {k: v for k, v in index.items() if v != SHARD} == base_index

@@ -15,8 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from requant.quantizer.stage.assemble import INDEX
-from requant.testing.base import make_base
+from requant.testing.base import checked_weight_map, make_base
 from requant.quantizer.stage.run import MANIFEST, QuantizeJob, run_quantize
 
 SCRIPT = Path(__file__).with_name("_vllm_load.py")
@@ -66,12 +65,7 @@ def test_dsv3_shard_index_and_config(env):
             assert sorted(b.keys()) == sorted(want)
             assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in want)
         assert os.path.samefile(base / f, out / f) == (how == "hardlink")
-    index = json.loads((out / INDEX).read_text())["weight_map"]
-    seen = []
-    for fname in sorted(set(index.values())):
-        with safe_open(str(out / fname), "pt") as f:
-            seen += list(f.keys())
-    assert sorted(seen) == sorted(index) and len(seen) == len(set(seen))
+    checked_weight_map(out)  # every tensor of every file listed once
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["config_groups"]["group_mtp_experts"]["targets"] == [
         f"re:^model\\.layers\\.{n}\\.mlp\\.experts\\.\\d+\\.(gate_proj|down_proj|up_proj)$"]

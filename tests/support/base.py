@@ -1,13 +1,14 @@
 """A base checkpoint for tests and demos: a model's tensors re-saved as an indexed,
 sharded safetensors checkpoint without its MTP layer — what a quantiser that drops
 ``mtp.*`` (llm-compressor #1630/#2735) leaves behind, and what the quantize stage's
-MTP shard plugs back into."""
+MTP shard plugs back into; and the check of an assembled checkpoint's union index."""
 from __future__ import annotations
 
 import json
 import shutil
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from requant.quantizer.mtp.arch import load_spec
@@ -41,3 +42,16 @@ def make_base(src: str | Path, out: str | Path, shards: int = 2, drop_mtp: bool 
         if p.is_file() and p.suffix != ".safetensors" and p.name != "config.json":
             shutil.copy2(p, out / p.name)
     return out
+
+
+def checked_weight_map(out: str | Path) -> dict[str, str]:
+    """The weight map of checkpoint ``out``'s index, checked to list every tensor of every file it
+    names exactly once (an AssertionError otherwise)."""
+    out = Path(out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    seen = []
+    for fname in sorted(set(index.values())):
+        with safe_open(str(out / fname), "pt") as f:
+            seen += list(f.keys())
+    assert sorted(seen) == sorted(index) and len(seen) == len(set(seen)), out
+    return index
