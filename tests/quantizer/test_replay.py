@@ -7,33 +7,24 @@ import os
 import pytest
 import torch
 
-from requant.hooks.hf_engine import HFCaptureConfig, capture_hf
 from requant.quantizer.mtp.arch import load_block
 from requant.quantizer.core.hessian import swiglu_intermediate
 from requant.quantizer.stage.partition import plan_partitions
 from requant.quantizer.stage.replay import (HessianAccumulator, ReplayConfig, _chunks, accumulate_hessians,
                                       check_store_matches, new_sums, replay_partitions, route_counts)
-from requant.storage import CaptureStore, Layout, StoreMeta, StoreReader
+from requant.storage import CaptureStore, StoreMeta, StoreReader
 from requant.storage.reader import DECODE_FACTOR_DIRECT
 
-PROMPTS = ["tell me about the expert router", "why quantize the hessian weight", "explain attention hidden state",
-           "write a story about a number", "what is a group scale", "how does the model predict the next token",
-           "list code sample prompt answer", "where is the layer capture"]
 ROW_BYTES = 4 * 512 * 2 + 16
-# replay memory for reader batches of ~64 rows (16-row chunks below) on this machine's core
+# replay memory for reader batches of ~64 rows (the capture's 16-row chunks) on this machine's core
 # count: the reader gets half, minus its decode buffers, for 3 batches in flight
 SMALL = 2 * (int(min(16, os.cpu_count() or 1) * DECODE_FACTOR_DIRECT * 16 * ROW_BYTES) + 3 * 64 * ROW_BYTES)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_dsv4):
-    ckpt, store = tiny_dsv4, str(tmp_path_factory.mktemp("replay") / "cap")
-    # small chunks so that a small max_bytes really splits the store into several batches
-    CaptureStore.create(store, StoreMeta(hidden_size=512, hc_mult=4, capture_point="target_pre_head"),
-                        layout=Layout(rows_per_chunk=16))
-    capture_hf(HFCaptureConfig(model=str(ckpt), store=store, max_new_tokens=40, stop_at_eos=False), PROMPTS)
-    block = load_block(ckpt, device="cpu")
-    return ckpt, store, block
+def setup(tiny_dsv4, dsv4_capture):
+    """The shared capture (requant.testing.stores.capture_dsv4: 16-row chunks, sequences < 64 rows)."""
+    return tiny_dsv4, dsv4_capture, load_block(tiny_dsv4, device="cpu")
 
 
 @pytest.fixture(autouse=True)

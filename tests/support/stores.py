@@ -15,7 +15,9 @@ LAYOUT = Layout(rows_per_chunk=64, chunks_per_shard=2, index_rows_per_chunk=8)
 META = dict(hidden_size=512, hc_mult=4, model="tiny-dsv4")   # the tiny DSV4's MTP input rows
 
 # What capture_dsv4 captures: 12 prompts (one held out at the stage's default 10%, 11 to
-# calibrate on, more than 8 partitions' worth), DSV4_GEN tokens generated past each prompt.
+# calibrate on, more than 8 partitions' worth), DSV4_GEN tokens generated past each prompt
+# (~35 rows a sequence, ~415 rows), in 16-row chunks so that a small replay memory bound
+# really splits the store into several batches.
 DSV4_PROMPTS = ["tell me about the expert router", "why quantize the hessian weight", "explain attention hidden state",
                 "write a story about a number", "what is a group scale", "how does the model predict the next token",
                 "list three prime numbers", "describe a quiet harbour at dawn", "what does a compiler do",
@@ -27,6 +29,8 @@ def capture_dsv4(model: Path, store: str) -> str:
     """DSV4_PROMPTS through ``model`` (the tiny DeepSeek-V4) with the hf engine into ``store``."""
     from requant.hooks.hf_engine import HFCaptureConfig, capture_hf
 
+    CaptureStore.create(store, StoreMeta(hidden_size=512, hc_mult=4, capture_point="target_pre_head", model=str(model)),
+                        layout=Layout(rows_per_chunk=16))
     capture_hf(HFCaptureConfig(model=str(model), store=store, max_new_tokens=DSV4_GEN, stop_at_eos=False),
                DSV4_PROMPTS)
     return store
