@@ -94,7 +94,8 @@ def _embed_source(spec: MTPSpec, where: dict[str, Path], base: Path) -> str | No
     return None if any(n in where for n in names) else str(base)
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 16 MiB pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -138,12 +139,12 @@ def _hash_inputs(master: Path, where: dict[str, Path], spec: MTPSpec, base: Path
         with open(p, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             shards[f] = {"bytes": p.stat().st_size, "header_sha256": hashlib.sha256(fh.read(n)).hexdigest()}
-    return {"master": {"path": str(master), "config_sha256": _sha256_file(cfg),
+    return {"master": {"path": str(master), "config_sha256": file_sha256(cfg),
                        "mtp_tensors_sha256": _hash_tensors(where, [n for n in where if n.startswith(spec.prefix)]),
                        "mtp_tensors_hash": "sha256 of the concatenated hex sha256s of each tensor "
                                            "(name, dtype, shape json + raw bytes), tensors sorted by name"},
-            "base": {"path": str(base), "config_sha256": _sha256_file(base / "config.json"),
-                     "index_sha256": _sha256_file(base / "model.safetensors.index.json"), "shards": shards}}
+            "base": {"path": str(base), "config_sha256": file_sha256(base / "config.json"),
+                     "index_sha256": file_sha256(base / "model.safetensors.index.json"), "shards": shards}}
 
 
 def store_facts(path: str) -> dict:
