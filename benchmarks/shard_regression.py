@@ -38,7 +38,8 @@ from _path import ensure_requant  # noqa: E402
 ensure_requant()
 from quantize_stage import dsv4_config, fake_base, fake_master  # noqa: E402
 
-from requant.quantizer.stage.run import MANIFEST, QuantizeJob, file_sha256, run_quantize  # noqa: E402
+from requant.quantizer.stage.provenance import file_sha256  # noqa: E402
+from requant.quantizer.stage.run import MANIFEST, QuantizeJob, run_quantize  # noqa: E402
 from requant.quantizer.mtp.weights import dequant_fp8_block  # noqa: E402
 
 SHARD = "model-mtp-w4a16.safetensors"
