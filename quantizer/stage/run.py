@@ -45,12 +45,15 @@ from requant.quantizer.mtp.arch import MTPSpec, check_config, load_spec
 from requant.quantizer.mtp.weights import _shards, read_json
 from requant.quantizer.stage import manifest as manifest_mod
 from requant.quantizer.stage.assemble import AssembleConfig, check_base_matches, read_base, write_assembly
-from requant.quantizer.stage.distribute import (KILL_ENV, RunOutcome, StageTask, gptq_batch_size, phases_for,
-                                                plan_slices, run_local, run_processes, run_ray)
+from requant.quantizer.stage.distribute import KILL_ENV, StageTask, gptq_batch_size, phases_for, plan_slices
 from requant.quantizer.stage.job import QuantizeJob
+from requant.quantizer.stage.local import run_local
 from requant.quantizer.stage.memory_plan import MemoryPlan, memory_facts, plan_memory
 from requant.quantizer.stage.partition import PartitionPlan, assign, plan_partitions
+from requant.quantizer.stage.processes import run_processes
 from requant.quantizer.stage.provenance import hash_inputs, store_facts
+from requant.quantizer.stage.ray_actors import run_ray
+from requant.quantizer.stage.records import RunOutcome, TensorResult
 from requant.quantizer.stage.replay import check_store_matches
 from requant.quantizer.stage.report import write_report
 from requant.storage.durable import fsync, fsync_tree
@@ -239,7 +242,7 @@ def dispatch(job: QuantizeJob, rp: RunPlan, progress: Callable[[str, int], None]
 class Merged:
     """The workers' results as one."""
     packed: dict[str, torch.Tensor]                  # every routed expert's packed tensors
-    records: list[dict]                              # per tensor, expert order
+    records: list[TensorResult]                      # per tensor, expert order
     distance: dict[int, tuple[float, float]]         # replay=both: expert → identity-vs-full distances
     by_phase: dict[tuple[str, str], list[int]]       # (split, mode) → routed tokens per expert
     quant_mode: str                                  # the mode GPTQ's Hessians were replayed in
@@ -252,7 +255,7 @@ class Merged:
 
 def merge(outcome: RunOutcome, task: StageTask) -> Merged:
     packed: dict[str, torch.Tensor] = {}
-    records: list[dict] = []
+    records: list[TensorResult] = []
     distance: dict[int, tuple[float, float]] = {}
     for r in outcome.results:
         packed.update(r.tensors)
