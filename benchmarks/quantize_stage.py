@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _path import ensure_requant  # noqa: E402
 
 ensure_requant()
-from requant.quantizer.stage.assemble import write_safetensors  # noqa: E402
+from requant.quantizer.stage.safetensors_io import write_safetensors  # noqa: E402
 from requant.quantizer.stage.run import QuantizeJob, run_quantize  # noqa: E402
 from requant.storage import CaptureStore, StoreMeta  # noqa: E402
 

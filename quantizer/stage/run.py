@@ -44,7 +44,8 @@ from requant.quantizer.core.memory import check as check_memory
 from requant.quantizer.mtp.arch import MTPSpec, check_config, load_spec
 from requant.quantizer.mtp.weights import _shards, read_json
 from requant.quantizer.stage import manifest as manifest_mod
-from requant.quantizer.stage.assemble import AssembleConfig, check_base_matches, read_base, write_assembly
+from requant.quantizer.stage.assemble import AssembleConfig, write_assembly
+from requant.quantizer.stage.base_files import check_base_matches, read_base
 from requant.quantizer.stage.distribute import KILL_ENV, StageTask, gptq_batch_size, phases_for, plan_slices
 from requant.quantizer.stage.job import QuantizeJob
 from requant.quantizer.stage.local import run_local

@@ -22,7 +22,9 @@ from safetensors.torch import load_file, save_file
 from requant.hooks.fixtures import make_dsv4
 from requant.hooks.hf_engine import HFCaptureConfig, capture_hf
 from requant.quantizer.mtp.arch import load_block
-from requant.quantizer.stage.assemble import INDEX, merge_quant_config, AssembleConfig
+from requant.quantizer.stage.assemble import AssembleConfig
+from requant.quantizer.stage.base_files import INDEX
+from requant.quantizer.stage.quant_config import merge_quant_config
 from requant.quantizer.base_fixture import make_base
 from requant.quantizer.stage.distribute import KILL_ENV, plan_slices
 from requant.quantizer.core.gptq import GPTQConfig, gptq_batched

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from requant.hooks.fixtures import make_dsv3
-from requant.quantizer.stage.assemble import INDEX
+from requant.quantizer.stage.base_files import INDEX
 from requant.quantizer.base_fixture import make_base
 from requant.quantizer.stage.run import MANIFEST, QuantizeJob, run_quantize
 

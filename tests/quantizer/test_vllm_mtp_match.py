@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from requant.hooks.fixtures import make_dsv3, make_dsv4
 from requant.quantizer.mtp.arch import load_spec
-from requant.quantizer.stage.assemble import AssembleConfig, read_base, write_assembly
+from requant.quantizer.stage.assemble import AssembleConfig, write_assembly
+from requant.quantizer.stage.base_files import read_base
 from requant.quantizer.base_fixture import make_base
 from requant.quantizer.core.pack import packed_tensors
 from requant.quantizer.core.quant import QuantSpec, rtn
