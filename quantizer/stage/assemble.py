@@ -157,8 +157,8 @@ def write_assembly(tmp: Path, base: Path, base_config: dict, base_index: dict, s
     if dequantised:
         notes.append(f"{len(dequantised)} FP8 MTP modules dequantised to BF16 (no base FP8 block group serves them)")
     write_safetensors(tmp / cfg.shard_name, shard, durable=durable)
+    # every base shard, "dropped" ones too: the manifest says where each went
     links = {f: place_base_shard(base / f, tmp / f, headers[f], spec.prefix, durable) for f in base_files}
-    links = {f: how for f, how in links.items() if how != "dropped"}
     index, dropped = union_index(base_index, base_sizes, spec.prefix, cfg.shard_name, shard)
     (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     config = dict(base_config)
