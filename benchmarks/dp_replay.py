@@ -1,6 +1,6 @@
 """Data-parallel vs replicated replay: store rows/s of the replay and store bytes read per
 worker against the worker count, both modes in the same run (replicated — every worker
-reads and replays every row for its own experts — is the anchor: what the stage did before).
+reads and replays every row for its own experts — is the anchor).
 
 Problem: the reduced DeepSeek-V4 MTP shapes of ``quantize_stage.py --small`` (hidden 512,
 hc_mult 4, 16 routed experts top-2, moe_inter 256) with a FAKE master and base (random

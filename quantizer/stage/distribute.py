@@ -9,7 +9,7 @@ then reduced to each chunk's owner with a real collective — ``torch.distribute
 (SUM) per GPTQ batch, NCCL on GPUs, gloo on CPUs — and the owner turns its slice back into
 fp32 Hessians. Integer addition is associative, so the reduced sums, and the shard, are the
 same bits for any worker count and any assignment of partitions to workers (on CPUs every
-worker also runs with the same thread count). Memory (``memory.py``): the int64 sums are upper
+worker also runs with the same thread count). Memory (``core.memory``): the int64 sums are upper
 triangles in blocks of whole GPTQ batches (DSV4-Flash: 21.5 GB, an fp32 set's size) and the
 fp32 partial one chunk of experts (1.3 GB) during replay; the reduce works in place, block by
 block, and a worker drops each block it does not own as soon as it is sent; the owner keeps

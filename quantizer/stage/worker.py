@@ -272,7 +272,7 @@ def pooled_means(parts: list[tuple[torch.Tensor, torch.Tensor]], shifts: tuple[i
 
 
 # Device memory the replay needs besides its Hessians: the block's activations at 16,384
-# rows per call (DSV4-Flash shapes: ~18 GiB measured) and a margin.
+# rows per call (DSV4-Flash shapes: ``core.memory.ACT_BYTES``) and a margin.
 REPLAY_HEADROOM = 24 << 30
 
 
