@@ -86,6 +86,12 @@ def _mxfp4(w: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Ten
     return codes.view(torch.int8), scale.view(torch.float8_e8m0fnu)
 
 
+def write_result(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
 def fake_master(out: Path, c: dict, dev: torch.device, mxfp4: bool, seed: int = 0) -> Path:
     """FAKE master: random weights at the real MTP layer's names, shapes and on-disk formats."""
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -342,9 +348,7 @@ def main() -> None:
               "runner": "ray" if args.ray else "processes", "parallel": args.parallel,
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": os.environ.get("REQUANT_COMMIT")}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":
