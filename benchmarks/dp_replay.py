@@ -1,6 +1,6 @@
 """Data-parallel vs replicated replay: store rows/s of the replay and store bytes read per
 worker against the worker count, both modes in the same run (replicated — every worker
-reads and replays every row for its own experts — is the anchor: what the stage did before).
+reads and replays every row for its own experts — is the anchor).
 
 Problem: the reduced DeepSeek-V4 MTP shapes of ``quantize_stage.py --small`` (hidden 512,
 hc_mult 4, 16 routed experts top-2, moe_inter 256) with a FAKE master and base (random
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quantize_stage import dsv4_config, fake_base, fake_master, synthetic_store  # noqa: E402
+from quantize_stage import dsv4_config, fake_base, fake_master, synthetic_store, write_result  # noqa: E402
 
 from requant.quantizer.stage.run import QuantizeJob, run_quantize  # noqa: E402
 
@@ -113,9 +113,7 @@ def main() -> None:
               "cores": os.cpu_count(), "torch": torch.__version__, "runs": runs,
               "shards_identical": same, "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

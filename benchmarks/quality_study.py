@@ -360,7 +360,7 @@ class Measure:
     def quantize(self, policy: Policy, h_in, h_mid, rows: int):
         """What the stage writes for these Hessians of ``rows`` calibration rows (its CPU batch of 4;
         shrink's pooled Hessian summed the stage's way)."""
-        from requant.quantizer.stage.distribute import pool_shifts, pooled_means
+        from requant.quantizer.stage.worker import pool_shifts, pooled_means
         from requant.quantizer.core.hessian import pooled_sum
 
         w1, w2, w3 = self.w

@@ -1,7 +1,7 @@
-"""The whole quantize stage at seed scale: capture store → assembled checkpoint directory.
+"""The whole quantize stage at full calibration scale: capture store → assembled checkpoint directory.
 
-Problem (DeepSeek-V4-Flash MTP shapes): a synthetic capture store of 473k rows (the seed's
-calibration size; 256 sequences, 4 × 4096 bf16 residual streams per row), a FAKE master
+Problem (DeepSeek-V4-Flash MTP shapes): a synthetic capture store of 473k rows (a full
+calibration set; 256 sequences, 4 × 4096 bf16 residual streams per row), a FAKE master
 checkpoint — random weights at the real MTP layer's shapes and formats, named so, since
 the 284B model cannot be downloaded here: FP8 E4M3 block-128 linears with E8M0 ``.scale``
 (attention, e/h_proj, shared expert), routed experts BF16 (``--mxfp4`` stores them MXFP4 as
@@ -9,8 +9,8 @@ upstream), 256 experts top-6, moe_inter 2048 — and a fake base checkpoint (emb
 index, a compressed-tensors config) to assemble into.
 
 Runs ``run_quantize`` (one process, this GPU) with identity replay twice (cold: first CUDA
-and Triton use; warm) and full replay once, and prints each phase against the seed's anchor
-(seed 002: ~3 min Hessians + GPTQ, ~2 min splice into the checkpoint) and the identity vs
+and Triton use; warm) and full replay once, and prints each phase against the anchor timings
+(~3 min Hessians + GPTQ, ~2 min splice into the checkpoint) and the identity vs
 full replay cost ratio. ``--workers N`` adds the stage on N workers (one per GPU: spawned
 processes, or ``--ray`` actors) in ``--parallel`` mode(s) — data-parallel replay with the
 NCCL reduction, replicated replay, or both — with each phase's wall time, store bytes read
@@ -41,11 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _path import ensure_requant  # noqa: E402
 
 ensure_requant()
-from requant.quantizer.stage.assemble import write_safetensors  # noqa: E402
+from requant.quantizer.stage.safetensors_io import write_safetensors  # noqa: E402
 from requant.quantizer.stage.run import QuantizeJob, run_quantize  # noqa: E402
 from requant.storage import CaptureStore, StoreMeta  # noqa: E402
 
-SEED_ANCHOR_S = {"hessians_gptq": 180.0, "splice": 120.0}  # seed 002, "~3 min" + "~2 min"
+ANCHOR_S = {"hessians_gptq": 180.0, "splice": 120.0}  # "~3 min" + "~2 min"
 
 
 def dsv4_config(small: bool) -> dict:
@@ -86,6 +86,12 @@ def _mxfp4(w: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Ten
     return codes.view(torch.int8), scale.view(torch.float8_e8m0fnu)
 
 
+def write_result(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
 def fake_master(out: Path, c: dict, dev: torch.device, mxfp4: bool, seed: int = 0) -> Path:
     """FAKE master: random weights at the real MTP layer's names, shapes and on-disk formats."""
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -121,7 +127,7 @@ def fake_master(out: Path, c: dict, dev: torch.device, mxfp4: bool, seed: int = 
     t["mtp.0.hc_head_base"] = torch.zeros(hc, device=dev)
     t["mtp.0.hc_head_scale"] = torch.ones(1, device=dev)
     t["mtp.0.ffn.gate.weight"] = lin(E, D).bfloat16()
-    # a spread-out correction bias skews routing (the seed saw 430 … 175k tokens per expert)
+    # a spread-out correction bias skews routing (430 … 175k tokens per expert, the range of a real DSV4-Flash capture)
     t["mtp.0.ffn.gate.bias"] = torch.randn(E, generator=g, device=dev) * 0.3
     fp8("ffn.shared_experts.w1", I, D)
     fp8("ffn.shared_experts.w3", I, D)
@@ -299,16 +305,16 @@ def main() -> None:
         if args.dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
     best = runs["identity"]
-    anchor = SEED_ANCHOR_S["hessians_gptq"] + SEED_ANCHOR_S["splice"]
+    anchor = ANCHOR_S["hessians_gptq"] + ANCHOR_S["splice"]
     ours = best["wall_s"]
     print()
-    print("| phase | ours (s) | seed 002 anchor (s) |")
+    print("| phase | ours (s) | anchor (s) |")
     print("|---|---|---|")
     print(f"| load master + replay (identity) + Hessians + GPTQ | {best['timings']['hessians_gptq']:.2f} | "
-          f"~{SEED_ANCHOR_S['hessians_gptq']:.0f} (Hessians + GPTQ) |")
+          f"~{ANCHOR_S['hessians_gptq']:.0f} (Hessians + GPTQ) |")
     print(f"| assemble (shard, index, config, links) + report + manifest | "
           f"{best['timings']['assemble'] + best['timings'].get('report', 0) + best['timings']['hash_wait']:.2f} | "
-          f"~{SEED_ANCHOR_S['splice']:.0f} (splice) |")
+          f"~{ANCHOR_S['splice']:.0f} (splice) |")
     print(f"| whole stage | **{ours:.2f}** | ~{anchor:.0f} ({anchor / ours:.1f}× ours) |")
     same = runs["identity_cold"]["shard_sha256"] == best["shard_sha256"]
     print(f"shard bit-identical across the two identity runs: {same}")
@@ -334,7 +340,7 @@ def main() -> None:
     result = {"benchmark": "quantize_stage", "small": args.small, "rows": n, "mxfp4_master": args.mxfp4,
               "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "python": platform.python_version(), "config": c,
-              "anchor_s": SEED_ANCHOR_S, "runs": runs, "whole_stage_s": ours, "target_s": 20.0,
+              "anchor_s": ANCHOR_S, "runs": runs, "whole_stage_s": ours, "target_s": 20.0,
               "full_over_identity_replay": ratio, "setup_s": setup,
               "multi_gpu_speedup": {k: ours / v["wall_s"] for k, v in multis.items()} or None,
               "reproducible_runs": same, "reproducible_full_runs": full_same,
@@ -342,9 +348,7 @@ def main() -> None:
               "runner": "ray" if args.ray else "processes", "parallel": args.parallel,
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": os.environ.get("REQUANT_COMMIT")}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

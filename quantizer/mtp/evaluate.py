@@ -183,7 +183,7 @@ def _manifest_master(ckpt: Path) -> str | None:
 def calibrated_on(ckpt: Path, stores: list[str]) -> bool:
     """Whether a requant checkpoint's manifest lists one of ``stores`` as calibration data: the
     same directory (grown since, perhaps) or a store with the same id (a copy)."""
-    from requant.quantizer.stage.run import store_facts
+    from requant.quantizer.stage.provenance import store_facts
 
     m = ckpt / "requant-manifest.json"
     if not m.exists():
@@ -318,7 +318,7 @@ def evaluate_offline(cfg: OfflineConfig, progress=None, weights: dict[str, torch
     from requant.storage import CaptureStore
 
     from requant.quantizer.stage.replay import check_store_matches
-    from requant.quantizer.stage.run import store_facts
+    from requant.quantizer.stage.provenance import store_facts
 
     t0 = time.perf_counter()
     ckpt = Path(cfg.checkpoint)

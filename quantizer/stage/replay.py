@@ -11,7 +11,7 @@ picks which experts see the row. Per expert e with rows S_e:
   ``Σ g²·a aᵀ`` (DeepSeek's reference scales before w2) to compare.
 
 Modes: ``identity`` skips the attention sub-layer entirely (for DSV4 its mHC mixing too:
-the FFN's hc_pre sees the projected inputs unchanged — mtp_dsv4.py says why that, not
+the FFN's hc_pre sees the projected inputs unchanged — mtp/dsv4.py says why that, not
 ``y = 0``); ``full`` runs the real block over whole sequences.
 
 Memory: the stores are streamed (``StoreReader``) within ``max_bytes`` of host memory;
@@ -20,14 +20,14 @@ sequences (attention needs each sequence's earlier rows). Only the requested exp
 Hessians and w1/w3 live on the device. Rows are replayed in store order whatever the
 batching, so the result depends on ``max_bytes`` only through fp32 summation order.
 
-Partitions (``partition.py``): ``replay_partitions`` replays chosen partitions of one split
+Partitions (``partition``): ``replay_partitions`` replays chosen partitions of one split
 and folds them into a ``hessian.FixedPointSum`` (int64 upper triangles) — a worker's share of a
 data-parallel sum, exact under any grouping — through fp32 partials of ``FOLD_EXPERTS`` experts
-over ``fold_rows`` rows at a time (``limits.py``), never a whole fp32 set. ``split_hessians``
+over ``fold_rows`` rows at a time (``core.limits``), never a whole fp32 set. ``split_hessians``
 does all of one split in this process (the stage's numbers, e.g. held-out Hessians for a
 policy study).
 
-Making a store to replay from a tiny fixture (CPU, ~1 min)::
+Making a store to replay from a tiny fixture (CPU)::
 
     from requant.hooks.fixtures import make_dsv4
     from requant.hooks.hf_engine import HFCaptureConfig, capture_hf

@@ -1,7 +1,7 @@
 """The quantize stage's GPU-only paths (skipped without CUDA; run on the GPU machine):
 one worker through the spawned-process runner with the NCCL reduction (world size 1) writes the
 shard the in-process run writes, and a worker that owns an expert slice — its experts selected
-from the stacked weights by an index on the GPU (``distribute._weights_for_gptq``) — quantises
+from the stacked weights by an index on the GPU (``worker._weights_for_gptq``) — quantises
 them exactly as the whole-stack run does."""
 import hashlib
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from requant.quantizer.mtp.arch import load_block
-from requant.quantizer.stage.distribute import _weights_for_gptq
+from requant.quantizer.stage.worker import _weights_for_gptq
 from requant.quantizer.core.hessian import HessianSet
 from requant.quantizer.core.experts import ExpertQuantConfig, quantize_experts
 from requant.quantizer.stage.replay import ReplayConfig, accumulate_hessians

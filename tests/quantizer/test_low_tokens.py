@@ -99,7 +99,7 @@ def test_default_policy_is_shrink():
 def test_stage_pooled_hessian_is_the_pooled_mean_in_any_slicing(experts):
     """The stage's pooled Hessian (integer sums of each expert's rounded Hessian) equals
     Σ_e H_e / Σ_e T_e to fp32 precision, and slices of experts summed give the same bits."""
-    from requant.quantizer.stage.distribute import pooled_means
+    from requant.quantizer.stage.worker import pooled_means
     from requant.quantizer.core.hessian import pool_shift, pooled_sum
 
     _, _, _, h_in, h_mid, *_ = experts

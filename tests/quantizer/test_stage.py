@@ -20,7 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from requant.quantizer.mtp.arch import load_block
-from requant.quantizer.stage.assemble import INDEX, merge_quant_config, AssembleConfig
+from requant.quantizer.stage.assemble import AssembleConfig
+from requant.quantizer.stage.base_files import INDEX
+from requant.quantizer.stage.quant_config import merge_quant_config
 from requant.quantizer.stage.distribute import KILL_ENV, plan_slices
 from requant.quantizer.core.gptq import GPTQConfig, gptq_batched
 from requant.quantizer.stage.partition import plan_partitions
@@ -217,6 +219,38 @@ def test_merge_keeps_base_config_and_refuses_conflicts(env):
         merge_quant_config(bad, spec, master_cfg, [], [], base_modules, AssembleConfig())
     with pytest.raises(ValueError, match="quant_method 'fp8'"):
         merge_quant_config({"quant_method": "fp8"}, spec, master_cfg, [], [], base_modules, AssembleConfig())
+
+
+def test_base_shard_of_only_mtp_tensors_is_dropped_and_named(env, tmp_path):
+    """A base shard that holds nothing but an old MTP layer is left out of the output, and the
+    manifest's assembly facts name it (with its note), beside the linked shards."""
+    from requant.quantizer.mtp.arch import load_spec
+    from requant.quantizer.stage.assemble import PACKED_SUFFIXES, write_assembly
+    from requant.quantizer.stage.base_files import read_base
+
+    base = tmp_path / "base"
+    base.mkdir()
+    for p in env["base"].iterdir():
+        os.link(p, base / p.name)
+    with safe_open(str(env["ckpt"] / "model.safetensors"), "pt") as f:
+        old_mtp = {k: f.get_tensor(k) for k in f.keys() if k.startswith("mtp.0.") and "experts" not in k}
+    save_file(old_mtp, str(base / "model-old-mtp.safetensors"))
+    index = json.loads((env["base"] / INDEX).read_text())
+    index["weight_map"] |= {k: "model-old-mtp.safetensors" for k in old_mtp}
+    (base / INDEX).unlink()
+    (base / INDEX).write_text(json.dumps(index))
+    config, index = read_base(base)
+    master_cfg = json.loads((env["ckpt"] / "config.json").read_text())
+    packed = {k: v for k, v in load_file(str(env["out"] / SHARD)).items() if k.endswith(PACKED_SUFFIXES)}
+    out = tmp_path / "out"
+    out.mkdir()
+    facts = write_assembly(out, base, config, index, load_spec(master_cfg), env["ckpt"], master_cfg, packed,
+                           AssembleConfig(), durable=False)
+    assert facts["base_shards"] == {f: "hardlink" for f in env["base_hashes"]} | {"model-old-mtp.safetensors": "dropped"}
+    assert facts["base_mtp_entries_dropped"] == len(old_mtp)
+    assert f"{len(old_mtp)} MTP tensors of the base superseded: model-old-mtp.safetensors dropped" in facts["notes"]
+    assert not (out / "model-old-mtp.safetensors").exists()
+    assert "model-old-mtp.safetensors" not in json.loads((out / INDEX).read_text())["weight_map"].values()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from requant.quantizer.mtp.arch import load_spec
-from requant.quantizer.stage.assemble import AssembleConfig, read_base, write_assembly
+from requant.quantizer.stage.assemble import AssembleConfig, write_assembly
+from requant.quantizer.stage.base_files import read_base
 from requant.testing.base import make_base
 from requant.quantizer.core.pack import packed_tensors
 from requant.quantizer.core.quant import QuantSpec, rtn
