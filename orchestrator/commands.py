@@ -34,7 +34,7 @@ def _capture_job(args: argparse.Namespace) -> int:
         return 0
     # SIGTERM (the control plane's cancel): stop feeding, drain, shut the servers down cleanly.
     signal.signal(signal.SIGTERM, lambda *_: job.cancel())
-    from .job import JobError
+    from .pool import JobError
     try:
         res = job.run()
     except JobError as e:
