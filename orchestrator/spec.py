@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from .prompts import ULTRACHAT, PromptConfig
 
@@ -173,7 +173,14 @@ class EvaluateSpec(_Strict):
         return EvalJob(**d)
 
 
-JobSpec = Union[CaptureSpec, QuantizeSpec, EvaluateSpec]
+# One spec per job kind, told apart by ``kind``: a bad field is reported for that kind only.
+JobSpec = Annotated[Union[CaptureSpec, QuantizeSpec, EvaluateSpec], Field(discriminator="kind")]
+_JOB_SPEC = TypeAdapter(JobSpec)
+
+
+def parse_spec(data: dict) -> CaptureSpec | QuantizeSpec | EvaluateSpec:
+    """A job spec of any kind from its JSON form (``ValidationError`` on a bad one)."""
+    return _JOB_SPEC.validate_python(data)
 
 
 def _check_cron(v: str | None) -> str | None:
