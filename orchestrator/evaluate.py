@@ -313,7 +313,7 @@ def agreement(result: dict) -> dict | None:
 
 def _job_dict(job: EvalJob) -> dict:
     d = asdict(job)
-    d["prompts"] = asdict(job.prompts) if job.prompts else None
+    d["prompts"] = job.prompts.model_dump() if job.prompts else None
     return d
 
 

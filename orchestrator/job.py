@@ -91,11 +91,10 @@ class CaptureJob:
 
     # -- setup --------------------------------------------------------------------------
     def _prompt_config(self):
-        cfg = self.spec.prompts.config()
+        cfg = self.spec.prompts
         cov = self.spec.coverage
         if cov is not None:  # the coverage loop draws more prompts from the same sampled order
-            from dataclasses import replace
-            cfg = replace(cfg, count=cov.max_prompts)
+            cfg = cfg.model_copy(update={"count": cov.max_prompts})
         return cfg
 
     async def _run(self) -> dict:

@@ -309,7 +309,7 @@ def run_quantize(job: QuantizeJob, progress: bool | Callable[[str, int, int], No
             "format": "requant.quantize/2",
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
             "versions": _versions() | ({"ray": ray_info["ray"]} if ray_info else {}),
-            "job": asdict(job),
+            "job": job.model_dump(),
             "spec": asdict(spec),
             "inputs": inputs,
             "stores": stores,

@@ -147,6 +147,22 @@ def test_invalid_specs_are_422_with_a_message(api, spec, needle):
     assert needle in r.text
 
 
+@pytest.mark.parametrize("field, value, needle", [
+    ("holdout", 1.5, "holdout must be in [0, 1), got 1.5"),
+    ("replay", "half", "replay must be one of"),
+    ("low_tokens", "magic", "low-token policy must be one of"),
+    ("parallel", "replicated", "Extra inputs are not permitted"),   # not offered by job specs
+])
+def test_one_wrong_quantize_field_is_the_only_422_error(api, field, value, needle):
+    q = {"kind": "quantize", "stores": ["demo/capture"], "master": "demo/tiny-dsv3", "base": "demo/base",
+         "out": "demo/q-bad", field: value}
+    r = api.call("POST", "/jobs", json=q)
+    assert r.status_code == 422, r.text
+    errors = r.json()["detail"]
+    assert [e["loc"] for e in errors] == [["body", "quantize", field]], errors
+    assert needle in errors[0]["msg"]
+
+
 @pytest.mark.parametrize("spec, needle", [
     ({"kind": "capture", "model": "../../etc", "store": "s"}, "model"),
     ({"kind": "capture", "model": "demo/tiny-dsv3", "store": "/tmp/elsewhere"}, "store"),
