@@ -187,8 +187,8 @@ def run_online_sets(cfg: OnlineConfig, arch: str, sets: dict[str, PromptConfig])
         env = {**cpu_replica_env(), CPU_WNA16: "1", **env}
         if not any(a.startswith("--gpu-memory-utilization") for a in args):
             args += ("--gpu-memory-utilization", "0.3")
-        # a few prompts on a CPU: torch.compile (~20 s of the server's start here) costs more
-        # than it saves; compiled serving stays one argument away (-O / --compilation-config)
+        # a few prompts on a CPU: torch.compile of the server costs more than it saves;
+        # compiled serving stays one argument away (-O / --compilation-config)
         if not any(a == "--enforce-eager" or a.startswith(("-O", "--compilation-config")) for a in args):
             args += ("--enforce-eager",)
     log_dir = cfg.log_dir or tempfile.mkdtemp(prefix="requant-evaluate-")

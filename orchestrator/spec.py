@@ -14,6 +14,11 @@ from .prompts import PromptConfig
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @field_validator("schedule", check_fields=False)  # the job kinds' cron field
+    @classmethod
+    def _cron(cls, v):
+        return _check_cron(v)
+
 
 class CoverageSpec(_Strict):
     min_tokens_per_expert: int = Field(..., ge=1)
@@ -52,11 +57,6 @@ class CaptureSpec(_Strict):
     ledger: str | None = None                    # default: <store>.ledger.jsonl
     schedule: str | None = None                  # cron (control plane only)
 
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, v):
-        return _check_cron(v)
-
     @model_validator(mode="after")
     def _mtp(self):
         if self.point == "mtp_input" and "--speculative-config" not in self.vllm_args:
@@ -88,11 +88,6 @@ class _QuantizeSpec(_Strict):
         from requant.quantizer.stage.job import QuantizeJob
 
         return QuantizeJob(**self.model_dump(exclude={"kind", "schedule"}))
-
-    @field_validator("schedule", check_fields=False)
-    @classmethod
-    def _cron(cls, v):
-        return _check_cron(v)
 
 
 def _quantize_spec():
@@ -126,11 +121,6 @@ class EvaluateSpec(_Strict):
     device: str | None = None
     out: str                                      # result JSON
     schedule: str | None = None
-
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, v):
-        return _check_cron(v)
 
     @model_validator(mode="after")
     def _something(self):

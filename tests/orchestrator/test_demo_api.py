@@ -76,7 +76,7 @@ def test_evaluate_the_demo_output_offline_and_in_vllm(demo):
     assert on["requests"] == DEMO_PROMPTS and on["drafts"] > 0 and on["draft_tokens"] == on["drafts"]
     assert on["accepted"] > 0 and len(on["acceptance_per_position"]) == 1 and on["cpu_wna16"] is True
     # 6 prompts × 15 verifiable positions: a near-tie answered differently by the two servers'
-    # batch shapes moves a few drafts (measured −7.4 points, 51 vs 49 drafts; on 12 × 24: −0.4)
+    # batch shapes moves a few drafts, a few points of acceptance on so few
     assert abs(ag["difference_points"]) < 12 and abs(ag["offline_drafts"] - ag["online_drafts"]) <= 6, ag
     assert ag["offline_full_all_positions"] < ag["offline_full_vllm_schedule"]   # the schedule matters here
 
