@@ -8,6 +8,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
+from .evaluate import EvalJob
 from .prompts import PromptConfig
 
 
@@ -105,38 +106,14 @@ def _quantize_spec():
 QuantizeSpec = _quantize_spec()
 
 
-class EvaluateSpec(_Strict):
+class EvaluateSpec(EvalJob, _Strict):
+    """``EvalJob``'s fields (same checks), ``out`` required."""
     kind: Literal["evaluate"] = "evaluate"
-    checkpoint: str
-    against: str | None = None
-    stores: list[str] = []                        # held-out captures (offline replay)
-    prompts: PromptConfig | None = None           # held-out prompts (online, vLLM)
-    store_prompts: str | None = None              # the stores' prompt source (their prompt lengths)
-    modes: list[Literal["identity", "full"]] = ["identity", "full"]
-    online: bool = True
-    num_speculative_tokens: int = Field(1, ge=1)
-    max_model_len: int | None = Field(None, ge=16)
-    vllm_args: list[str] = []
-    env: dict[str, str] = {}
-    device: str | None = None
-    out: str                                      # result JSON
+    out: str = Field(description="result JSON")
     schedule: str | None = None
 
-    @model_validator(mode="after")
-    def _something(self):
-        if not self.stores and not (self.prompts and self.online):
-            raise ValueError("nothing to evaluate: give stores (offline) and/or prompts (online)")
-        if not self.modes:
-            raise ValueError("modes: at least one replay mode")
-        return self
-
-    def job(self):
-        from .evaluate import EvalJob
-
-        d = self.model_dump(exclude={"kind", "schedule", "prompts"})
-        d.update(stores=tuple(self.stores), modes=tuple(self.modes), vllm_args=tuple(self.vllm_args),
-                 prompts=self.prompts)
-        return EvalJob(**d)
+    def job(self) -> EvalJob:
+        return EvalJob(**self.model_dump(exclude={"kind", "schedule"}))
 
 
 # One spec per job kind, told apart by ``kind``: a bad field is reported for that kind only.
