@@ -288,7 +288,7 @@ def create_app(cfg: ApiConfig):
         return {"ok": True}
 
     @app.post("/jobs", status_code=201, dependencies=[Depends(auth)])
-    def submit(spec: JobSpec = Body(...)):
+    def submit(spec: JobSpec = Body(..., discriminator="kind")):  # Body's own field info: say it again
         try:
             spec = confine(spec, cfg.data_root)
             _check_inputs(spec)
