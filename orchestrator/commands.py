@@ -1,4 +1,4 @@
-"""Orchestrator commands: `requant capture-job`, `requant api`, `requant demo`.
+"""Orchestrator commands: `requant evaluate`, `requant capture-job`, `requant api`, `requant demo`.
 
 (`requant capture` — one process, no Ray — is hooks/cli.py; `capture-job` is the
 multi-replica Ray job with a resumable ledger.)

@@ -1,5 +1,8 @@
-"""Job specs (pydantic): what `requant capture-job --config job.yaml` reads and what the
-control plane accepts at POST /jobs — one schema, validated the same way everywhere."""
+"""Job specs (pydantic), one per kind, told apart by ``kind``: what job files hold
+(``load_spec``; `requant capture-job --config job.yaml`), what the control plane accepts at
+POST /jobs (``JobSpec``) and what its runner reads back (``parse_spec``) — one schema,
+validated the same way everywhere. The quantize spec is ``QuantizeJob``'s fields
+(quantizer/stage/job.py, also `requant quantize`'s options), the evaluate spec ``EvalJob``'s."""
 from __future__ import annotations
 
 import os
