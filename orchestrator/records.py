@@ -6,6 +6,20 @@ import json
 import os
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
+
+class JobResult(BaseModel):
+    """``result.json`` of a control-plane job: whether it succeeded (what the API's state
+    follows), why not, and the kind's own outcome (paths, counts) as further fields."""
+    model_config = ConfigDict(extra="allow")
+
+    ok: bool
+    error: str | None = None
+
+    def write(self, path: str | Path) -> None:
+        write_json(path, self.model_dump())
+
 
 def write_json(path: str | Path, data: dict, indent: int | None = 1, durable: bool = True) -> None:
     """Write ``data`` to a temporary file beside ``path`` and rename it into place;
