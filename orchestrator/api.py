@@ -18,7 +18,6 @@ is a recurring job: each due time starts a run (a child job).
 """
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import signal
@@ -29,16 +28,13 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Union
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import PlainTextResponse
-from pydantic import Field
+from pydantic import BaseModel
 
-from .spec import CaptureSpec, EvaluateSpec, QuantizeSpec, confine
-
-# Module level: FastAPI resolves the (string) annotations of routes in this module's globals.
-Spec = Annotated[Union[CaptureSpec, QuantizeSpec, EvaluateSpec], Field(discriminator="kind")]
+from .records import read_json, write_json
+from .spec import JobSpec, confine
 
 TERMINAL = ("done", "failed", "cancelled")
 
@@ -71,20 +67,29 @@ class ApiConfig:
 
 # -- job records on disk ------------------------------------------------------------------
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+class JobRecord(BaseModel):
+    """``jobs_dir/<id>/job.json``. Only the fields a job has been given are written (and
+    answered): a scheduled job has ``next_run`` and ``runs``, a restarted one ``restarts``."""
+    id: str
+    kind: str
+    spec: JobSpec
+    state: str                              # queued | scheduled | running | done | failed | cancelled
+    created: float
+    parent: str | None = None               # the scheduled job this run is a child of
+    error: str | None = None
+    pid: int | None = None
+    next_run: float | None = None
+    runs: list[str] = []
+    pid_start: str | None = None            # /proc start time of pid (a recycled pid is not ours)
+    started: float | None = None
+    restarts: int = 0                       # started again after the API found its process gone
+    cancelled: float | None = None
+    finished: float | None = None
 
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    def answer(self) -> dict:
+        d = self.model_dump(exclude_unset=True)
+        d["spec"] = self.spec.model_dump()  # the whole spec, defaults included
+        return d
 
 
 def _proc_start(pid: int) -> str | None:
@@ -102,114 +107,112 @@ class JobManager:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lock = threading.RLock()
         self.procs: dict[str, subprocess.Popen] = {}
-        self.jobs: dict[str, dict] = {}
+        self.jobs: dict[str, JobRecord] = {}
         for d in sorted(self.dir.iterdir()):
-            rec = _read_json(d / "job.json")
-            if rec is not None:
-                self.jobs[rec["id"]] = rec
+            data = read_json(d / "job.json")
+            if data is not None:
+                rec = JobRecord.model_validate(data)
+                self.jobs[rec.id] = rec
         for rec in self.jobs.values():  # jobs that were running when the API went down
-            if rec["state"] == "running" and not self._alive(rec):
-                rec["restarts"] = rec.get("restarts", 0) + 1
+            if rec.state == "running" and not self._alive(rec):
+                rec.restarts += 1
                 self._launch(rec)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, daemon=True, name="requant-jobs")
         self._thread.start()
 
     # records
-    def _save(self, rec: dict) -> None:
-        _write_json(self.dir / rec["id"] / "job.json", rec)
+    def _save(self, rec: JobRecord) -> None:
+        write_json(self.dir / rec.id / "job.json", rec.answer())
 
-    def _alive(self, rec: dict) -> bool:
-        pid = rec.get("pid")
-        p = self.procs.get(rec["id"])
+    def _alive(self, rec: JobRecord) -> bool:
+        p = self.procs.get(rec.id)
         if p is not None:
             return p.poll() is None
-        return bool(pid) and _proc_start(pid) is not None and _proc_start(pid) == rec.get("pid_start")
+        return bool(rec.pid) and _proc_start(rec.pid) is not None and _proc_start(rec.pid) == rec.pid_start
 
-    def submit(self, spec: CaptureSpec | QuantizeSpec | EvaluateSpec, parent: str | None = None) -> dict:
+    def submit(self, spec: JobSpec, parent: str | None = None) -> JobRecord:
         jid = f"{spec.kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         (self.dir / jid).mkdir()
-        rec = {"id": jid, "kind": spec.kind, "spec": spec.model_dump(), "state": "queued", "created": time.time(),
-               "parent": parent, "error": None, "pid": None}
+        rec = JobRecord(id=jid, kind=spec.kind, spec=spec, state="queued", created=time.time(), parent=parent,
+                        error=None, pid=None)
         if spec.schedule and parent is None:
             from croniter import croniter
-            rec.update(state="scheduled", next_run=croniter(spec.schedule, time.time()).get_next(float), runs=[])
+            rec.state = "scheduled"
+            rec.next_run = croniter(spec.schedule, time.time()).get_next(float)
+            rec.runs = []
         with self.lock:
             self.jobs[jid] = rec
             self._save(rec)
-            if rec["state"] == "queued":
+            if rec.state == "queued":
                 self._launch(rec)
         return rec
 
-    def _launch(self, rec: dict) -> None:
-        d = self.dir / rec["id"]
-        _write_json(d / "spec.json", rec["spec"])
+    def _launch(self, rec: JobRecord) -> None:
+        d = self.dir / rec.id
+        write_json(d / "spec.json", rec.spec.model_dump())
         log = open(d / "log.txt", "ab")
         p = subprocess.Popen([sys.executable, "-m", "requant.orchestrator.runner", str(d)], stdout=log,
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
-        self.procs[rec["id"]] = p
-        rec.update(state="running", pid=p.pid, pid_start=_proc_start(p.pid), started=time.time())
+        self.procs[rec.id] = p
+        rec.state, rec.pid, rec.pid_start, rec.started = "running", p.pid, _proc_start(p.pid), time.time()
         self._save(rec)
 
-    def cancel(self, jid: str) -> dict:
+    def cancel(self, jid: str) -> JobRecord:
         with self.lock:
             rec = self.jobs[jid]
-            if rec["state"] in TERMINAL:
+            if rec.state in TERMINAL:
                 return rec
-            if rec["state"] == "running" and self._alive(rec):
+            if rec.state == "running" and self._alive(rec):
                 try:
-                    os.killpg(rec["pid"], signal.SIGTERM)
+                    os.killpg(rec.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-            rec.update(state="cancelled", cancelled=time.time())
+            rec.state, rec.cancelled = "cancelled", time.time()
             self._save(rec)
             return rec
 
     def view(self, jid: str) -> dict:
-        rec = dict(self.jobs[jid])
+        """The record with the job's progress (its status file) and, once written, its result."""
+        out = self.jobs[jid].answer()
         d = self.dir / jid
-        rec["progress"] = _read_json(d / "status.json")
-        result = _read_json(d / "result.json")
+        out["progress"] = read_json(d / "status.json")
+        result = read_json(d / "result.json")
         if result is not None:
-            rec["result"] = result
-        return rec
+            out["result"] = result
+        return out
 
     # background: reap finished processes, start due scheduled runs
     def _supervise(self) -> None:
         while not self._stop.wait(self.cfg.poll_s):
             with self.lock:
                 for rec in list(self.jobs.values()):
-                    if rec["state"] == "running" and not self._alive(rec):
+                    if rec.state == "running" and not self._alive(rec):
                         self._reap(rec)
-                    elif rec["state"] == "cancelled" and rec.get("pid") and not self._alive(rec):
-                        self.procs.pop(rec["id"], None)
-                    elif rec["state"] == "scheduled" and time.time() >= rec["next_run"]:
+                    elif rec.state == "cancelled" and rec.pid and not self._alive(rec):
+                        self.procs.pop(rec.id, None)
+                    elif rec.state == "scheduled" and time.time() >= rec.next_run:
                         from croniter import croniter
-                        spec = _parse(rec["spec"])
-                        child = self.submit(spec.model_copy(update={"schedule": None}), parent=rec["id"])
-                        rec["runs"].append(child["id"])
-                        rec["next_run"] = croniter(rec["spec"]["schedule"], time.time()).get_next(float)
+                        child = self.submit(rec.spec.model_copy(update={"schedule": None}), parent=rec.id)
+                        rec.runs.append(child.id)
+                        rec.next_run = croniter(rec.spec.schedule, time.time()).get_next(float)
                         self._save(rec)
 
-    def _reap(self, rec: dict) -> None:
-        p = self.procs.pop(rec["id"], None)
+    def _reap(self, rec: JobRecord) -> None:
+        p = self.procs.pop(rec.id, None)
         code = p.wait() if p is not None else None
-        result = _read_json(self.dir / rec["id"] / "result.json")
+        result = read_json(self.dir / rec.id / "result.json")
         if result is not None and result.get("ok"):
-            rec.update(state="done", finished=time.time())
+            rec.state = "done"
         else:
-            err = (result or {}).get("error") or f"job process exited with code {code}"
-            rec.update(state="failed", error=err, finished=time.time())
+            rec.state = "failed"
+            rec.error = (result or {}).get("error") or f"job process exited with code {code}"
+        rec.finished = time.time()
         self._save(rec)
 
     def close(self) -> None:
         self._stop.set()
-
-
-def _parse(data: dict):
-    kinds = {"capture": CaptureSpec, "quantize": QuantizeSpec, "evaluate": EvaluateSpec}
-    return kinds[data.get("kind", "capture")].model_validate(data)
 
 
 # -- metrics --------------------------------------------------------------------------------
@@ -222,7 +225,7 @@ def _collector(mgr: JobManager):
             states = GaugeMetricFamily("requant_jobs", "Jobs by state", labels=["state"])
             counts: dict[str, int] = {}
             for rec in mgr.jobs.values():
-                counts[rec["state"]] = counts.get(rec["state"], 0) + 1
+                counts[rec.state] = counts.get(rec.state, 0) + 1
             for s in ("queued", "scheduled", "running", *TERMINAL):
                 states.add_metric([s], counts.get(s, 0))
             yield states
@@ -245,7 +248,7 @@ def _collector(mgr: JobManager):
             cov_min = GaugeMetricFamily("requant_expert_tokens_min", "Fewest routed tokens of any expert",
                                         labels=["job"])
             for jid in list(mgr.jobs):
-                st = _read_json(mgr.dir / jid / "status.json")
+                st = read_json(mgr.dir / jid / "status.json")
                 if not st:
                     continue
                 for k, fam in fams.items():
@@ -285,13 +288,13 @@ def create_app(cfg: ApiConfig):
         return {"ok": True}
 
     @app.post("/jobs", status_code=201, dependencies=[Depends(auth)])
-    def submit(spec: Spec = Body(...)):
+    def submit(spec: JobSpec = Body(..., discriminator="kind")):  # Body's own field info: say it again
         try:
             spec = confine(spec, cfg.data_root)
             _check_inputs(spec)
         except (ValueError, OSError) as e:  # outside the data root, missing input, output exists
             raise HTTPException(400, str(e)) from None
-        return mgr.submit(spec)
+        return mgr.submit(spec).answer()
 
     @app.get("/jobs", dependencies=[Depends(auth)])
     def list_jobs():
@@ -307,7 +310,7 @@ def create_app(cfg: ApiConfig):
     def cancel(jid: str):
         if jid not in mgr.jobs:
             raise HTTPException(404, f"no job {jid!r}")
-        return mgr.cancel(jid)
+        return mgr.cancel(jid).answer()
 
     @app.get("/metrics", dependencies=[Depends(auth)])
     def metrics():

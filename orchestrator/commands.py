@@ -1,4 +1,4 @@
-"""Orchestrator commands: `requant capture-job`, `requant api`, `requant demo`.
+"""Orchestrator commands: `requant evaluate`, `requant capture-job`, `requant api`, `requant demo`.
 
 (`requant capture` — one process, no Ray — is hooks/cli.py; `capture-job` is the
 multi-replica Ray job with a resumable ledger.)
@@ -34,7 +34,7 @@ def _capture_job(args: argparse.Namespace) -> int:
         return 0
     # SIGTERM (the control plane's cancel): stop feeding, drain, shut the servers down cleanly.
     signal.signal(signal.SIGTERM, lambda *_: job.cancel())
-    from .job import JobError
+    from .pool import JobError
     try:
         res = job.run()
     except JobError as e:
@@ -84,11 +84,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.prompts:
         prompts = PromptConfig(source=args.prompts, count=args.count, seed=args.seed, shuffle=not args.no_shuffle,
                                max_tokens=args.max_tokens)
-    job = EvalJob(checkpoint=args.checkpoint, against=args.against, stores=tuple(args.stores or ()), prompts=prompts,
-                  store_prompts=args.store_prompts,
-                  modes=tuple(args.modes.split(",")), online=not args.offline_only,
+    job = EvalJob(checkpoint=args.checkpoint, against=args.against, stores=args.stores or [], prompts=prompts,
+                  store_prompts=args.store_prompts, modes=args.modes.split(","), online=not args.offline_only,
                   num_speculative_tokens=args.num_speculative_tokens, max_model_len=args.max_model_len,
-                  vllm_args=tuple(args.vllm_arg or ()), device=args.device, out=args.json)
+                  vllm_args=args.vllm_arg or [], device=args.device, out=args.json)
     res = run_evaluate(job)
     print(format_result(res))
     if args.json:

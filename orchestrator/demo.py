@@ -58,10 +58,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict:
     t0 = time.time()
     if cfg.arch == "dsv3":
         from .job import run_capture
-        from .spec import CaptureSpec, PromptSpec
+        from .spec import CaptureSpec
 
         spec = CaptureSpec(model=str(model), store=str(store), replicas=1, max_model_len=512, concurrency=4,
-                           prompts=PromptSpec(source=str(data), count=cfg.prompts, seed=cfg.seed,
+                           prompts=PromptConfig(source=str(data), count=cfg.prompts, seed=cfg.seed,
                                               max_tokens=cfg.max_tokens),
                            env=cpu_replica_env(), replica_cpus=1, health_timeout_s=600,
                            vllm_args=["--gpu-memory-utilization", "0.3"],

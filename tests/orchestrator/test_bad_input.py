@@ -31,18 +31,14 @@ def test_unreachable_ray_address(tmp_path, tiny_dsv3, prompts_parquet):
 
 
 def test_missing_columns_and_zero_prompts(tmp_path, tiny_dsv3):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"text": "x"}) + "\n")
-    cfg = job_config(tmp_path / "job.yaml", model=str(tiny_dsv3), store=str(tmp_path / "cap"),
-                     prompts={"source": str(bad)})
-    r = _run(cfg)
-    assert r.returncode == 2 and "expected columns 'prompt' and/or 'messages'" in r.stderr, r.stderr[-2000:]
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text(json.dumps({"prompt": " "}) + "\n")
-    cfg = job_config(tmp_path / "job.yaml", model=str(tiny_dsv3), store=str(tmp_path / "cap"),
-                     prompts={"source": str(empty)})
-    r = _run(cfg)
-    assert r.returncode == 2 and "zero prompts after filtering" in r.stderr, r.stderr[-2000:]
+    for name, record, needle in (("bad", {"text": "x"}, "expected columns 'prompt' and/or 'messages'"),
+                                 ("empty", {"prompt": " "}, "zero prompts after filtering")):
+        src = tmp_path / f"{name}.jsonl"
+        src.write_text(json.dumps(record) + "\n")
+        cfg = job_config(tmp_path / "job.yaml", model=str(tiny_dsv3), store=str(tmp_path / "cap"),
+                         prompts={"source": str(src)})
+        r = _run(cfg)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "cap").exists() and not (tmp_path / "cap.ledger.jsonl").exists()
 
 

@@ -2,8 +2,6 @@
 cluster and a real Zarr store: every prompt lands in the store exactly once — with two
 replicas, when one replica is killed mid-run, when the whole job is killed and rerun, and
 when the replica's capture commits come late."""
-import json
-import os
 
 import pytest
 
@@ -171,10 +169,3 @@ def test_late_commits_are_waited_for_never_sent_again(tmp_path, tiny_dsv3, promp
         rows += len(seq.position)
     assert rows == store.info().rows == res["rows"]
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False

@@ -48,33 +48,34 @@ def ray_local(tmp_path_factory):
 
 
 def _start_one(tmp_path, ray, enforce_eager):
-    """One replica of a job, started with its vLLM server replaced by the stand-in."""
-    from requant.orchestrator.job import CaptureJob, _Replica
+    """One replica of a job's pool, started with its vLLM server replaced by the stand-in."""
+    from requant.orchestrator.pool import Replica, ReplicaPool, Stats
 
     class StandInReplica(ReplicaServer):
         def command(self, port):
             return [sys.executable, str(STANDIN), *server_command(self.spec, port)[3:]]
 
-    job = CaptureJob(CaptureSpec(model=str(tmp_path / "m"), store=str(tmp_path / "cap"), enforce_eager=enforce_eager,
-                                 health_timeout_s=60), progress=False)
-    job._actor_cls = lambda: ray.remote(num_cpus=0)(StandInReplica)
-    job.replicas = [_Replica(0)]
+    spec = CaptureSpec(model=str(tmp_path / "m"), store=str(tmp_path / "cap"), enforce_eager=enforce_eager,
+                       health_timeout_s=60)
+    pool = ReplicaPool(spec, Stats(enforce_eager=spec.starts_eager()), "test")
+    pool.actor_cls = lambda: ray.remote(num_cpus=0)(StandInReplica)
+    pool.replicas = [Replica(0)]
 
     async def run():
         try:
-            await job._start(job.replicas[0])
+            await pool.start(pool.replicas[0])
         finally:
-            await job._stop_all()
+            await pool.stop_all()
     asyncio.run(run())
-    return job
+    return pool
 
 
 def test_auto_restarts_a_replica_eager_when_the_plugin_refuses_compiled(tmp_path, ray_local):
-    from requant.orchestrator.job import JobError
+    from requant.orchestrator.pool import JobError
 
-    job = _start_one(tmp_path, ray_local, "auto")
-    r = job.replicas[0]
+    pool = _start_one(tmp_path, ray_local, "auto")
+    r = pool.replicas[0]
     assert r.eager and r.incarnation == 2 and r.url  # refused compiled, healthy eager
-    assert job.stats.enforce_eager and "HCHeadOp" in job.stats.eager_reason
+    assert pool.stats.enforce_eager and "HCHeadOp" in pool.stats.eager_reason
     with pytest.raises(JobError, match="enforce_eager is False; auto or true lets the job start it eager"):
         _start_one(tmp_path, ray_local, False)

@@ -7,7 +7,7 @@ import pytest
 
 from requant.orchestrator.ledger import Ledger, StoreIndex, prompt_of, request_id
 from requant.orchestrator.prompts import PromptConfig, load_prompts, write_synthetic
-from requant.orchestrator.spec import CaptureSpec, confine, load_capture_spec
+from requant.orchestrator.spec import CaptureSpec, confine, load_capture_spec, load_spec
 from requant.storage import CaptureStore, StoreMeta
 
 
@@ -90,3 +90,24 @@ def test_config_paths_and_data_root(tmp_path):
     for bad in ("../m", "/etc", "link/m"):
         with pytest.raises(ValueError, match="outside the data root"):
             confine(CaptureSpec(model=bad, store="s"), root)
+
+
+def test_one_bad_field_of_a_quantize_config_is_the_only_error(tmp_path):
+    """Job configs of every kind: one wrong field is reported alone, under its kind; relative
+    paths are relative to the config file."""
+    q = tmp_path / "q.yaml"
+    q.write_text("kind: quantize\nstores: [cap]\nmaster: m\nbase: b\nout: o\n")
+    spec = load_spec(q)
+    assert spec.stores == [str(tmp_path / "cap")] and spec.job().out == str(tmp_path / "o")
+    assert spec.job().low_tokens == "shrink" and spec.job().holdout == 0.1
+    for bad, needle in (("holdout: 1.5", "holdout must be in [0, 1), got 1.5"),
+                        ("replay: half", "replay must be one of"), ("parallel: replicated", "Extra inputs")):
+        q.write_text(f"kind: quantize\nstores: [cap]\nmaster: m\nbase: b\nout: o\n{bad}\n")
+        with pytest.raises(ValueError) as e:
+            load_spec(q)
+        field = bad.split(":")[0]
+        assert "1 validation error" in str(e.value) and f"quantize.{field}\n" in str(e.value), str(e.value)
+        assert needle in str(e.value)
+    q.write_text("kind: quantize\nstores: [cap]\nmaster: m\nbase: b\nout: o\n")
+    with pytest.raises(ValueError, match="a capture job config is needed here, not a quantize one"):
+        load_capture_spec(q)
