@@ -297,7 +297,7 @@ class Measure:
 
     def __init__(self, work: Path, model: Path):
         from requant.quantizer.mtp.arch import load_block
-        from requant.quantizer.mtp.evaluate import load_mtp_for_eval
+        from requant.quantizer.evaluate import load_mtp_for_eval
         from requant.quantizer.stage.partition import plan_partitions
 
         self.work, self.model = work, model
@@ -327,7 +327,7 @@ class Measure:
     def weights_with(self, tensors: dict) -> dict:
         """The master's MTP tensors with the routed experts replaced by ``tensors`` (packed), decoded
         as ``requant evaluate`` decodes a checkpoint."""
-        from requant.quantizer.mtp.evaluate import decode_packed
+        from requant.quantizer.evaluate import decode_packed
 
         p = self.spec.prefix
         w = dict(self.master_weights)
@@ -344,7 +344,7 @@ class Measure:
                    modes: tuple[str, ...] = ("full",)) -> dict:
         """Offline acceptance per prompt kind of a checkpoint, or of the master with ``tensors``'
         experts (None, None: the BF16 master)."""
-        from requant.quantizer.mtp.evaluate import OfflineConfig, evaluate_offline
+        from requant.quantizer.evaluate import OfflineConfig, evaluate_offline
 
         weights = self.weights_with(tensors) if tensors is not None else None
         out = {}

@@ -39,8 +39,8 @@ from requant.quantizer.core.pack import w4a16_config_group
 from requant.quantizer.core.quant import QuantSpec
 from requant.storage.schema import DamagedInputError
 
-from requant.quantizer.mtp.weights import (SCALE_SUFFIXES, _shards, dequant_fp8_block, e8m0_to_float, open_tensors, read_header,
-                      read_json)
+from requant.quantizer.mtp.weights import (SCALE_SUFFIXES, dequant_fp8_block, e8m0_to_float, open_tensors, read_header,
+                      read_json, tensor_files)
 
 INDEX = "model.safetensors.index.json"
 SCALE_CONVENTIONS = ("auto", "keep", ".scale", ".weight_scale_inv", ".weight_scale")
@@ -139,7 +139,7 @@ def resolve_fp8_scale(cfg: AssembleConfig, base_names: list[str], fp8_modules: s
 def passthrough_tensors(master: Path, spec: MTPSpec, scale_to: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The master's MTP tensors other than the routed experts, raw (no dequantisation),
     FP8 scales renamed to ``scale_to``. Returns (tensors, names of FP8 linear modules)."""
-    where = _shards(master)
+    where = tensor_files(master)
     experts = expert_modules(spec)
     names = sorted(n for n in where if n.startswith(spec.prefix) and n.rsplit(".", 1)[0] not in experts)
     out: dict[str, torch.Tensor] = {}
