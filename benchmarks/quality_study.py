@@ -55,8 +55,7 @@ ensure_requant()
 
 import torch  # noqa: E402
 
-from requant.quantizer.core.experts import ExpertQuantConfig, LowTokenPolicy, quantize_experts  # noqa: E402
-from requant.quantizer.core.gptq import GPTQConfig  # noqa: E402
+from requant.quantizer import ExpertQuantConfig, GPTQConfig, LowTokenPolicy, quantize_experts  # noqa: E402
 
 KINDS = ("code", "chat")
 BINS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, math.inf)   # T/D bin edges
@@ -494,7 +493,7 @@ def run_table(m: Measure, work: Path, sizes: list[int], chosen: Policy, max_toke
     from requant.orchestrator.evaluate import OnlineConfig, run_online_sets
     from requant.orchestrator.prompts import PromptConfig
     from requant.quantizer.base_fixture import make_base
-    from requant.quantizer.stage.run import QuantizeJob, run_quantize
+    from requant.quantizer import QuantizeJob, run_quantize
 
     t0 = time.perf_counter()
     base = work / "base"

@@ -42,7 +42,7 @@ from _path import ensure_requant  # noqa: E402
 
 ensure_requant()
 from requant.quantizer.stage.assemble import write_safetensors  # noqa: E402
-from requant.quantizer.stage.run import QuantizeJob, run_quantize  # noqa: E402
+from requant.quantizer import QuantizeJob, run_quantize  # noqa: E402
 from requant.storage import CaptureStore, StoreMeta  # noqa: E402
 
 SEED_ANCHOR_S = {"hessians_gptq": 180.0, "splice": 120.0}  # seed 002, "~3 min" + "~2 min"

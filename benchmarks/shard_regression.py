@@ -31,7 +31,7 @@ from _path import ensure_requant  # noqa: E402
 ensure_requant()
 from quantize_stage import dsv4_config, fake_base, fake_master  # noqa: E402
 
-from requant.quantizer.stage.run import QuantizeJob, run_quantize  # noqa: E402
+from requant.quantizer import QuantizeJob, run_quantize  # noqa: E402
 from requant.quantizer.mtp.weights import dequant_fp8_block  # noqa: E402
 
 SHARD = "model-mtp-w4a16.safetensors"
