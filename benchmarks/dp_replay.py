@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantize_stage import dsv4_config, fake_base, fake_master, synthetic_store, write_result  # noqa: E402
 
-from requant.quantizer.stage.run import QuantizeJob, run_quantize  # noqa: E402
+from requant.quantizer import QuantizeJob, run_quantize  # noqa: E402
 
 
 def one(job: dict, out: Path) -> dict:

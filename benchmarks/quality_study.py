@@ -55,8 +55,7 @@ ensure_requant()
 
 import torch  # noqa: E402
 
-from requant.quantizer.core.experts import ExpertQuantConfig, LowTokenPolicy, quantize_experts  # noqa: E402
-from requant.quantizer.core.gptq import GPTQConfig  # noqa: E402
+from requant.quantizer import ExpertQuantConfig, GPTQConfig, LowTokenPolicy, quantize_experts  # noqa: E402
 
 KINDS = ("code", "chat")
 BINS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, math.inf)   # T/D bin edges
@@ -297,7 +296,7 @@ class Measure:
 
     def __init__(self, work: Path, model: Path):
         from requant.quantizer.mtp.arch import load_block
-        from requant.quantizer.mtp.evaluate import load_mtp_for_eval
+        from requant.quantizer.evaluate import load_mtp_for_eval
         from requant.quantizer.stage.partition import plan_partitions
 
         self.work, self.model = work, model
@@ -327,7 +326,7 @@ class Measure:
     def weights_with(self, tensors: dict) -> dict:
         """The master's MTP tensors with the routed experts replaced by ``tensors`` (packed), decoded
         as ``requant evaluate`` decodes a checkpoint."""
-        from requant.quantizer.mtp.evaluate import decode_packed
+        from requant.quantizer.evaluate import decode_packed
 
         p = self.spec.prefix
         w = dict(self.master_weights)
@@ -344,7 +343,7 @@ class Measure:
                    modes: tuple[str, ...] = ("full",)) -> dict:
         """Offline acceptance per prompt kind of a checkpoint, or of the master with ``tensors``'
         experts (None, None: the BF16 master)."""
-        from requant.quantizer.mtp.evaluate import OfflineConfig, evaluate_offline
+        from requant.quantizer.evaluate import OfflineConfig, evaluate_offline
 
         weights = self.weights_with(tensors) if tensors is not None else None
         out = {}
@@ -494,7 +493,7 @@ def run_table(m: Measure, work: Path, sizes: list[int], chosen: Policy, max_toke
     from requant.orchestrator.evaluate import OnlineConfig, run_online_sets
     from requant.orchestrator.prompts import PromptConfig
     from requant.testing.base import make_base
-    from requant.quantizer.stage.run import QuantizeJob, run_quantize
+    from requant.quantizer import QuantizeJob, run_quantize
 
     t0 = time.perf_counter()
     base = work / "base"

@@ -42,7 +42,7 @@ from _path import ensure_requant  # noqa: E402
 
 ensure_requant()
 from requant.quantizer.stage.safetensors_io import write_safetensors  # noqa: E402
-from requant.quantizer.stage.run import QuantizeJob, run_quantize  # noqa: E402
+from requant.quantizer import QuantizeJob, run_quantize  # noqa: E402
 from requant.storage import CaptureStore, StoreMeta  # noqa: E402
 
 ANCHOR_S = {"hessians_gptq": 180.0, "splice": 120.0}  # "~3 min" + "~2 min"
@@ -225,8 +225,8 @@ def evaluate(out: Path, store: Path) -> dict:
     """Offline draft acceptance of the quantised checkpoint against its master, both replay
     modes, on the store (in-sample here: the store calibrated it; random weights, so only the
     cost means anything)."""
-    from requant.quantizer.mtp import evaluate as ev
-    from requant.quantizer.mtp.evaluate import OfflineConfig, evaluate_offline
+    from requant.quantizer import evaluate as ev
+    from requant.quantizer.evaluate import OfflineConfig, evaluate_offline
 
     # The synthetic store's tokens are random: no tail of a sequence is the fake target's greedy
     # choice, so evaluate would count no position. For the cost, every position counts (as when

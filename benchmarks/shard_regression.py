@@ -65,7 +65,7 @@ if what == "store":  # the earlier tree's store format, which this tree still re
                     torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 else:
     try:  # the quantizer's layout since the stage became a package
-        from requant.quantizer.stage.run import QuantizeJob, run_quantize
+        from requant.quantizer import QuantizeJob, run_quantize
     except ImportError:
         from requant.quantizer.stage import QuantizeJob, run_quantize
     run_quantize(QuantizeJob(**args), progress=False)

@@ -1,6 +1,6 @@
 """`requant evaluate`: a checkpoint's MTP draft acceptance, offline and in vLLM, side by side.
 
-* offline (``requant.quantizer.mtp.evaluate``): the MTP block and its head replayed on captured
+* offline (``requant.quantizer.evaluate``): the MTP block and its head replayed on captured
   held-out sequences (identity and full mode), top-1 agreement with the token the target
   produced two positions on, cross-entropy, KL to the BF16 master;
 * online: vLLM's OpenAI server with MTP speculative decoding (k = 1 by default) serves the
@@ -276,7 +276,7 @@ def _has_cuda() -> bool:
 
 def run_evaluate(job: EvalJob, progress=None) -> dict:
     """Offline (stores) and/or online (prompts); the result dict is also written to ``job.out``."""
-    from requant.quantizer.mtp.evaluate import OfflineConfig, check_mtp_checkpoint, evaluate_offline
+    from requant.quantizer.evaluate import OfflineConfig, check_mtp_checkpoint, evaluate_offline
 
     _, spec = check_mtp_checkpoint(job.checkpoint)
     online = bool(job.prompts is not None and job.online)

@@ -22,6 +22,7 @@ import torch
 
 from requant.quantizer.core.gptq import GPTQConfig, gptq_batched, relative_output_error
 from requant.quantizer.core.hessian import HessianSet, PackedHessians
+from requant.quantizer.core.memory import gptq_bytes
 from requant.quantizer.core.pack import packed_tensors
 from requant.quantizer.core.quant import dequantize, rtn
 
@@ -119,10 +120,7 @@ def _batch_size(rows: int, cols: int, device: torch.device, requested: int | Non
     if device.type != "cuda":
         return 4
     free, _ = torch.cuda.mem_get_info(device)
-    # fp32 working set per entry: weights, integers, per-column scales, block errors,
-    # error metric buffers (~6 R×C) plus H, U and factorisation scratch (~4 C×C).
-    per_entry = 4 * (6 * rows * cols + 4 * cols * cols)
-    return max(1, int(0.6 * free // per_entry))
+    return max(1, int(0.6 * free // gptq_bytes(rows, cols)))
 
 
 def _check_weights(name: str, w: torch.Tensor, experts: int) -> None:

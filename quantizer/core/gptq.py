@@ -241,7 +241,9 @@ def _quantize_stage(w_in: torch.Tensor, st: dict, cfg: GPTQConfig) -> GPTQResult
         w.masked_fill_(st["dead"][:, None, :], 0.0)
     q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
     loss = torch.zeros(bsz, dtype=torch.float64, device=w.device)
-    kernel = _triton_block() if (cfg.use_triton and w.is_cuda) else None
+    # the fused kernel holds one scale per row per block: block == group (W4A16 g128)
+    fused = cfg.use_triton and w.is_cuda and cfg.block_size == cfg.spec.group_size
+    kernel = _triton_block() if fused else None
     # Two-level lazy updates: after each 128-column block only the rest of its super-block
     # is updated; the columns beyond get one GEMM per super-block (K = lazy_block), which
     # cuts the memory traffic of re-writing W̃'s tail by lazy_block/block_size.

@@ -4,8 +4,8 @@ One program owns a tile of BR rows × one 128-column block of one batch entry an
 in registers for the whole block: each of the 128 steps quantises a column of w̃ and feeds
 D_j = W_j − q_j forward to the tile's later columns through Ṽ (see ``gptq``) — the tile
 is read from and written to global memory once per block instead of once per column.
-Same arithmetic and order as ``gptq._block_torch``; used only when block_size == group_size (one scale per row per
-block), which is the W4A16 g128 case.
+Same arithmetic and order as ``gptq._block_torch``; only for block_size == group_size (one scale
+per row per block), the W4A16 g128 case: ``gptq`` falls back to the torch loop otherwise.
 """
 from __future__ import annotations
 
@@ -81,8 +81,8 @@ def block_kernel(w: torch.Tensor, w0: torch.Tensor, v: torch.Tensor, scale: torc
     slices of larger buffers, unit column stride), returns the block loss [B]."""
     spec = cfg.spec
     if cfg.block_size != spec.group_size:
-        from requant.quantizer.core.gptq import _block_torch
-        return _block_torch(w, w0, v, scale, gidx, b0, b1, cfg, q1, d1)
+        raise ValueError(f"GPTQ kernel needs block_size == group_size (one scale per row per block), "
+                         f"got {cfg.block_size} and {spec.group_size}")
     if not (v.is_contiguous() and scale.is_contiguous() and w.is_contiguous()
             and q1.stride(-1) == 1 and d1.stride(-1) == 1):
         raise ValueError("GPTQ kernel needs contiguous weights, factors, scales and unit column strides")

@@ -16,6 +16,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _syrk_step(X, ks, end, stride_x, ri, rj, part):
+    """part += X[ks, ri]ᵀ · X[ks, rj] for the token rows ``ks`` (rows ≥ end masked to zero)."""
+    m = ks < end
+    a = tl.load(X + ks[:, None].to(tl.int64) * stride_x + ri[None, :], mask=m[:, None], other=0.0)
+    b = tl.load(X + ks[:, None].to(tl.int64) * stride_x + rj[None, :], mask=m[:, None], other=0.0)
+    return tl.dot(tl.trans(a), b, part)
+
+
+@triton.jit
 def _grouped_syrk_kernel(X, H, OFFS, TI, TJ, D, stride_x,
                          BM: tl.constexpr, BK: tl.constexpr, PROMOTE: tl.constexpr,
                          FLAT: tl.constexpr):
@@ -32,11 +41,7 @@ def _grouped_syrk_kernel(X, H, OFFS, TI, TJ, D, stride_x,
     if FLAT:  # one pipelined loop; the partial is folded into acc every PROMOTE steps
         part = tl.zeros((BM, BM), dtype=tl.float32)
         for k1 in range(start, end, BK):
-            ks = k1 + kk
-            m = ks < end
-            a = tl.load(X + ks[:, None].to(tl.int64) * stride_x + ri[None, :], mask=m[:, None], other=0.0)
-            b = tl.load(X + ks[:, None].to(tl.int64) * stride_x + rj[None, :], mask=m[:, None], other=0.0)
-            part = tl.dot(tl.trans(a), b, part)
+            part = _syrk_step(X, k1 + kk, end, stride_x, ri, rj, part)
             fold = (((k1 - start) // BK) % PROMOTE == PROMOTE - 1).to(tl.float32)
             acc += part * fold
             part = part * (1.0 - fold)
@@ -45,11 +50,7 @@ def _grouped_syrk_kernel(X, H, OFFS, TI, TJ, D, stride_x,
         for k0 in range(start, end, BK * PROMOTE):
             part = tl.zeros((BM, BM), dtype=tl.float32)
             for k1 in range(k0, tl.minimum(k0 + BK * PROMOTE, end), BK):
-                ks = k1 + kk
-                m = ks < end
-                a = tl.load(X + ks[:, None].to(tl.int64) * stride_x + ri[None, :], mask=m[:, None], other=0.0)
-                b = tl.load(X + ks[:, None].to(tl.int64) * stride_x + rj[None, :], mask=m[:, None], other=0.0)
-                part = tl.dot(tl.trans(a), b, part)
+                part = _syrk_step(X, k1 + kk, end, stride_x, ri, rj, part)
             acc += part
     hbase = H + e.to(tl.int64) * D * D
     p = hbase + ri[:, None] * D + rj[None, :]

@@ -1,9 +1,9 @@
 """Replay memory defaults (torch-free, so the CLI can show them without importing torch).
 
-Sized from DSV4-Flash runs on one GPU: 16,384 rows per MTP-block call peaked at 48 GiB of
-device memory (17 GiB of it the w1/w3 Hessians); feeding that many rows takes ~8 GiB of host
-memory (the store reader holds three 0.5 GiB batches plus 16 threads' decode buffers in its
-half, the other half groups whole sequences for full replay).
+``MAX_ROWS`` bounds the replay's device memory (the block's activations grow with the rows per
+call: ``memory.py`` models them); ``MAX_BYTES`` the host memory of the rows being fed (the
+store reader holds half of it in batches and decode buffers, the other half groups whole
+sequences for full replay). Sized for DSV4-Flash on one GPU.
 """
 MAX_BYTES = 8 << 30   # host memory for the rows being replayed, per worker
 MAX_ROWS = 16384      # rows per block call (bounds the replay's device memory)

@@ -1,6 +1,6 @@
 """Per-worker memory of the quantize stage: an estimate of each step's peak from the plan
-(torch-free: ``benchmarks/dp_cost_model.py --memory`` prints it on paper) and the check that
-refuses, before any work, a plan the worker's memory limit cannot hold.
+(torch-free: it needs shapes and counts only) and the check that refuses, before any work, a
+plan the worker's memory limit cannot hold.
 
 What a worker holds (bytes; E experts, D hidden, I moe_inter, T(d) = d(d+1)/2):
 
@@ -28,7 +28,7 @@ from requant.quantizer.core.limits import FOLD_EXPERTS
 GIB = 1 << 30
 ACT_BYTES = 18 * GIB / (16384 * 4096)   # block activations per row and hidden unit (measured, above)
 CUDA_CONTEXT = 1 << 30                  # CUDA context, cuBLAS/Triton workspaces: outside the allocator
-PROCESS = 1 << 29                       # host: Python, torch and its libraries (~0.3 GB RSS measured here)
+PROCESS = 1 << 29                       # host: Python, torch and its libraries (a worker's RSS, rounded up)
 FOLD_TEMP_EXPERTS = 4                   # hessian.FixedPointSum chunk: packed fp32 + int64 per expert
 
 
@@ -36,10 +36,15 @@ def tri(d: int) -> int:
     return d * (d + 1) // 2
 
 
+def gptq_bytes(rows: int, cols: int) -> int:
+    """GPTQ's fp32 working set per batch entry [rows, cols]: weights, integers, per-column
+    scales, block errors, error metric buffers (~6 R×C), H, U, factorisation scratch (~4 C×C)."""
+    return 4 * (6 * rows * cols + 4 * cols * cols)
+
+
 def gptq_entry_bytes(hidden: int, inter: int) -> int:
-    """GPTQ's fp32 working set per expert of a batch (w1+w3 entries [2I, D], the larger one):
-    weights, integers, scales, errors (~6 R×C), H, U, factorisation scratch (~4 C×C)."""
-    return 4 * (6 * 2 * inter * hidden + 4 * hidden * hidden)
+    """``gptq_bytes`` per expert of a batch: its w1+w3 entry [2I, D], the larger one."""
+    return gptq_bytes(2 * inter, hidden)
 
 
 @dataclass(frozen=True)
@@ -50,13 +55,6 @@ class Shapes:
     topk: int
     block_bytes: int         # the block's weights on the worker's device (bf16 stacks, embedding, the rest)
     expert_bytes: int        # of which the routed experts' stacks
-
-    @classmethod
-    def dsv4_flash(cls) -> "Shapes":
-        E, D, I = 256, 4096, 2048
-        experts = 2 * 3 * E * I * D
-        # embedding 129,280 × 4096 bf16, attention / projections / shared expert / gate in bf16 (~1.2 GB)
-        return cls(E, D, I, 6, experts + 2 * 129280 * D + 1_200_000_000, experts)
 
 
 def estimate(sh: Shapes, phases: list[tuple[str, str]], accumulate: int, own: int, batch: int,

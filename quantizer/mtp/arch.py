@@ -1,24 +1,27 @@
 """MTP architectures: what the quantize stage needs to know about a checkpoint's MTP layer
-(``MTPSpec``, from config.json) and the block that replays it (``load_block``).
+(``MTPSpec``, from its config.json: ``checkpoint_config`` → ``load_spec``) and the block that
+replays it (``load_block``).
 
 DeepSeek-V4: upstream naming ``mtp.0.*`` (experts ``mtp.0.ffn.experts.{e}.w1|w2|w3``), mHC with
 ``hc_mult`` residual streams, embedding shared with the target (``embed.weight``);
-block in ``mtp_dsv4.DSV4Block``.
+block in ``dsv4.DSV4Block``.
 DeepSeek-V3: the MTP layer is decoder layer ``model.layers.{num_hidden_layers}.*`` (experts
 ``…mlp.experts.{e}.gate_proj|down_proj|up_proj``), ``hc_mult`` 1, its own ``embed_tokens``;
-block in ``mtp_dsv3.DSV3Block``.
+block in ``dsv3.DSV3Block``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from requant.storage.schema import DamagedInputError
 
-from requant.quantizer.mtp.weights import _shards, load_mtp_weights, open_tensors, read_json
+from requant.quantizer.mtp.common import MTPBlock
+from requant.quantizer.mtp.dsv3 import DSV3Block
+from requant.quantizer.mtp.dsv4 import DSV4Block
+from requant.quantizer.mtp.weights import check_not_dspark, load_mtp_weights, open_tensors, read_json, tensor_files
 
 _DSV3_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
@@ -60,15 +63,9 @@ class MTPSpec:
         return [p + n for n in names]
 
 
-class MTPBlock(Protocol):
-    spec: MTPSpec
-
-    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stacked bf16 on CPU: w1 [E, I, D], w2 [E, D, I], w3 [E, I, D]."""
-
-    def moe_inputs(self, hidden: torch.Tensor, next_token: torch.Tensor, position: torch.Tensor, mode: str,
-                   seq_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x [T, H] bf16, topk_ids [T, k] int64, topk_weights [T, k] fp32) — see replay.py."""
+_BLOCKS: dict[str, type[MTPBlock]] = {"dsv3": DSV3Block, "dsv4": DSV4Block}
+# where a checkpoint holds the target's token embedding (DSV4 upstream, HF naming)
+TARGET_EMBEDDINGS = ("embed.weight", "model.embed_tokens.weight", "embed_tokens.weight")
 
 
 def _arch(config: dict) -> str:
@@ -127,9 +124,7 @@ def load_spec(config: dict) -> MTPSpec:
     """The MTP layer's spec from a checkpoint's config.json contents."""
     check_config(config)
     arch = _arch(config)
-    if any(k.startswith("dspark") for k in config):
-        raise ValueError("this checkpoint revision ships DSpark stages under mtp.*, not a classic MTP layer; "
-                         "requant quantises classic MTP layers only")
+    check_not_dspark(config, "config.json")
     if int(config.get("num_nextn_predict_layers", 0) or 0) < 1:
         raise ValueError(f"{arch} config has num_nextn_predict_layers = "
                          f"{config.get('num_nextn_predict_layers', 0)}: no MTP layer to quantise")
@@ -144,16 +139,24 @@ def load_spec(config: dict) -> MTPSpec:
         raise ValueError(f"{arch} config lacks {e.args[0]!r}") from None
 
 
-def _config(path: Path) -> dict:
-    f = (path if path.is_dir() else path.parent) / "config.json"
+def config_file(checkpoint: str | Path) -> Path:
+    """The config.json of a checkpoint (a directory, or a shard with the config beside it)."""
+    checkpoint = Path(checkpoint)
+    f = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.json"
     if not f.exists():
-        raise FileNotFoundError(f"{f}: config.json needed to identify the MTP architecture")
+        raise FileNotFoundError(f"{f}: no config.json for checkpoint {checkpoint} (needed to identify its MTP layer)")
+    return f
+
+
+def checkpoint_config(checkpoint: str | Path) -> dict:
+    """A checkpoint's config.json contents, every value the stage reads checked (``check_config``)."""
+    f = config_file(checkpoint)
     return check_config(read_json(f, "checkpoint config"), str(f))
 
 
 def read_tensor(path: str | Path, names: list[str]) -> tuple[str, torch.Tensor] | None:
     """The first of ``names`` present in checkpoint ``path`` (directory or shard), or None."""
-    where = _shards(Path(path))
+    where = tensor_files(Path(path))
     for n in names:
         if n in where:
             with open_tensors(where[n]) as f:
@@ -166,7 +169,7 @@ def load_embedding(spec: MTPSpec, weights: dict, master: Path, embed_from: str |
     or, for DSV4, the target's ``embed.weight`` from ``embed_from`` or else the master."""
     if spec.arch == "dsv3" and "embed_tokens.weight" in weights and embed_from is None:
         return weights["embed_tokens.weight"]
-    names = ["embed.weight", "model.embed_tokens.weight", "embed_tokens.weight"]
+    names = list(TARGET_EMBEDDINGS)
     if spec.arch == "dsv3":
         names = [spec.prefix + "embed_tokens.weight"] + names
     src = Path(embed_from) if embed_from is not None else master
@@ -183,21 +186,12 @@ def load_block(master: str | Path, device=None, embed_from: str | Path | None = 
     master weights dequantised to bf16, on ``device`` (None: cuda if available, else cpu).
     ``weights``: the MTP tensors already loaded (names relative to the prefix) instead."""
     master = Path(master)
-    config = _config(master)
+    config = checkpoint_config(master)
     spec = load_spec(config)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # dequantised where the block runs (MXFP4 on the CPU took 11 s of a 21 s DSV4-Flash stage)
-    if weights is None:
+    if weights is None:  # dequantised where the block runs: the stored (smaller) bytes cross to the device
         weights = load_mtp_weights(master, prefix=spec.prefix, device=device)
     embed = load_embedding(spec, weights, master, embed_from)
     if embed.shape[1] != spec.hidden:
         raise ValueError(f"embedding width {embed.shape[1]} != hidden_size {spec.hidden}")
-    if spec.arch == "dsv4":
-        from requant.quantizer.mtp.dsv4 import DSV4Block, DSV4Dims
-
-        return DSV4Block(spec, DSV4Dims.from_config(config), weights, embed, device=device, dtype=dtype)
-    try:
-        from requant.quantizer.mtp.dsv3 import DSV3Block
-    except ImportError:
-        raise NotImplementedError("DeepSeek-V3 MTP replay (quantizer/mtp/dsv3.py) is not available yet") from None
-    return DSV3Block(spec, config, weights, embed, device=device, dtype=dtype)
+    return _BLOCKS[spec.arch].from_config(spec, config, weights, embed, device=device, dtype=dtype)

@@ -45,11 +45,11 @@ from dataclasses import dataclass
 
 import torch
 
+from requant.quantizer.mtp.common import (MTPBlock, check_rows, gate_scores, rms_norm, rope_inv_freq,
+                                          rope_pairs, sequence_starts, topk_routing)
 from requant.quantizer.mtp.moe import routed_output, shared_output
 
-# What the draft's logits need beyond the MoE inputs (head_input); optional for replay.
-_HEAD = ["mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight",
-         "mlp.shared_experts.down_proj.weight", "shared_head.norm.weight"]
+_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class DSV3Rope:
     def inv_freq(self, dim: int) -> torch.Tensor:
         """[dim/2] fp32 inverse frequencies (YaRN: interpolated below the correction range,
         extrapolated above it, linear ramp in between)."""
-        extra = 1.0 / self.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        extra = rope_inv_freq(self.theta, dim)
         if self.factor <= 1.0:
             return extra
         inter = extra / self.factor
@@ -162,64 +162,39 @@ class DSV3Dims:
         return d
 
 
-# -- building blocks -----------------------------------------------------------------------------
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in fp32 (weight applied in fp32), cast back to x's dtype."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
-
-
-def rope_gptj(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (0,1), (2,3), … of x [T, ..., rd] by per-row angles (cos/sin [T, rd/2]), fp32 math."""
-    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
-    cos, sin = cos.view(shape), sin.view(shape)
-    xf = x.float()
-    a, b = xf[..., 0::2], xf[..., 1::2]
-    return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
-
-
-class DSV3Block:
-    """The DeepSeek-V3/R1 MTP layer as stored in DeepSeek checkpoints (see module docstring).
-
-    ``weights``: tensors relative to the MTP prefix (``eh_proj.weight``, ``self_attn.q_a_proj.weight``,
-    ``mlp.experts.3.gate_proj.weight``, …), dequantised, as ``weights.load_mtp_weights`` returns;
+class DSV3Block(MTPBlock):
+    """The DeepSeek-V3/R1 MTP layer as stored in DeepSeek checkpoints (see module docstring), built
+    as every block is (``common.MTPBlock``). ``weights``: tensors relative to the MTP prefix
+    (``eh_proj.weight``, ``self_attn.q_a_proj.weight``, ``mlp.experts.3.gate_proj.weight``, …);
     ``embed``: the embedding the MTP looks next tokens up in [vocab, H] (default: the layer's own
-    ``embed_tokens.weight``), kept on the CPU. Non-expert weights live on ``device``; routed
-    experts stay stacked on the CPU (``expert_weights``)."""
+    ``embed_tokens.weight``), used where it is given."""
 
-    def __init__(self, spec, config: dict, weights: dict[str, torch.Tensor], embed: torch.Tensor | None = None,
+    ARCH = "DeepSeek-V3"
+    DIMS = DSV3Dims
+    HEAD = ("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight",
+            "mlp.shared_experts.down_proj.weight", "shared_head.norm.weight")
+
+    def __init__(self, spec, dims: DSV3Dims, weights: dict[str, torch.Tensor], embed: torch.Tensor | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16):
-        if spec is None:
-            from requant.quantizer.mtp.arch import load_spec
-
-            spec = load_spec(config)
-        self.spec = spec
-        self.dims = d = DSV3Dims.from_config(config)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = dtype
+        super().__init__(spec, dims, device, dtype)
+        d = dims
         if embed is None:
             embed = weights.get("embed_tokens.weight")
         required = self._required()
         missing = [k for k in required if k not in weights]
-        missing += [f"mlp.experts.{e}.{p}.weight" for e in range(d.n_experts)
-                    for p in ("gate_proj", "down_proj", "up_proj") if f"mlp.experts.{e}.{p}.weight" not in weights]
+        missing += [f"mlp.experts.{e}.{_PROJ[p]}.weight" for e in range(d.n_experts)
+                    for p in ("w1", "w2", "w3") if f"mlp.experts.{e}.{_PROJ[p]}.weight" not in weights]
         if embed is None:
             missing.append("embed_tokens.weight")
-        if missing:
-            raise ValueError(f"DeepSeek-V3 MTP layer incomplete: missing "
-                             f"{', '.join(spec.prefix + k for k in missing[:5])}"
-                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        self._check_complete(missing)
         if embed.shape[-1] != d.hidden:
             raise ValueError(f"embedding width {embed.shape[-1]} != hidden_size {d.hidden}")
         self.embed = embed
-        # stacked where load_block put the weights (the block's device), as DSV4Block does
         self._w = {p: torch.stack([weights[f"mlp.experts.{e}.{name}.weight"] for e in range(d.n_experts)])
-                   .to(torch.bfloat16)
-                   for p, name in (("w1", "gate_proj"), ("w2", "down_proj"), ("w3", "up_proj"))}
+                   .to(torch.bfloat16) for p, name in _PROJ.items()}
         # The gate's correction bias is an fp32 parameter in vLLM and DeepSeek's reference.
         self.W = {k: weights[k].to(self.device, torch.float32 if k == "mlp.gate.e_score_correction_bias" else dtype)
-                  for k in required + [k for k in _HEAD if k in weights]}
+                  for k in required + [k for k in self.HEAD if k in weights]}
         self._inv_freq = d.rope.inv_freq(d.rope_dim).to(self.device)
 
     def _required(self) -> list[str]:
@@ -231,10 +206,7 @@ class DSV3Block:
                    "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight",
                    "mlp.gate.weight"] + (["mlp.gate.e_score_correction_bias"] if d.use_bias else []))
 
-    # -- MTPBlock protocol ---------------------------------------------------------------------
-    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._w["w1"], self._w["w2"], self._w["w3"]
-
+    # -- bounds of the replay's fixed-point sums ---------------------------------------------------
     def moe_input_bound(self) -> float:
         """An upper bound of ‖X‖² for every MoE input row: X = RMSNorm(·)·γ has ‖X‖² ≤ H·max γ²
         (+5% for the bf16 rounding of X)."""
@@ -244,22 +216,13 @@ class DSV3Block:
         """The largest routing weight: sigmoid/softmax scores ≤ 1, normalised or not, × routed scaling."""
         return abs(self.dims.routed_scale)
 
-    def moe_inputs(self, hidden: torch.Tensor, next_token: torch.Tensor, position: torch.Tensor, mode: str,
-                   seq_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        _, X = self._ffn_input(hidden, next_token, position, mode, seq_lens)
-        ids, weights = self.route(X)
-        return X, ids, weights
-
     def head_input(self, hidden: torch.Tensor, next_token: torch.Tensor, position: torch.Tensor, mode: str,
                    seq_lens: list[int] | None = None) -> torch.Tensor:
         """The layer's whole forward up to the head: ``RMS_shared_head(resid + MoE(X))`` [T, H] in
         the compute dtype, what vLLM multiplies by the target's lm_head for the draft's logits
         (routed experts as held by the block — master or dequantised — plus the shared expert)."""
         d, W = self.dims, self.W
-        missing = [k for k in _HEAD if k not in W]
-        if missing:
-            raise ValueError(f"DeepSeek-V3 MTP layer lacks {', '.join(self.spec.prefix + k for k in missing)} "
-                             "(needed for the draft's logits)")
+        self._check_head()
         resid, X = self._ffn_input(hidden, next_token, position, mode, seq_lens)
         ids, weights = self.route(X)
         w1, w2, w3 = self.expert_weights()
@@ -272,17 +235,11 @@ class DSV3Block:
     def _ffn_input(self, hidden, next_token, position, mode, seq_lens):
         """(residual before the FFN sub-layer, X = its normed input, what the gate and experts see)."""
         d = self.dims
-        T = hidden.shape[0]
-        if hidden.dim() != 2 or hidden.shape[1] != d.hidden:
-            raise ValueError(f"hidden rows must be [T, {d.hidden}], got {tuple(hidden.shape)}")
-        if next_token.shape != (T,) or position.shape != (T,):
-            raise ValueError(f"next_token/position must be [{T}], got {tuple(next_token.shape)}/{tuple(position.shape)}")
-        if mode not in ("identity", "full"):
-            raise ValueError(f"replay mode must be 'identity' or 'full', got {mode!r}")
+        check_rows(hidden, next_token, position, mode, d.hidden, str(d.hidden))
         pos = position.to(self.device, torch.long)
         x = self.project_inputs(hidden, next_token, pos)
         if mode == "full":
-            starts = _sequence_starts(seq_lens, pos)
+            starts = sequence_starts(seq_lens, pos)
             if d.index_topk and max(seq_lens) > d.index_topk:
                 # V3.2's indexer picks index_topk keys per query; up to that many rows every key
                 # is kept, so dense causal attention is exact there — beyond, it is not.
@@ -326,8 +283,8 @@ class DSV3Block:
         ang = pos.float()[:, None] * self._inv_freq[None]            # [T, rd/2]
         m = d.rope.cos_sin_scale()
         cos, sin = ang.cos() * m, ang.sin() * m
-        q_nope, q_pe = q[..., :nd], rope_gptj(q[..., nd:], cos, sin)
-        k_pe = rope_gptj(kva[:, d.kv_lora_rank:], cos, sin)          # [T, rd], shared by all heads
+        q_nope, q_pe = q[..., :nd], rope_pairs(q[..., nd:], cos, sin)
+        k_pe = rope_pairs(kva[:, d.kv_lora_rank:], cos, sin)          # [T, rd], shared by all heads
         k_nope, v = kv[..., :nd], kv[..., nd:]
         scale = (nd + rd) ** -0.5 * d.rope.softmax_scale_factor()
         out = torch.empty(T, H, vd, dtype=xa.dtype, device=xa.device)
@@ -347,7 +304,7 @@ class DSV3Block:
         """Step 4: top-k expert ids [T, k] int64 and weights [T, k] fp32 (× routed scaling)."""
         d, W = self.dims, self.W
         logits = X.float() @ W["mlp.gate.weight"].float().T
-        scores = torch.sigmoid(logits) if d.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+        scores = gate_scores(logits, d.scoring)
         choice = scores + W["mlp.gate.e_score_correction_bias"] if d.use_bias else scores
         if d.n_group > 1 and d.topk_group < d.n_group:
             grouped = choice.view(choice.shape[0], d.n_group, -1)
@@ -355,29 +312,5 @@ class DSV3Block:
             rank = grouped.topk(2, dim=-1).values.sum(-1) if d.use_bias else grouped.amax(-1)
             keep = torch.zeros_like(rank, dtype=torch.bool).scatter_(1, rank.topk(d.topk_group, dim=-1).indices, True)
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
-        ids = choice.topk(d.topk, dim=-1).indices
-        weights = scores.gather(1, ids)
-        if d.norm_topk:
-            weights = weights / weights.sum(-1, keepdim=True)
-        return ids, weights * d.routed_scale
+        return topk_routing(choice, scores, d.topk, d.norm_topk, d.routed_scale)
 
-
-def _sequence_starts(seq_lens: list[int] | None, pos: torch.Tensor) -> list[int]:
-    """Row offsets [0, …, T] of the sequences; checks each sequence's positions are consecutive
-    (attention needs every earlier row)."""
-    T = pos.shape[0]
-    if seq_lens is None:
-        raise ValueError("full replay needs seq_lens (rows are whole sequences concatenated)")
-    if sum(seq_lens) != T or any(n <= 0 for n in seq_lens):
-        raise ValueError(f"seq_lens {list(seq_lens)[:8]}… (sum {sum(seq_lens)}) do not cover {T} rows")
-    starts = [0]
-    for n in seq_lens:
-        starts.append(starts[-1] + n)
-    p = pos.cpu()
-    for i, (s0, s1) in enumerate(zip(starts[:-1], starts[1:])):
-        step = p[s0 + 1:s1] - p[s0:s1 - 1]
-        if bool((step != 1).any()):
-            j = s0 + int((step != 1).nonzero()[0, 0])
-            raise ValueError(f"full replay: positions not consecutive within sequence {i} "
-                             f"({int(p[j])} then {int(p[j + 1])}); attention would miss rows")
-    return starts

@@ -1,6 +1,6 @@
 """DeepSeek-V4 MTP block, run up to the routed experts' inputs (for GPTQ Hessians).
 
-What vLLM runs for the MTP layer (``../shared/notes/dsv4-mtp-reference.md`` §2–§4.1), with
+What vLLM runs for the MTP layer (``vllm/models/deepseek_v4``), with
 ``n = hc_mult`` residual streams of width ``D``:
 
 1. Inputs of store row p: ``h`` = the target's pre-hc_head residual streams at p [n, D],
@@ -22,7 +22,7 @@ What vLLM runs for the MTP layer (``../shared/notes/dsv4-mtp-reference.md`` §2�
 
 Modes (``moe_inputs(..., mode=)``):
 
-* ``identity`` — the seed's "attention treated as identity-residual": the WHOLE attention
+* ``identity`` — the attention treated as an identity residual: the WHOLE attention
   sub-layer is skipped, mHC included: ``R1 = R``. Not merely ``y = 0``: with ``y = 0`` the
   streams would still be mixed by the attention's Sinkhorn matrix (``R1 = combᵀ·R``), which
   is input-dependent and not the identity. So in identity mode the FFN's hc_pre sees the
@@ -34,20 +34,17 @@ Precision follows vLLM's bf16 path: GEMMs on bf16 operands with bf16 results, RM
 all mHC math in fp32 then cast to bf16, attention scores/softmax in fp32, gate in fp32.
 ``dtype=torch.float32`` runs the same graph in fp32 (used to check against transformers,
 whose DSV4 runs in fp32 on CPU). vLLM's FP8 activation/KV-cache quantisation is not
-emulated (replay differs from vLLM at the ~1e-2 relative level, reference §1.4).
+emulated (so replay differs from an FP8-served vLLM at the ~1e-2 relative level).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from requant.quantizer.mtp.common import (MTPBlock, check_rows, gate_scores, rms_norm, rope_inv_freq,
+                                          rope_pairs, sequence_starts, sqrtsoftplus, topk_routing)
 from requant.quantizer.mtp.moe import routed_output, shared_output
-
-# What the draft's logits need beyond the MoE inputs (head_input); optional for replay.
-_HEAD = ["ffn.shared_experts.w1.weight", "ffn.shared_experts.w2.weight", "ffn.shared_experts.w3.weight",
-         "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale"]
 
 
 @dataclass(frozen=True)
@@ -96,15 +93,6 @@ class DSV4Dims:
 
 # -- building blocks (plain functions: each is one equation of the reference) ----------------
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm in fp32 (weight applied in fp32 too, as vLLM's kernels do), cast back to x's dtype."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    if w is not None:
-        y = y * w.float()
-    return y.to(x.dtype)
-
-
 def hc_pre(R: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, d: DSV4Dims):
     """mHC collapse: R [T, n, D] → (x [T, D] in R's dtype, post [T, n], comb [T, n, n]) in fp32.
 
@@ -142,59 +130,50 @@ def hc_head(R: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
 
 def rope_interleaved(x: torch.Tensor, pos: torch.Tensor, theta: float, rd: int, inverse: bool = False) -> torch.Tensor:
     """GPT-J RoPE (pairs (0,1), (2,3), …) on the LAST ``rd`` dims of x [T, ..., dim], fp32 math."""
-    inv = 1.0 / theta ** (torch.arange(0, rd, 2, dtype=torch.float32, device=x.device) / rd)
-    ang = pos.float()[:, None] * inv[None]                       # [T, rd/2]
-    ang = ang.view(ang.shape[0], *([1] * (x.dim() - 2)), rd // 2)
+    ang = pos.float()[:, None] * rope_inv_freq(theta, rd, x.device)[None]     # [T, rd/2]
     cos, sin = ang.cos(), ang.sin()
     if inverse:
         sin = -sin
-    xr = x[..., -rd:].float()
-    a, b = xr[..., 0::2], xr[..., 1::2]
-    rot = torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
-    return torch.cat([x[..., :-rd], rot.to(x.dtype)], dim=-1)
+    return torch.cat([x[..., :-rd], rope_pairs(x[..., -rd:], cos, sin)], dim=-1)
 
 
-def sqrtsoftplus(logits: torch.Tensor) -> torch.Tensor:
-    return F.softplus(logits).sqrt()
+class DSV4Block(MTPBlock):
+    """The DeepSeek-V4 MTP layer as stored upstream under ``mtp.0.*`` (see module docstring), built
+    as every block is (``common.MTPBlock``). ``weights``: tensors relative to the prefix
+    (``attn.wq_a.weight``, ``ffn.experts.3.w1.weight``, ``hc_attn_fn``, …), or the routed experts
+    already stacked under ``ffn.experts.w1|w2|w3``; ``embed``: the target's embedding [vocab, D]
+    (required: the layer has none of its own), moved to ``device``."""
 
+    ARCH = "DeepSeek-V4"
+    DIMS = DSV4Dims
+    HEAD = ("ffn.shared_experts.w1.weight", "ffn.shared_experts.w2.weight", "ffn.shared_experts.w3.weight",
+            "norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale")
 
-class DSV4Block:
-    """The DeepSeek-V4 MTP layer as stored upstream under ``mtp.0.*`` (see module docstring).
-
-    ``weights``: tensors relative to the prefix (``attn.wq_a.weight``, ``ffn.experts.3.w1.weight``,
-    ``hc_attn_fn``, …), dequantised; ``embed``: the target's embedding [vocab, D]. The embedding
-    and the non-expert weights live on ``device``; routed experts stay stacked on the CPU
-    (``expert_weights``) — the replay moves only the experts it needs."""
-
-    def __init__(self, spec, dims: DSV4Dims, weights: dict[str, torch.Tensor], embed: torch.Tensor,
+    def __init__(self, spec, dims: DSV4Dims, weights: dict[str, torch.Tensor], embed: torch.Tensor | None = None,
                  device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16):
         if dims.scoring not in ("sqrtsoftplus", "sigmoid", "softmax"):
             raise ValueError(f"DeepSeek-V4 MTP: unsupported scoring_func {dims.scoring!r}")
-        self.spec = spec
-        self.dims = dims
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = dtype
-        self.embed = embed.to(self.device)  # 1 GB at DSV4 scale; a CPU gather + copy cost 1/3 of identity replay
+        if embed is None:
+            raise ValueError("the DeepSeek-V4 MTP layer looks next tokens up in the target's embedding: pass embed=")
+        super().__init__(spec, dims, device, dtype)
+        self.embed = embed.to(self.device)  # looked up every call: where the block runs
         E = dims.n_experts
         # Routed experts: one tensor per expert as in the checkpoint, or already stacked under
         # "ffn.experts.w1" [E, I, D] etc. (benchmarks build those on the GPU).
         stacked = all(f"ffn.experts.{p}" in weights for p in ("w1", "w2", "w3"))
-        missing = [f"{spec.prefix}{k}" for k in self._required() if k not in weights]
+        missing = [k for k in self._required() if k not in weights]
         if not stacked:
-            missing += [f"{spec.prefix}ffn.experts.{e}.{p}.weight" for e in range(E) for p in ("w1", "w2", "w3")
+            missing += [f"ffn.experts.{e}.{p}.weight" for e in range(E) for p in ("w1", "w2", "w3")
                         if f"ffn.experts.{e}.{p}.weight" not in weights]
-        if missing:
-            raise ValueError(f"DeepSeek-V4 MTP layer incomplete: missing {', '.join(missing[:5])}"
-                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-        # Stacked in bf16 (master precision after dequantisation), where load_block put the weights
-        # (the block's device).
+        self._check_complete(missing)
+        # bf16: the master's precision after dequantisation
         self._w = {p: (weights[f"ffn.experts.{p}"] if stacked else
                        torch.stack([weights[f"ffn.experts.{e}.{p}.weight"] for e in range(E)])).to(torch.bfloat16)
                    for p in ("w1", "w2", "w3")}
         # Everything else the forward uses, on the compute device. fp32 parameters (mHC, sinks,
         # gate bias) stay fp32; linears take the compute dtype.
         self.W: dict[str, torch.Tensor] = {}
-        for k in self._required() + [k for k in _HEAD if k in weights]:
+        for k in self._required() + [k for k in self.HEAD if k in weights]:
             t = weights[k]
             keep_fp32 = k.startswith("hc_") or k in ("attn.attn_sink", "ffn.gate.bias")
             self.W[k] = t.to(self.device, torch.float32 if keep_fp32 else dtype)
@@ -207,10 +186,7 @@ class DSV4Block:
                 "attn.wq_b.weight", "attn.wkv.weight", "attn.kv_norm.weight", "attn.wo_a.weight",
                 "attn.wo_b.weight", "attn.attn_sink", "ffn.gate.weight", "ffn.gate.bias"]
 
-    # -- MTPBlock protocol ---------------------------------------------------------------------
-    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._w["w1"], self._w["w2"], self._w["w3"]
-
+    # -- bounds of the replay's fixed-point sums ---------------------------------------------------
     def moe_input_bound(self) -> float:
         """An upper bound of ‖X‖² for every MoE input row: X = RMSNorm(·)·γ has ‖X‖² ≤ D·max γ²
         (+5% for the bf16 rounding of X)."""
@@ -226,22 +202,13 @@ class DSV4Block:
         logit = self.moe_input_bound() ** 0.5 * float(self.W["ffn.gate.weight"].float().norm(dim=1).max())
         return abs(d.routed_scale) * float(sqrtsoftplus(torch.tensor(logit, dtype=torch.float64))) * 1.05
 
-    def moe_inputs(self, hidden: torch.Tensor, next_token: torch.Tensor, position: torch.Tensor, mode: str,
-                   seq_lens: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        _, X, _, _ = self._ffn_input(hidden, next_token, position, mode, seq_lens)
-        ids, weights = self.route(X)
-        return X, ids, weights
-
     def head_input(self, hidden: torch.Tensor, next_token: torch.Tensor, position: torch.Tensor, mode: str,
                    seq_lens: list[int] | None = None) -> torch.Tensor:
         """The layer's whole forward up to the head (steps 5–7 of the reference): MoE output
         (routed experts as held by the block + the shared expert), ``R2 = hc_post``, then the MTP's
         own ``hc_head`` collapse and ``norm`` → [T, D], what vLLM multiplies by the target's head."""
         d, W = self.dims, self.W
-        missing = [k for k in _HEAD if k not in W]
-        if missing:
-            raise ValueError(f"DeepSeek-V4 MTP layer lacks {', '.join(self.spec.prefix + k for k in missing)} "
-                             "(needed for the draft's logits)")
+        self._check_head()
         R1, X, post, comb = self._ffn_input(hidden, next_token, position, mode, seq_lens)
         ids, weights = self.route(X)
         w1, w2, w3 = self.expert_weights()
@@ -255,17 +222,11 @@ class DSV4Block:
     def _ffn_input(self, hidden, next_token, position, mode, seq_lens):
         """(R1 the streams before the FFN sub-layer, X its normed input, post, comb of its hc_pre)."""
         d = self.dims
-        T = hidden.shape[0]
-        if hidden.shape != (T, d.hc_mult * d.hidden):
-            raise ValueError(f"hidden rows must be [T, {d.hc_mult}*{d.hidden}], got {tuple(hidden.shape)}")
-        if next_token.shape != (T,) or position.shape != (T,):
-            raise ValueError(f"next_token/position must be [{T}], got {tuple(next_token.shape)}/{tuple(position.shape)}")
-        if mode not in ("identity", "full"):
-            raise ValueError(f"replay mode must be 'identity' or 'full', got {mode!r}")
+        check_rows(hidden, next_token, position, mode, d.hc_mult * d.hidden, f"{d.hc_mult}*{d.hidden}")
         pos = position.to(self.device, torch.long)
         R = self.project_inputs(hidden, next_token, pos)
         if mode == "full":
-            _check_sequences(seq_lens, pos)
+            sequence_starts(seq_lens, pos)
             R1 = self.attention_sublayer(R, pos, list(seq_lens))
         else:
             R1 = R  # identity: the attention sub-layer, mHC mixing included, is skipped
@@ -333,32 +294,6 @@ class DSV4Block:
         """Step 4: top-k expert ids [T, k] int64 and weights [T, k] fp32 (× routed scaling)."""
         d, W = self.dims, self.W
         logits = X.float() @ W["ffn.gate.weight"].float().T
-        if d.scoring == "sqrtsoftplus":
-            scores = sqrtsoftplus(logits)
-        elif d.scoring == "sigmoid":
-            scores = torch.sigmoid(logits)
-        else:
-            scores = torch.softmax(logits, dim=-1)
-        ids = torch.topk(scores + W["ffn.gate.bias"].float(), d.topk, dim=-1).indices
-        weights = scores.gather(1, ids)
-        if d.norm_topk:
-            weights = weights / weights.sum(-1, keepdim=True)
-        return ids, weights * d.routed_scale
+        scores = gate_scores(logits, d.scoring)
+        return topk_routing(scores + W["ffn.gate.bias"].float(), scores, d.topk, d.norm_topk, d.routed_scale)
 
-
-def _check_sequences(seq_lens: list[int] | None, pos: torch.Tensor) -> None:
-    """``seq_lens`` must cover the rows, and positions run consecutively within each sequence
-    (attention needs every earlier row of the window)."""
-    T = pos.shape[0]
-    if seq_lens is None:
-        raise ValueError("full replay needs seq_lens (rows are whole sequences concatenated)")
-    if sum(seq_lens) != T or any(n <= 0 for n in seq_lens):
-        raise ValueError(f"seq_lens {list(seq_lens)[:8]}… (sum {sum(seq_lens)}) do not cover {T} rows")
-    if T > 1:
-        seq = torch.repeat_interleave(torch.arange(len(seq_lens), device=pos.device),
-                                      torch.tensor(list(seq_lens), device=pos.device))
-        bad = (seq[1:] == seq[:-1]) & (pos[1:] - pos[:-1] != 1)
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"full replay: positions not consecutive within sequence {int(seq[i])} "
-                             f"({int(pos[i])} then {int(pos[i + 1])}); attention would miss rows")

@@ -1,7 +1,8 @@
 """MTP master weights: the ``mtp.0.*`` (DeepSeek-V4) or ``model.layers.{n}.*`` (DeepSeek-V3)
-tensors of a checkpoint, dequantised to bf16.
+tensors of a checkpoint, dequantised to bf16 — and the checkpoint files under them (safetensors
+headers checked, the index against its shards: ``tensor_files``).
 
-Formats on disk (``../shared/notes/dsv4-mtp-reference.md`` §1.4):
+Formats on disk:
 * BF16/F32 tensors pass through.
 * FP8 E4M3 linears with one scale per 128×128 block, the scale named ``.scale`` (upstream),
   ``.weight_scale_inv`` (vLLM/HF) or ``.weight_scale``, stored as E8M0 (2^(byte−127)), uint8
@@ -32,6 +33,14 @@ from requant.storage.schema import DamagedInputError
 SCALE_SUFFIXES = (".scale", ".weight_scale_inv", ".weight_scale")
 _FP4_LUT = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 _DSPARK_MARKERS = ("main_proj", "confidence_head", "dspark")
+
+
+def check_not_dspark(names, where: str) -> None:
+    """Refuse a checkpoint whose tensor names or config keys ``names`` show DSpark stages."""
+    found = next((n for n in names if any(m in n for m in _DSPARK_MARKERS)), None)
+    if found is not None:
+        raise ValueError(f"{where}: {found} — this checkpoint revision ships DSpark stages under mtp.*, not a "
+                         "classic MTP layer; requant quantises classic MTP layers only")
 
 
 def e8m0_to_float(s: torch.Tensor) -> torch.Tensor:
@@ -138,7 +147,7 @@ def open_tensors(path: Path):
         raise DamagedInputError(f"{path}: unreadable safetensors file ({e})") from None
 
 
-def _shards(path: Path) -> dict[str, Path]:
+def tensor_files(path: Path) -> dict[str, Path]:
     """tensor name → file, from a checkpoint directory (index or every shard) or one shard;
     every shard's header checked, and the index against the shards."""
     if path.is_file():
@@ -166,36 +175,20 @@ def _shards(path: Path) -> dict[str, Path]:
     return out
 
 
-def mtp_prefix(config: dict) -> str:
-    if config.get("model_type") == "deepseek_v4" or "hc_mult" in config:
-        return "mtp.0."
-    return f"model.layers.{config['num_hidden_layers']}."
-
-
-def load_mtp_weights(path: str | Path, prefix: str | None = None,
+def load_mtp_weights(path: str | Path, prefix: str,
                      device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
-    """The MTP layer's tensors (names relative to the prefix), dequantised to bf16 where quantised,
-    on ``device`` (default CPU). On a GPU the stored bytes move there and are dequantised there:
-    MXFP4 experts cross PCIe at a quarter of their bf16 size, and the products are exact (E4M3
-    or E2M1 × a power of two), so the weights are the same bits as on the CPU."""
+    """The MTP layer's tensors under ``prefix`` (``arch.MTPSpec.prefix``; names relative to it),
+    dequantised to bf16 where quantised, on ``device`` (default CPU). On a GPU the stored bytes
+    move there and are dequantised there: MXFP4 experts cross PCIe at a quarter of their bf16
+    size, and the products are exact (E4M3 or E2M1 × a power of two), so the weights are the
+    same bits as on the CPU."""
     path = Path(path)
-    if prefix is None:
-        cfg_file = (path if path.is_dir() else path.parent) / "config.json"
-        if not cfg_file.exists():
-            raise FileNotFoundError(f"{cfg_file}: needed to locate the MTP layer (or pass prefix=)")
-        config = read_json(cfg_file, "checkpoint config")
-        if any(k.startswith("dspark") for k in config):
-            raise ValueError(f"{cfg_file}: this revision ships DSpark stages under mtp.*, not a classic MTP layer; "
-                             "requant quantises classic MTP layers only")
-        prefix = mtp_prefix(config)
-    where = _shards(path)
+    where = tensor_files(path)
     names = sorted(k for k in where if k.startswith(prefix))
     if not names:
         raise ValueError(f"{path}: no tensors under {prefix!r} — the checkpoint has no MTP layer "
                          "(was it saved by a tool that drops mtp.*?)")
-    dspark = [k for k in names if any(m in k for m in _DSPARK_MARKERS)]
-    if dspark:
-        raise ValueError(f"{path}: {dspark[0]} — DSpark stages under mtp.*, not a classic MTP layer")
+    check_not_dspark(names, str(path))
     scales = {k for k in names if k.endswith(SCALE_SUFFIXES)}
     local = threading.local()  # one safetensors handle per file and reader thread
 

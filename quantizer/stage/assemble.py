@@ -35,7 +35,7 @@ import torch
 
 from requant.quantizer.core.quant import QuantSpec
 from requant.quantizer.mtp.arch import MTPSpec
-from requant.quantizer.mtp.weights import (SCALE_SUFFIXES, _shards, dequant_fp8_block, e8m0_to_float, open_tensors,
+from requant.quantizer.mtp.weights import (SCALE_SUFFIXES, tensor_files, dequant_fp8_block, e8m0_to_float, open_tensors,
                                            read_header)
 from requant.quantizer.stage.base_files import INDEX, copy_side_files, place_base_shard, union_index
 from requant.quantizer.stage.quant_config import expert_modules, loads_fp8_block, merge_quant_config, mtp_linear_modules
@@ -82,7 +82,7 @@ def resolve_fp8_scale(cfg: AssembleConfig, base_names: list[str], fp8_modules: s
 def passthrough_tensors(master: Path, spec: MTPSpec, scale_to: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The master's MTP tensors other than the routed experts, raw (no dequantisation),
     FP8 scales renamed to ``scale_to``. Returns (tensors, names of FP8 linear modules)."""
-    where = _shards(master)
+    where = tensor_files(master)
     experts = expert_modules(spec)
     names = sorted(n for n in where if n.startswith(spec.prefix) and n.rsplit(".", 1)[0] not in experts)
     out: dict[str, torch.Tensor] = {}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from requant.quantizer.mtp.arch import MTPSpec
+from requant.quantizer.mtp.arch import MTPSpec, config_file
 from requant.quantizer.mtp.weights import read_header
 
 
@@ -55,7 +55,7 @@ def hash_tensors(where: dict[str, Path], names: list[str], threads: int = 8) -> 
 def hash_inputs(master: Path, where: dict[str, Path], spec: MTPSpec, base: Path, base_index: dict) -> dict:
     """The manifest's ``inputs``: the master's config and MTP tensors (``where``: the master's
     tensor → file map), the base's config, index and each shard's size and header."""
-    cfg = (master if master.is_dir() else master.parent) / "config.json"
+    cfg = config_file(master)
     shards = {}
     for f in sorted(set(base_index["weight_map"].values())):
         p = base / f

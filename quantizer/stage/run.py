@@ -41,8 +41,8 @@ import torch
 
 from requant.quantizer.core.gptq import GPTQConfig
 from requant.quantizer.core.memory import check as check_memory
-from requant.quantizer.mtp.arch import MTPSpec, check_config, load_spec
-from requant.quantizer.mtp.weights import _shards, read_json
+from requant.quantizer.mtp.arch import MTPSpec, checkpoint_config, config_file, load_spec
+from requant.quantizer.mtp.weights import tensor_files
 from requant.quantizer.stage import manifest as manifest_mod
 from requant.quantizer.stage.assemble import AssembleConfig, write_assembly
 from requant.quantizer.stage.base_files import check_base_matches, read_base
@@ -73,18 +73,11 @@ class QuantizeResult:
 
 # -- 1. inputs -------------------------------------------------------------------------------
 
-def _master_config(master: Path) -> dict:
-    f = (master if master.is_dir() else master.parent) / "config.json"
-    if not f.exists():
-        raise FileNotFoundError(f"master {master}: no config.json (needed to identify the MTP layer)")
-    return check_config(read_json(f, "checkpoint config"), str(f))
-
-
 def check_master(master: Path, spec: MTPSpec) -> dict[str, Path]:
     """Every routed expert's w1/w2/w3 and the MTP's own tensors must be in the master."""
     if not master.exists():
         raise FileNotFoundError(f"master checkpoint {master} does not exist")
-    where = _shards(master)
+    where = tensor_files(master)
     mtp = [n for n in where if n.startswith(spec.prefix)]
     if not mtp:
         raise ValueError(f"master {master}: no {spec.prefix}* tensors — the checkpoint has no MTP layer "
@@ -127,13 +120,13 @@ def check_inputs(job: QuantizeJob) -> Inputs:
     if out.exists():
         raise FileExistsError(f"output {out} already exists; choose a new --out (nothing is overwritten)")
     master, base = Path(job.master), Path(job.base)
-    master_config = _master_config(master)
+    master_config = checkpoint_config(master)
     spec = load_spec(master_config)
     where = check_master(master, spec)
     check_store_matches(SimpleNamespace(spec=spec), list(job.stores))
     base_config, base_index = read_base(base)
     check_base_matches(spec, base_config, master_config,
-                       where=f"{base / 'config.json'}, {(master if master.is_dir() else master.parent) / 'config.json'}")
+                       where=f"{base / 'config.json'}, {config_file(master)}")
     if not out.parent.exists():
         raise FileNotFoundError(f"parent directory of --out {out} does not exist")
     if not os.access(out.parent, os.W_OK):  # before the work, not after it (a read-only mount too)

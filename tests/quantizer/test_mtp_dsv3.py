@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from requant.quantizer.mtp.arch import load_block, load_spec
-from requant.quantizer.mtp.dsv3 import DSV3Block, DSV3Rope, rms_norm
+from requant.quantizer.mtp.common import rms_norm
+from requant.quantizer.mtp.dsv3 import DSV3Block, DSV3Rope
 from requant.quantizer.mtp.weights import load_mtp_weights
 
 # DeepSeek-V3/R1's config.json rope settings
@@ -121,7 +122,7 @@ def test_full_mode_matches_transformers_decoder_layer(parts, rows, rope):
     if rope == "yarn":
         config = {**config, "rope_scaling": YARN, "max_position_embeddings": 163840}
     hidden, tok, pos = rows
-    b32 = DSV3Block(spec, config, weights, device="cpu", dtype=torch.float32)
+    b32 = DSV3Block.from_config(spec, config, weights, device="cpu", dtype=torch.float32)
     x = b32.project_inputs(hidden, tok, pos)
     X_ref, ids_ref, w_ref = hf_moe_inputs(config, weights, x, pos, SEQ_LENS)
 
@@ -133,7 +134,7 @@ def test_full_mode_matches_transformers_decoder_layer(parts, rows, rope):
     torch.testing.assert_close(w.gather(1, order), w_ref.gather(1, order_ref), rtol=1e-5, atol=1e-6)
 
     # bf16 (the replay's precision) vs the fp32 reference
-    b16 = DSV3Block(spec, config, weights, device="cpu")
+    b16 = DSV3Block.from_config(spec, config, weights, device="cpu")
     X16, ids16, _ = b16.moe_inputs(hidden, tok, pos, "full", SEQ_LENS)
     assert X16.dtype == torch.bfloat16
     err16 = _rel(X16, X_ref)
@@ -151,9 +152,9 @@ def test_rope_matters_and_yarn_differs(parts, rows):
     """The checks above would not notice a wrong RoPE unless RoPE changes the result."""
     config, spec, weights = parts
     hidden, tok, pos = rows
-    plain = DSV3Block(spec, config, weights, device="cpu", dtype=torch.float32)
-    yarn = DSV3Block(spec, {**config, "rope_scaling": YARN}, weights, device="cpu", dtype=torch.float32)
-    none = DSV3Block(spec, config, weights, device="cpu", dtype=torch.float32)
+    plain = DSV3Block.from_config(spec, config, weights, device="cpu", dtype=torch.float32)
+    yarn = DSV3Block.from_config(spec, {**config, "rope_scaling": YARN}, weights, device="cpu", dtype=torch.float32)
+    none = DSV3Block.from_config(spec, config, weights, device="cpu", dtype=torch.float32)
     none._inv_freq = torch.zeros_like(none._inv_freq)
     X = plain.moe_inputs(hidden, tok, pos, "full", SEQ_LENS)[0]
     assert _rel(none.moe_inputs(hidden, tok, pos, "full", SEQ_LENS)[0], X).mean() > 0.05
@@ -178,7 +179,7 @@ def test_yarn_parameters():
 def test_identity_mode_is_post_attention_norm_of_eh_proj(parts, rows):
     config, spec, weights = parts
     hidden, tok, pos = rows
-    b32 = DSV3Block(spec, config, weights, device="cpu", dtype=torch.float32)
+    b32 = DSV3Block.from_config(spec, config, weights, device="cpu", dtype=torch.float32)
     layer, _ = hf_layer(config, weights)
     x = b32.project_inputs(hidden, tok, pos)
     # eh_proj input order: [enorm(embedding), hnorm(hidden)], embedding zeroed at position 0
@@ -192,7 +193,7 @@ def test_identity_mode_is_post_attention_norm_of_eh_proj(parts, rows):
         _, w_ref, ids_ref = layer.mlp.gate(X)
     assert bool(_same_sets(ids, ids_ref).all())
     # identity rows are independent: any order / subset gives the same rows
-    b16 = DSV3Block(spec, config, weights, device="cpu")
+    b16 = DSV3Block.from_config(spec, config, weights, device="cpu")
     perm = torch.randperm(len(pos), generator=torch.Generator().manual_seed(0))[:50]
     Xa = b16.moe_inputs(hidden, tok, pos, "identity")[0]
     Xb = b16.moe_inputs(hidden[perm], tok[perm], pos[perm], "identity")[0]
@@ -202,14 +203,14 @@ def test_identity_mode_is_post_attention_norm_of_eh_proj(parts, rows):
 def test_full_mode_sequences_do_not_interact(parts, rows):
     config, spec, weights = parts
     hidden, tok, pos = rows
-    b = DSV3Block(spec, config, weights, device="cpu")
+    b = DSV3Block.from_config(spec, config, weights, device="cpu")
     X, ids, w = b.moe_inputs(hidden, tok, pos, "full", SEQ_LENS)
     a = SEQ_LENS[0]
     X1, ids1, w1 = b.moe_inputs(hidden[:a], tok[:a], pos[:a], "full", [a])
     X2 = b.moe_inputs(hidden[a:], tok[a:], pos[a:], "full", SEQ_LENS[1:])[0]
     assert torch.equal(torch.cat([X1, X2]), X) and torch.equal(ids1, ids[:a])
     # query blocking does not change a sequence's rows (beyond fp32 summation order)
-    b32 = DSV3Block(spec, config, weights, device="cpu", dtype=torch.float32)
+    b32 = DSV3Block.from_config(spec, config, weights, device="cpu", dtype=torch.float32)
     xa = rms_norm(b32.project_inputs(hidden[:a], tok[:a], pos[:a]), b32.W["input_layernorm.weight"], 1e-6)
     one = b32.attention(xa, pos[:a], [0, a])
     three = b32.attention(xa, pos[:a], [0, a], score_bytes=4 * config["num_attention_heads"] * a * 3)  # 3-row blocks
@@ -228,7 +229,7 @@ def test_group_limited_routing_matches_transformers_router(parts):
     E, H = config["n_routed_experts"], config["hidden_size"]
     weights = {**weights, "mlp.gate.weight": (torch.randn(E, H, generator=g) * 0.1).bfloat16(),
                "mlp.gate.e_score_correction_bias": torch.randn(E, generator=g) * 0.3}
-    b = DSV3Block(spec, config, weights, device="cpu")
+    b = DSV3Block.from_config(spec, config, weights, device="cpu")
     X = torch.randn(500, H, generator=g).bfloat16()
     ids, w = b.route(X)
     router = DeepseekV3TopkRouter(DeepseekV3Config(**{k: v for k, v in config.items() if k != "architectures"}))
@@ -241,7 +242,7 @@ def test_group_limited_routing_matches_transformers_router(parts):
     torch.testing.assert_close(w.gather(1, ids.argsort(-1)), w_ref.gather(1, ids_ref.argsort(-1)), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(w.sum(-1), torch.full((500,), config["routed_scaling_factor"]))
     # the group limit changes the choice for some rows (else this test would not test it)
-    flat = DSV3Block(spec, {**config, "n_group": 1, "topk_group": 1}, weights, device="cpu").route(X)[0]
+    flat = DSV3Block.from_config(spec, {**config, "n_group": 1, "topk_group": 1}, weights, device="cpu").route(X)[0]
     assert not bool(_same_sets(ids, flat).all())
 
 
@@ -265,15 +266,15 @@ def test_bad_input(parts, rows):
               if k not in ("self_attn.kv_b_proj.weight", "mlp.experts.3.up_proj.weight")}
     with pytest.raises(ValueError, match=r"missing model\.layers\.2\.self_attn\.kv_b_proj\.weight, "
                                          r"model\.layers\.2\.mlp\.experts\.3\.up_proj\.weight"):
-        DSV3Block(spec, config, broken, device="cpu")
+        DSV3Block.from_config(spec, config, broken, device="cpu")
     no_embed = {k: v for k, v in weights.items() if k != "embed_tokens.weight"}
     with pytest.raises(ValueError, match="embed_tokens"):
-        DSV3Block(spec, config, no_embed, device="cpu")
+        DSV3Block.from_config(spec, config, no_embed, device="cpu")
     with pytest.raises(ValueError, match="unsupported rope scaling 'longrope'"):
-        DSV3Block(spec, {**config, "rope_scaling": {"type": "longrope"}}, weights, device="cpu")
+        DSV3Block.from_config(spec, {**config, "rope_scaling": {"type": "longrope"}}, weights, device="cpu")
     with pytest.raises(ValueError, match="lacks 'kv_lora_rank'"):
-        DSV3Block(spec, {k: v for k, v in config.items() if k != "kv_lora_rank"}, weights, device="cpu")
-    b = DSV3Block(spec, config, weights, device="cpu")
+        DSV3Block.from_config(spec, {k: v for k, v in config.items() if k != "kv_lora_rank"}, weights, device="cpu")
+    b = DSV3Block.from_config(spec, config, weights, device="cpu")
     with pytest.raises(ValueError, match=r"\[T, 256\]"):
         b.moe_inputs(torch.zeros(4, 512, dtype=torch.bfloat16), tok[:4], pos[:4], "identity")
     with pytest.raises(ValueError, match="'identity' or 'full'"):
@@ -286,7 +287,7 @@ def test_bad_input(parts, rows):
     gap[3] = 7
     with pytest.raises(ValueError, match="not consecutive within sequence 0"):
         b.moe_inputs(hidden, tok, gap, "full", SEQ_LENS)
-    v32 = DSV3Block(spec, {**config, "index_topk": 40}, weights, device="cpu")
+    v32 = DSV3Block.from_config(spec, {**config, "index_topk": 40}, weights, device="cpu")
     with pytest.raises(ValueError, match=r"index_topk 40\).*got one of 64"):
         v32.moe_inputs(hidden, tok, pos, "full", SEQ_LENS)
     a = SEQ_LENS[0]

@@ -55,7 +55,7 @@ def _hf_layer(ckpt, window):
     hf_cfg._attn_implementation = "eager"
     assert hf_cfg.layer_types[n] == "sliding_attention" and hf_cfg.mlp_layer_types[n] == "moe"
     layer = DeepseekV4DecoderLayer(hf_cfg, layer_idx=n).eval()
-    W = {k: v.float() for k, v in load_mtp_weights(ckpt).items()}
+    W = {k: v.float() for k, v in load_mtp_weights(ckpt, "mtp.0.").items()}
     E = cfg["n_routed_experts"]
     sd = {"self_attn.q_a_proj.weight": W["attn.wq_a.weight"], "self_attn.q_a_norm.weight": W["attn.q_norm.weight"],
           "self_attn.q_b_proj.weight": W["attn.wq_b.weight"], "self_attn.kv_proj.weight": W["attn.wkv.weight"],
@@ -187,7 +187,7 @@ def test_identity_mode_equals_hand_computed_rows(ckpt, blocks):
     import json
 
     c = json.loads((ckpt / "config.json").read_text())
-    W = load_mtp_weights(ckpt)
+    W = load_mtp_weights(ckpt, "mtp.0.")
     hidden, tok, pos = _rows(blocks[torch.float32], [6], seed=5)
     for dtype, block in blocks.items():
         X, ids, w = block.moe_inputs(hidden, tok, pos, "identity")

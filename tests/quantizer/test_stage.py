@@ -655,7 +655,7 @@ def test_offline_evaluation_of_the_quantised_dsv4_mtp(env, tmp_path):
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    from requant.quantizer.mtp.evaluate import OfflineConfig, evaluate_offline, load_mtp_for_eval
+    from requant.quantizer.evaluate import OfflineConfig, evaluate_offline, load_mtp_for_eval
 
     out, ckpt, store = env["out"], env["ckpt"], env["store"]
     spec = load_block(ckpt, device="cpu").spec

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from requant.quantizer.mtp.arch import checkpoint_config, load_spec
 from requant.quantizer.mtp.weights import dequant_mxfp4, e8m0_to_float, load_mtp_weights
 
 LUT = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
@@ -26,7 +27,7 @@ def test_fp8_block_dequant_under_every_scale_naming(tmp_path, suffix, scale_dtyp
     scale = {"e8m0": exps.view(torch.float8_e8m0fnu), "uint8": exps, "f32": torch.exp2(exps.float() - 127)}[scale_dtype]
     d = _ckpt(tmp_path, {"mtp.0.attn.wq_a.weight": w8, f"mtp.0.attn.wq_a{suffix}": scale,
                          "mtp.0.enorm.weight": torch.ones(4, dtype=torch.bfloat16)})
-    out = load_mtp_weights(d)
+    out = load_mtp_weights(d, "mtp.0.")
     assert set(out) == {"attn.wq_a.weight", "enorm.weight"}
     for i, j in [(0, 0), (199, 299), (130, 140), (5, 260)]:
         expect = float(w8[i, j].float()) * 2.0 ** (int(exps[i // 128, j // 128]) - 127)
@@ -42,32 +43,32 @@ def test_mxfp4_low_nibble_is_the_even_column(tmp_path):
     expect = [(LUT[c & 7] * (-1 if c & 8 else 1)) * 2 for c in codes[0].tolist()]
     assert w[0].float().tolist() == expect
     d = _ckpt(tmp_path, {"mtp.0.ffn.experts.0.w1.weight": packed, "mtp.0.ffn.experts.0.w1.scale": scale})
-    assert torch.equal(load_mtp_weights(d)["ffn.experts.0.w1.weight"], w)
+    assert torch.equal(load_mtp_weights(d, "mtp.0.")["ffn.experts.0.w1.weight"], w)
 
 
 def test_dspark_and_missing_pieces_are_refused(tmp_path):
     d = _ckpt(tmp_path, {"mtp.0.main_proj.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="DSpark"):
-        load_mtp_weights(d)
+        load_mtp_weights(d, "mtp.0.")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v4", "dspark_num_stages": 3}))
     with pytest.raises(ValueError, match="DSpark"):
-        load_mtp_weights(d)
+        load_spec(checkpoint_config(d))
     e = tmp_path / "e"
     e.mkdir()
     _ckpt(e, {"layers.0.attn.wq_a.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="no tensors under 'mtp.0.'"):
-        load_mtp_weights(e)
+        load_mtp_weights(e, "mtp.0.")
     f = tmp_path / "f"
     f.mkdir()
     _ckpt(f, {"mtp.0.attn.wkv.weight": torch.zeros(128, 128).to(torch.float8_e4m3fn)})
     with pytest.raises(ValueError, match="has no scale"):
-        load_mtp_weights(f)
+        load_mtp_weights(f, "mtp.0.")
 
 
 def test_both_tiny_fixtures(tiny_dsv4, tiny_dsv3):
-    v4 = load_mtp_weights(tiny_dsv4)
+    v4 = load_mtp_weights(tiny_dsv4, "mtp.0.")
     assert v4["ffn.experts.7.w2.weight"].shape == (512, 256) and "hc_head_fn" in v4
-    v3 = load_mtp_weights(tiny_dsv3)
+    v3 = load_mtp_weights(tiny_dsv3, "model.layers.2.")
     assert "eh_proj.weight" in v3 and v3["mlp.experts.0.gate_proj.weight"].shape == (128, 256)
 
 
@@ -91,7 +92,7 @@ def test_dequantised_on_the_gpu_equals_the_cpu_bit_for_bit(tmp_path):
                          "mtp.0.ffn.experts.0.w1.scale": torch.randint(100, 140, (256, 12), generator=g,
                                                                          dtype=torch.uint8).view(torch.float8_e8m0fnu),
                          "mtp.0.enorm.weight": torch.randn(4, generator=g).bfloat16()})
-    cpu, gpu = load_mtp_weights(d), load_mtp_weights(d, device="cuda")
+    cpu, gpu = load_mtp_weights(d, "mtp.0."), load_mtp_weights(d, "mtp.0.", device="cuda")
     assert set(cpu) == set(gpu)
     for k in cpu:
         assert gpu[k].is_cuda

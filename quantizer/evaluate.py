@@ -26,7 +26,7 @@ The head is the target's (vLLM replaces the MTP's own ``shared_head.head`` by th
 ``lm_head``). Works for DeepSeek-V3 and DeepSeek-V4 checkpoints; quantised experts in
 compressed-tensors ``pack-quantized`` form are decoded to the weights vLLM computes with.
 
-    from requant.quantizer.mtp.evaluate import OfflineConfig, evaluate_offline
+    from requant.quantizer.evaluate import OfflineConfig, evaluate_offline
     res = evaluate_offline(OfflineConfig(checkpoint="runs/q", against="DeepSeek-V4-Flash", stores=["runs/held"]))
     res["modes"]["full"]["acceptance"]
 """
@@ -36,14 +36,17 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
-from requant.quantizer.mtp.arch import MTPSpec, _config, load_block, load_spec, read_tensor
 from requant.quantizer.core.limits import MAX_BYTES, MAX_ROWS
 from requant.quantizer.core.pack import unpack_int32
 from requant.quantizer.core.quant import QuantSpec, dequantize
-from requant.quantizer.mtp.weights import _shards, load_mtp_weights
+from requant.quantizer.mtp.arch import TARGET_EMBEDDINGS, MTPSpec, checkpoint_config, load_block, load_spec, read_tensor
+from requant.quantizer.mtp.common import rms_norm
+from requant.quantizer.mtp.dsv4 import DSV4Dims, hc_head
+from requant.quantizer.mtp.weights import load_mtp_weights, tensor_files
 
 MODES = ("identity", "full")
 LOGIT_BYTES = 256 << 20   # fp32 logits held at once (rows × vocab)
@@ -75,9 +78,9 @@ def check_mtp_checkpoint(path: str | Path) -> tuple[dict, MTPSpec]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    config = _config(path)
+    config = checkpoint_config(path)
     spec = load_spec(config)
-    where = _shards(path)
+    where = tensor_files(path)
     if not any(n.startswith(spec.prefix) for n in where):
         raise ValueError(f"{path}: no {spec.prefix}* tensors — this checkpoint has no MTP layer to evaluate "
                          "(a base without its MTP layer? evaluate the quantised checkpoint or the master)")
@@ -131,8 +134,6 @@ class TargetHead:
         self.spec, self.device = spec, torch.device(device)
         self.hc = None
         if spec.arch == "dsv4":
-            from requant.quantizer.mtp.dsv4 import DSV4Dims
-
             parts = {}
             for key, cands in (("fn", ["hc_head_fn", "model.hc_head_fn"]), ("base", ["hc_head_base", "model.hc_head_base"]),
                                ("scale", ["hc_head_scale", "model.hc_head_scale"]),
@@ -150,14 +151,10 @@ class TargetHead:
         """[T] bool: whether the stored next token is the target's greedy choice at each store row
         (hidden [T, width]) — within 1% of the row's logit range of the top logit, so that the
         bf16 rounding of the stored state cannot turn a near-tie into a mismatch."""
-        from requant.quantizer.mtp.dsv3 import rms_norm
-
         out, step = [], _logit_rows(self.weight.shape[0])
         for s in range(0, hidden.shape[0], step):
             h = hidden[s:s + step].to(self.device)
             if self.hc is not None:
-                from requant.quantizer.mtp.dsv4 import hc_head
-
                 d = self.dims
                 z = hc_head(h.view(h.shape[0], d.hc_mult, d.hidden), self.hc["fn"], self.hc["scale"],
                             self.hc["base"], d)
@@ -303,10 +300,7 @@ def _embed_source(master: str | Path, ckpt: Path) -> Path | None:
     """Where the master's block takes the target's embedding from: the master, or — a master that
     is the MTP layer alone, as the stage accepts with a base — the evaluated checkpoint (the same
     target embedding, from the base)."""
-    from requant.quantizer.mtp.arch import read_tensor
-
-    return None if read_tensor(Path(master), ["embed.weight", "model.embed_tokens.weight", "embed_tokens.weight"]) \
-        else ckpt
+    return None if read_tensor(Path(master), list(TARGET_EMBEDDINGS)) else ckpt
 
 
 def evaluate_offline(cfg: OfflineConfig, progress=None, weights: dict[str, torch.Tensor] | None = None) -> dict:
@@ -332,8 +326,6 @@ def evaluate_offline(cfg: OfflineConfig, progress=None, weights: dict[str, torch
                              f"{m_spec.n_experts} experts) is not the checkpoint's ({spec.arch}, hidden {spec.hidden}, "
                              f"{spec.n_experts} experts)")
     stores = [str(s) for s in cfg.stores]
-    from types import SimpleNamespace
-
     check_store_matches(SimpleNamespace(spec=spec), stores)
     context = int(config.get("max_position_embeddings") or 0)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
