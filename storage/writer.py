@@ -110,8 +110,8 @@ class GroupWriter:
 
     ``durable``: fsync before every commit (local stores). ``flush_bytes``: raw bytes per
     commit batch (rounded to whole shards, at least one). ``threads``: encode/write pool.
-    ``direct``: None (default) writes hidden shards itself where it can (local, zstd or no
-    compression); False forces zarr-python's own path (benchmarks compare the two).
+    ``direct``: None (default) writes hidden shards with shard.py where it can (local, zstd or
+    no compression); False forces zarr-python's own path (benchmarks compare the two).
     """
 
     def __init__(self, store: CaptureStore, name: str, queue_size: int = 16, durable: bool = True,
