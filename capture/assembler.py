@@ -13,6 +13,7 @@ from a token that did not survive can never be written.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,9 +26,20 @@ class Sequence:
     superseded: int          # rows of this request not written (recomputed or past the end)
 
 
+class _Chunk(NamedTuple):
+    """Rows of one request from one forward."""
+    positions: np.ndarray    # int64 [n]
+    ids: np.ndarray          # int64 [n]
+    hidden: np.ndarray       # uint16 [n, width]
+
+
 @dataclass
 class _Pending:
-    chunks: list = field(default_factory=list)  # (positions int64, ids int64, hidden uint16)
+    chunks: list[_Chunk] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(len(c.positions) for c in self.chunks)
 
 
 class IncompleteSequence(Exception):
@@ -42,11 +54,19 @@ class SequenceAssembler:
         self.pending: dict[str, _Pending] = {}
 
     def add(self, req_id: str, positions: np.ndarray, ids: np.ndarray, hidden: np.ndarray) -> None:
-        self.pending.setdefault(req_id, _Pending()).chunks.append((positions, ids, hidden))
+        self.pending.setdefault(req_id, _Pending()).chunks.append(_Chunk(positions, ids, hidden))
 
-    def discard(self, req_id: str) -> int:
-        p = self.pending.pop(req_id, None)
-        return 0 if p is None else sum(len(c[0]) for c in p.chunks)
+    @property
+    def open_requests(self) -> int:
+        """Requests with rows and no finish yet."""
+        return len(self.pending)
+
+    def rows(self, req_id: str | None = None) -> int:
+        """Rows held for request ``req_id`` (None: for all open requests)."""
+        if req_id is None:
+            return sum(p.rows for p in self.pending.values())
+        p = self.pending.get(req_id)
+        return 0 if p is None else p.rows
 
     def finish(self, req_id: str, tokens: list[int]) -> Sequence | None:
         """The request's whole sequence: positions 0..len(tokens)−2 (the last token is
@@ -57,9 +77,9 @@ class SequenceAssembler:
         if len(p.chunks) == 1:  # one forward held the whole sequence: no copy here
             pos, ids, hidden = p.chunks[0]
         else:
-            pos = np.concatenate([c[0] for c in p.chunks])
-            ids = np.concatenate([c[1] for c in p.chunks])
-            hidden = np.concatenate([c[2] for c in p.chunks])
+            pos = np.concatenate([c.positions for c in p.chunks])
+            ids = np.concatenate([c.ids for c in p.chunks])
+            hidden = np.concatenate([c.hidden for c in p.chunks])
         n = len(tokens) - 1
         # Last write per position: unique over the reversed rows gives each position's last index.
         uniq, rev_idx = np.unique(pos[::-1], return_index=True)

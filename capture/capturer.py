@@ -21,17 +21,39 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from .assembler import IncompleteSequence, SequenceAssembler
-from .sink import RowSink
-from .staging import HostStaging
+from .sink import RowSink, open_store_sink
+from .staging import HostStaging, Slot
+from .status import PointState
 
 log = logging.getLogger("requant.capture")
-_STOP = object()
+_STOP = object()  # queue entry: commit, then end
+
+
+class _Rows(NamedTuple):
+    """Queue entry: one forward's staged rows; the first ``counts[i]`` after the previous
+    requests' belong to ``req_ids[i]``."""
+    req_ids: list[str]
+    counts: list[int]
+    slot: Slot
+
+
+class _Finish(NamedTuple):
+    """Queue entry: request ``req_id`` is done with ``tokens`` (prompt + output ids)."""
+    req_id: str
+    tokens: list[int]
+    prompt_id: str
+
+
+class _Flush(NamedTuple):
+    """Queue entry: commit, then set ``done``."""
+    done: threading.Event
 
 
 @dataclass
@@ -78,7 +100,7 @@ class Capturer:
         self._committed_seq, self._uncommitted_rows, self._commits = first_seq_id, 0, 0
         self._publish = status
         self._status_lock = threading.Lock()  # "busy" (producer) and "idle" (writer) never cross
-        self._shown: dict | None = None
+        self._shown: PointState | None = None
         self._shown_at = 0.0
         self._report()
         self._thread = threading.Thread(target=self._run, name="requant-capture", daemon=True)
@@ -97,18 +119,18 @@ class Capturer:
         if hidden.shape[0] < total or input_ids.shape[0] < total or positions.shape[0] < total:
             raise ValueError(f"capture: step has {hidden.shape[0]} rows, {total} scheduled tokens")
         slot = self.staging.stage(hidden[:total].detach(), input_ids[:total], positions[:total], side_stream=fresh)
-        self._put(("rows", list(req_ids), list(counts), slot))
+        self._put(_Rows(list(req_ids), list(counts), slot))
         self._stats.steps += 1
 
     def finish(self, req_id: str, tokens: list[int], prompt_id: str | None = None) -> None:
         """The request is done; ``tokens`` = prompt + output ids."""
         self._check()
-        self._put(("finish", req_id, list(tokens), req_id if prompt_id is None else prompt_id))
+        self._put(_Finish(req_id, list(tokens), req_id if prompt_id is None else prompt_id))
 
     def flush(self) -> None:
         """Wait until everything queued so far is processed and committed."""
         done = threading.Event()
-        self._put(("flush", done))
+        self._put(_Flush(done))
         while not done.wait(0.05):
             self._check()
         self._check()
@@ -118,7 +140,7 @@ class Capturer:
             return
         self._closed = True
         try:
-            self._put((_STOP,))
+            self._put(_STOP)
         except RuntimeError:
             pass  # the writer thread failed and ended; its error is raised below
         self._thread.join()
@@ -127,9 +149,9 @@ class Capturer:
         except Exception:  # noqa: BLE001 — the sink's own report of the failure raised below
             if self._error is None:
                 raise
-        if self.assembler.pending:
+        if self.assembler.open_requests:
             log.warning("requant capture: %d unfinished requests not written at close",
-                        len(self.assembler.pending))
+                        self.assembler.open_requests)
         self._check()
 
     def _put(self, item) -> None:
@@ -151,8 +173,8 @@ class Capturer:
             # this entry, or showed idle before it and is overwritten here. Only an idle →
             # busy change writes (once per quiet spell), so serving steps rarely touch the file.
             with self._status_lock:
-                if self._shown is None or self._shown["idle"]:
-                    self._show(dict(self._shown or {}, idle=False, queued=self._q.qsize()))
+                if self._shown is None or self._shown.idle:
+                    self._show(replace(self._shown or PointState(idle=False), idle=False, queued=self._q.qsize()))
 
     @property
     def stats(self) -> CaptureStats:
@@ -170,18 +192,18 @@ class Capturer:
         if self._publish is None:
             return
         with self._status_lock:
-            idle = self._q.empty() and not self._uncommitted and not self.assembler.pending and not error
+            open_requests = self.assembler.open_requests
+            idle = self._q.empty() and not self._uncommitted and not open_requests and not error
             shown = self._shown
-            if (shown is not None and shown["idle"] == idle and shown["committed_sequences"] == self._committed_seq
+            if (shown is not None and shown.idle == idle and shown.committed_sequences == self._committed_seq
                     and not error and time.monotonic() - self._shown_at < 1.0):
                 return
-            open_rows = sum(len(c[0]) for p in self.assembler.pending.values() for c in p.chunks)
-            self._show({"idle": idle, "queued": self._q.qsize(), "open_requests": len(self.assembler.pending),
-                        "pending_rows": open_rows + self._uncommitted_rows,
-                        "uncommitted_sequences": self._next_seq - self._committed_seq,
-                        "committed_sequences": self._committed_seq, "commits": self._commits, "error": error})
+            self._show(PointState(idle=idle, queued=self._q.qsize(), open_requests=open_requests,
+                                  pending_rows=self.assembler.rows() + self._uncommitted_rows,
+                                  uncommitted_sequences=self._next_seq - self._committed_seq,
+                                  committed_sequences=self._committed_seq, commits=self._commits, error=error))
 
-    def _show(self, state: dict) -> None:
+    def _show(self, state: PointState) -> None:
         self._publish(state)
         self._shown, self._shown_at = state, time.monotonic()
 
@@ -196,7 +218,7 @@ class Capturer:
                     self._report()
                     continue
                 items = [item]
-                if item[0] is not _STOP:
+                if item is not _STOP:
                     time.sleep(self.batch_s)  # let a few steps queue up, then take them all
                     while True:
                         try:
@@ -219,21 +241,20 @@ class Capturer:
 
     def _handle(self, item) -> bool:
         """Process one queue entry; True on stop."""
-        kind = item[0]
-        if kind is _STOP:
+        if item is _STOP:
             self._commit(deferrable=False)
             self._report()
             return True
-        if kind == "rows":
-            self._rows(*item[1:])
-        elif kind == "finish":
-            self._finish(*item[1:])
-        elif kind == "flush":
+        if isinstance(item, _Rows):
+            self._rows(*item)
+        elif isinstance(item, _Finish):
+            self._finish(*item)
+        elif isinstance(item, _Flush):
             self._commit(deferrable=False)
-            item[1].set()
+            item.done.set()
         return False
 
-    def _rows(self, req_ids: list[str], counts: list[int], slot) -> None:
+    def _rows(self, req_ids: list[str], counts: list[int], slot: Slot) -> None:
         slot.wait()
         t = slot.rows
         hidden = slot.hidden[:t].view(torch.int16).numpy().view(np.uint16)
@@ -256,7 +277,7 @@ class Capturer:
         self.staging.release(slot)
 
     def _finish(self, req_id: str, tokens: list[int], prompt_id: str) -> None:
-        pending_rows = sum(len(c[0]) for c in self.assembler.pending.get(req_id, _Empty).chunks)
+        pending_rows = self.assembler.rows(req_id)
         try:
             seq = self.assembler.finish(req_id, tokens)
         except IncompleteSequence as e:
@@ -295,5 +316,15 @@ class Capturer:
         self._last_commit = time.monotonic()
 
 
-class _Empty:
-    chunks: list = []
+
+def open_capturer(store: str, meta, writer: str, rows_per_step: int, **kwargs) -> Capturer:
+    """A ``Capturer`` into writer group ``writer`` of the capture store at ``store``
+    (``open_store_sink``), numbering sequences on from those the group has committed.
+    ``kwargs``: the rest of ``Capturer``'s options."""
+    sink = open_store_sink(store, meta, writer)
+    try:
+        return Capturer(sink, width=meta.row_width, rows_per_step=rows_per_step,
+                        first_seq_id=sink.stats.sequences, **kwargs)
+    except BaseException:
+        sink.close()  # releases the writer group
+        raise

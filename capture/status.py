@@ -23,7 +23,21 @@ import json
 import os
 import threading
 import time
+from dataclasses import asdict, dataclass
 from functools import partial
+
+
+@dataclass(frozen=True)
+class PointState:
+    """One capture point's pipeline, as its status entry says it."""
+    idle: bool
+    queued: int = 0                 # queue entries not taken by the writer thread yet
+    open_requests: int = 0          # requests with rows and no finish yet
+    pending_rows: int = 0           # rows held: of open requests and of sequences not committed
+    uncommitted_sequences: int = 0
+    committed_sequences: int = 0    # the writer group's committed count
+    commits: int = 0
+    error: str = ""                 # why the writer thread failed
 
 
 class PipelineStatus:
@@ -32,15 +46,15 @@ class PipelineStatus:
     def __init__(self, path: str):
         self.path = path
         self._lock = threading.Lock()
-        self._points: dict[str, dict] = {}
+        self._points: dict[str, dict] = {}  # point → its PointState as JSON
 
     def publisher(self, point: str):
         """The callable a ``Capturer`` reports its state through."""
         return partial(self.publish, point)
 
-    def publish(self, point: str, state: dict) -> None:
+    def publish(self, point: str, state: PointState) -> None:
         with self._lock:  # writes in the order the states were made: the file never goes back
-            self._points[point] = state
+            self._points[point] = asdict(state)
             doc = {"pid": os.getpid(), "beat": time.time(),
                    "idle": all(p["idle"] for p in self._points.values()), "points": self._points}
             tmp = f"{self.path}.tmp{os.getpid()}"

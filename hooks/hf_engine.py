@@ -29,6 +29,13 @@ class HFCaptureConfig:
     extra_meta: dict = field(default_factory=dict)
 
 
+@dataclass
+class _Request:
+    """The request the hooks' rows belong to: its id and the position of its next row."""
+    req: str = ""
+    pos: int = 0
+
+
 def load_prompts(path: str | Path) -> list:
     """One prompt per line (plain text), or JSONL with {"prompt": str} or {"messages": [...]}."""
     path = Path(path)
@@ -55,8 +62,8 @@ def capture_hf(cfg: HFCaptureConfig, prompts: list) -> dict:
     and the token ids per request."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from requant.capture import Capturer
-    from requant.storage import CaptureStore, StoreMeta
+    from requant.capture import open_capturer
+    from requant.storage import StoreMeta
 
     from .attach import attach
     from .points import find_point, row_shape
@@ -71,20 +78,16 @@ def capture_hf(cfg: HFCaptureConfig, prompts: list) -> dict:
     hidden, hc = row_shape(point, model.config)
     meta = StoreMeta(hidden_size=hidden, hc_mult=hc, capture_point=cfg.point, model=cfg.model,
                      provenance={"engine": "hf", "transformers": _version("transformers"), **cfg.extra_meta})
-    store = CaptureStore.create(cfg.store, meta, exist_ok=True)
-    if store.meta.capture_point != cfg.point:
-        raise ValueError(f"{cfg.store}: store holds capture point {store.meta.capture_point!r}, not {cfg.point!r}")
-    writer = store.writer(cfg.writer)
     max_len = int(getattr(model.config, "max_position_embeddings", 4096))
-    cap = Capturer(writer, width=hidden * hc, rows_per_step=max_len, ids_offset=point.ids_offset,
-                   replica=cfg.replica, first_seq_id=writer.stats.sequences)
-    current = {"req": None, "pos": 0}
+    cap = open_capturer(cfg.store, meta, cfg.writer, rows_per_step=max_len, ids_offset=point.ids_offset,
+                        replica=cfg.replica)
+    current = _Request()
 
     def on_rows(h, ids, positions):
         t = h.shape[0]
-        pos = positions if positions is not None else torch.arange(current["pos"], current["pos"] + t)
-        current["pos"] += t
-        cap.add_step([current["req"]], [t], h, ids, pos)
+        pos = positions if positions is not None else torch.arange(current.pos, current.pos + t)
+        current.pos += t
+        cap.add_step([current.req], [t], h, ids, pos)
 
     hooks = attach(point, model, on_rows, hidden * hc)
     requests = []
@@ -93,14 +96,14 @@ def capture_hf(cfg: HFCaptureConfig, prompts: list) -> dict:
             messages = [{"role": "user", "content": p}] if isinstance(p, str) else p
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                           return_dict=True)["input_ids"]
-            current.update(req=f"hf-{i}", pos=0)
+            current.req, current.pos = f"hf-{i}", 0
             gen = {"eos_token_id": tok.eos_token_id} if cfg.stop_at_eos else {"eos_token_id": None}
             with torch.no_grad():
                 out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.max_new_tokens,
                                      do_sample=False, pad_token_id=tok.pad_token_id, **gen)
             tokens = out[0].tolist()
-            cap.finish(current["req"], tokens)
-            requests.append({"req": current["req"], "tokens": tokens})
+            cap.finish(current.req, tokens)
+            requests.append({"req": current.req, "tokens": tokens})
     finally:
         hooks.remove()
         cap.close()

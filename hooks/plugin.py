@@ -212,7 +212,7 @@ class WorkerCapture:
     """One worker's capture: hooks on the loaded model, a Capturer per point (rank 0)."""
 
     def __init__(self, runner, cfg: PluginConfig):
-        from requant.capture import Capturer, PipelineStatus
+        from requant.capture import PipelineStatus
 
         from .attach import attach
         from .points import row_shape
@@ -256,7 +256,7 @@ class WorkerCapture:
                 self.boundary.append(att)
         self.status = PipelineStatus(cfg.status_file) if self.writes and cfg.status_file else None
         for name, (hidden, hc, ids_offset) in shapes.items():
-            self.capturers[name] = self._capturer(name, hidden, hc, ids_offset, Capturer) if self.writes else None
+            self.capturers[name] = self._capturer(name, hidden, hc, ids_offset) if self.writes else None
         # Flush before the interpreter shuts thread pools down (plain atexit runs too late
         # for the store writer's encode pool); atexit stays as a fallback.
         (getattr(threading, "_register_atexit", None) or atexit.register)(self.close)
@@ -292,25 +292,20 @@ class WorkerCapture:
                 raise EagerRequired(refusal)
         return point, target, ref
 
-    def _capturer(self, name: str, hidden: int, hc: int, ids_offset: int, capturer_cls):
-        from requant.storage import CaptureStore, StoreMeta
+    def _capturer(self, name: str, hidden: int, hc: int, ids_offset: int):
+        from requant.capture import open_capturer
+        from requant.storage import StoreMeta
 
         mc, cfg = self.runner.model_config, self.cfg
-        url = cfg.store_for(name)
         spec = self.runner.speculative_config
         meta = StoreMeta(hidden_size=hidden, hc_mult=hc, capture_point=name, model=cfg.model or mc.model,
                          provenance={"engine": "vllm", "vllm": _vllm_version(),
                                      "speculative": getattr(spec, "method", None) if spec else None})
-        store = CaptureStore.create(url, meta, exist_ok=True)  # unwritable / other width: fails here
-        if store.meta.capture_point != name:
-            raise ValueError(f"{url}: store holds capture point {store.meta.capture_point!r}, not {name!r}")
-        writer_name = cfg.writer or f"{socket.gethostname()}-{os.getpid()}"
-        writer = store.writer(writer_name)
-        max_tokens = self.runner.scheduler_config.max_num_batched_tokens
-        return capturer_cls(writer, width=hidden * hc, rows_per_step=max_tokens, ids_offset=ids_offset,
-                            slots=cfg.slots, replica=cfg.replica, first_seq_id=writer.stats.sequences,
-                            status=self.status.publisher(name) if self.status else None,
-                            test_commit_delay_s=cfg.test_commit_delay_s)
+        return open_capturer(cfg.store_for(name), meta, cfg.writer or f"{socket.gethostname()}-{os.getpid()}",
+                             rows_per_step=self.runner.scheduler_config.max_num_batched_tokens,
+                             ids_offset=ids_offset, slots=cfg.slots, replica=cfg.replica,
+                             status=self.status.publisher(name) if self.status else None,
+                             test_commit_delay_s=cfg.test_commit_delay_s)
 
     def before_forward(self) -> None:
         """The runner is about to call the target model."""
@@ -344,21 +339,6 @@ class WorkerCapture:
             req_ids, counts = self.layout
             cap.add_step(req_ids, counts, hidden, ids, positions, fresh=fresh)
         return on_rows
-
-    def finish_completed(self) -> None:
-        """Write requests whose last sampled token completes them (max_tokens or a stop
-        token id) now, rather than when vLLM reports them finished — that report only comes
-        with the next step, which an idle server may never run before it is shut down.
-        Requests ended by stop strings or aborts are written when vLLM drops their state."""
-        for req_id in list(self.pending):
-            state = self.runner.requests.get(req_id)
-            sp = getattr(state, "sampling_params", None)
-            outs = getattr(state, "output_token_ids", None)
-            if sp is None or not outs or min(outs) < 0:  # -1: placeholder of an async step
-                continue
-            if (sp.max_tokens is not None and len(outs) >= sp.max_tokens) or (
-                    outs[-1] in sp.all_stop_token_ids and len(outs) >= sp.min_tokens):
-                self.finish(req_id, state)
 
     def after_sampling(self) -> None:
         """Write requests this step finished as soon as their last token is sampled: vLLM

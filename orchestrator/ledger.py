@@ -66,18 +66,15 @@ class StoreIndex:
             return []
         fresh = []
         for name in store.writer_names():
-            rows, n = store.committed(name)
-            self.rows[name] = rows
             k = self.seen.get(name, 0)
-            if n <= k:
-                continue
-            ids = store.index(name, start=k)["prompt_id"]  # entries checked against their checksums
-            for sid in ids.tolist():
-                pid = prompt_of(str(sid))
+            commit, ids = store.prompt_ids(name, start=k)
+            self.rows[name] = commit.rows
+            for sid in ids:
+                pid = prompt_of(sid)
                 if pid is not None:
                     self.counts[pid] += 1
                     fresh.append(pid)
-            self.seen[name] = n
+            self.seen[name] = commit.sequences
         return fresh
 
     @property
@@ -174,31 +171,16 @@ def _record(line: bytes) -> dict | None:
 
 
 def active_writers(store: str) -> list[str]:
-    """Writer groups of a local store that some process holds open right now (the store's
-    one-writer flock). A job must not reconcile while a server of an earlier, killed run is
-    still shutting down: it may commit a sequence after the reconcile."""
-    import fcntl
-
+    """Writer groups of a local store that some process holds open right now. A job must not
+    reconcile while a server of an earlier, killed run is still shutting down: it may commit
+    a sequence after the reconcile."""
     from requant.storage import CaptureStore
     from requant.storage.schema import NotAStoreError
 
     try:
-        s = CaptureStore.open(store)
+        return CaptureStore.open(store).held_writers()
     except NotAStoreError:
         return []
-    busy = []
-    for name in s.writer_names():
-        d = s.group_dir(name)
-        if d is None:
-            return []  # remote store: no flock to look at
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            busy.append(name)
-        finally:
-            os.close(fd)  # closing drops our probe lock
-    return busy
 
 
 def wait_writers_idle(store: str, timeout: float) -> None:

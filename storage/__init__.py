@@ -9,10 +9,17 @@
         x = batch.hidden_torch()                          # [rows, 4*4096] torch.bfloat16, no copy
     for seq in reader.sequences(max_bytes=4 << 30): ...   # whole sequences, in order
 
+Modules: schema.py (metadata, layout, array names, errors), store.py (``CaptureStore``: open,
+create, writer groups, index, verify), writer.py (``GroupWriter``), reader.py
+(``StoreReader``), shard.py (the ``hidden`` shards' codec), checksum.py (format-3 checksums),
+durable.py (fsync), cli.py (``requant store``).
+
 API:
 - ``CaptureStore.create(path, meta, layout=Layout(), exist_ok=False)`` / ``.open(path, mode)``;
-  ``.writer(name, **opts) -> GroupWriter``; ``.committed(name) -> (rows, sequences)``;
-  ``.index(name)``; ``.info() -> StoreInfo``; ``.verify() -> list[str]`` (problems).
+  ``.writer(name, **opts) -> GroupWriter``; ``.committed(name) -> Commit(rows, sequences)``;
+  ``.index(name)``; ``.prompt_ids(name, start) -> (Commit, ids)`` (entries committed since
+  ``start``); ``.held_writers()`` (groups a writer holds now); ``.info() -> StoreInfo``;
+  ``.verify() -> list[str]`` (problems).
 - ``GroupWriter.append_sequence(seq_id, hidden, next_token, position, prompt_id="", replica=0)``
   takes ``hidden`` [T, hc_mult*H] or [T, hc_mult, H] as torch.bfloat16 (any device) or
   numpy uint16 bf16 bit patterns; ``flush(wait=True)``; ``close()``; ``stats``.
@@ -34,10 +41,10 @@ API:
 from .reader import Batch, SequenceRows, StoreReader, as_bf16_tensor
 from .schema import (CorruptStoreError, DamagedInputError, IncompatibleStoreError, Layout, NotAStoreError,
                      StoreError, StoreMeta)
-from .store import CaptureStore, StoreInfo
+from .store import CaptureStore, Commit, StoreInfo
 from .writer import GroupWriter, WriterStats
 
-__all__ = ["as_bf16_tensor", "Batch", "CaptureStore", "CorruptStoreError", "DamagedInputError", "GroupWriter",
+__all__ = ["as_bf16_tensor", "Batch", "CaptureStore", "Commit", "CorruptStoreError", "DamagedInputError", "GroupWriter",
            "IncompatibleStoreError",
            "Layout", "NotAStoreError", "SequenceRows", "StoreError", "StoreInfo", "StoreMeta",
            "StoreReader", "WriterStats"]

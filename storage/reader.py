@@ -1,8 +1,8 @@
 """Streaming reads over one or many stores/writer groups with bounded memory.
 
 Batches are row ranges of one writer group, whole chunks where possible. The chunks of a
-batch are read and decoded on a thread pool (``threads`` at once) straight into the batch's
-preallocated arrays; with ``prefetch=n`` the next n batches are read while the caller works
+batch are read and decoded (shard.py; zarr-python for remote stores and blosc) on a thread
+pool (``threads`` at once) straight into the batch's preallocated arrays; with ``prefetch=n`` the next n batches are read while the caller works
 on the current one (small batches need more than one ahead to keep ``threads`` chunks in
 flight). ``max_bytes`` bounds everything the reader holds: the caller's batch, the ones
 being read (and with ``shuffle`` a permuted copy) and ``threads`` chunks' decode buffers
@@ -30,18 +30,17 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
-import crc32c
-import numcodecs.zstd as nzstd
 import numpy as np
 
 from .schema import ROW_ARRAYS, StoreError
+from .shard import ShardFile, row_bytes
 from .store import CaptureStore
 
 # Decode room per in-flight chunk, in raw chunk sizes: the compressed blob (≤ ~1× raw for
-# incompressible rows) plus a decoded copy for chunks read only in part. zarr-python's own
-# path (remote stores, blosc) holds the shard bytes and more: measured ~4×.
+# incompressible rows) plus a decoded copy for chunks read only in part (shard.py);
+# zarr-python's own path (remote stores, blosc) also holds the shard's bytes and its own buffers.
 DECODE_FACTOR_DIRECT = 2.2
 DECODE_FACTOR_ZARR = 4.5
 
@@ -91,6 +90,38 @@ class SequenceRows:
         return t if hc_mult is None else t.view(t.shape[0], hc_mult, -1)
 
 
+class _Group(NamedTuple):
+    """A writer group this reader reads, with the rows committed when the reader opened it."""
+    store: CaptureStore
+    writer: str
+    rows: int
+
+
+class _Span(NamedTuple):
+    """A writer group's sequences [k0, k1) (None, None: all of them)."""
+    store: CaptureStore
+    writer: str
+    rows: int                 # the group's committed rows
+    k0: int | None
+    k1: int | None
+
+
+class _Read(NamedTuple):
+    """One batch to read: rows [r0, r1) of a writer group."""
+    store: CaptureStore
+    writer: str
+    r0: int
+    r1: int
+
+
+class _SequenceRead(NamedTuple):
+    """A batch of whole sequences: rows [read.r0, read.r1) are sequences [k0, k1) of ``index``."""
+    read: _Read
+    index: dict[str, np.ndarray]
+    k0: int
+    k1: int
+
+
 class StoreReader:
     """Reads committed rows of ``stores`` (paths, URLs or open stores), optionally only the
     writer groups named in ``writers``. Committed counts are read once, at construction:
@@ -114,18 +145,18 @@ class StoreReader:
                              f"{ {s.path: s.meta.row_width for s in self.stores} }")
         self.width = widths.pop()
         self.hc_mult = self.stores[0].meta.hc_mult
-        self.groups: list[tuple[CaptureStore, str, int]] = []
+        self.groups: list[_Group] = []
         for s in self.stores:
             for w in s.writer_names():
                 if writers is None or w in writers:
-                    self.groups.append((s, w, s.committed(w)[0]))
+                    self.groups.append(_Group(s, w, s.committed(w).rows))
         self.threads = threads or min(16, os.cpu_count() or 1)
         self.direct = direct
         self.check = check
         self._checks: dict[tuple[str, str], object] = {}  # (store, writer) → SequenceCheck, made on first read
         self._checks_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="requant-read")
-        self._decoders = self.threads  # chunks in flight at once; fewer under a tight max_bytes
+        self.decoders = self.threads  # chunks in flight at once; fewer under a tight max_bytes
         self._slots = threading.BoundedSemaphore(self.threads)
         self._ahead: ThreadPoolExecutor | None = None  # batch reads ahead, made on first use
         self._ahead_n = 0
@@ -135,11 +166,11 @@ class StoreReader:
 
     @property
     def rows(self) -> int:
-        return sum(n for _, _, n in self.groups)
+        return sum(g.rows for g in self.groups)
 
     @property
     def row_bytes(self) -> int:
-        return self.width * 2 + 4 + 4 + 8
+        return row_bytes(self.width)
 
     # -- planning -----------------------------------------------------------------------
     def _cap(self, s: CaptureStore, max_rows: int | None, max_bytes: int | None, held: int) -> int | None:
@@ -164,8 +195,8 @@ class StoreReader:
         return cap
 
     def _limit_decoders(self, n: int) -> None:
-        if n < self._decoders:  # the smallest any store of this reader allows
-            self._decoders = n
+        if n < self.decoders:  # the smallest any store of this reader allows
+            self.decoders = n
             self._slots = threading.BoundedSemaphore(n)
 
     def _group_index(self, s: CaptureStore, w: str) -> dict[str, np.ndarray]:
@@ -174,19 +205,19 @@ class StoreReader:
             self._index[key] = s.index(w)
         return self._index[key]
 
-    def _selected(self, runs: Sequence[tuple[int, str, int, int]] | None) -> list[tuple]:
-        """(store, writer, committed rows, k0, k1) per run; every whole group without ``runs``."""
+    def _selected(self, runs: Sequence[tuple[int, str, int, int]] | None) -> list[_Span]:
+        """One span per run; every whole group without ``runs``."""
         if runs is None:
-            return [(s, w, n, None, None) for s, w, n in self.groups]
+            return [_Span(s, w, n, None, None) for s, w, n in self.groups]
         known = {(self.stores.index(s), w): (s, n) for s, w, n in self.groups}
         out = []
         for si, w, k0, k1 in runs:
             if (si, w) not in known:
                 raise ValueError(f"run over store {si} writer {w!r}: not a group of this reader")
             s, n = known[(si, w)]
-            if not 0 <= k0 < k1 <= s.committed(w)[1]:
+            if not 0 <= k0 < k1 <= s.committed(w).sequences:
                 raise ValueError(f"{s.group_path(w)}: sequences [{k0}, {k1}) outside the committed index")
-            out.append((s, w, n, k0, k1))
+            out.append(_Span(s, w, n, k0, k1))
         return out
 
     def run_rows(self, runs: Sequence[tuple[int, str, int, int]]) -> int:
@@ -197,7 +228,7 @@ class StoreReader:
         return total
 
     def _plan(self, max_rows: int | None, max_bytes: int | None, held: int,
-              runs: Sequence[tuple[int, str, int, int]] | None = None) -> list[tuple]:
+              runs: Sequence[tuple[int, str, int, int]] | None = None) -> list[_Read]:
         plan = []
         for s, w, n, k0, k1 in self._selected(runs):
             chunk = s.layout.rows_per_chunk
@@ -209,20 +240,20 @@ class StoreReader:
                     raise ValueError(f"{s.group_path(w)}: sequences [{k0}, {k1}) are not contiguous rows")
             cap = self._cap(s, max_rows, max_bytes, held)
             if cap is None:  # no bound: the group (or run) in one batch
-                plan += [(s, w, lo, hi)] if hi > lo else []
+                plan += [_Read(s, w, lo, hi)] if hi > lo else []
                 continue
             if cap >= chunk:
                 cap -= cap % chunk  # whole chunks: no chunk decoded twice
             r0 = lo
             while r0 < hi:  # batches end on the group's cap grid: a run's inner batches are whole chunks
                 r1 = min(hi, (r0 // cap + 1) * cap)
-                plan.append((s, w, r0, r1))
+                plan.append(_Read(s, w, r0, r1))
                 r0 = r1
         return plan
 
     def _sequence_plan(self, max_rows: int | None, max_bytes: int | None, held: int,
-                       runs: Sequence[tuple[int, str, int, int]] | None = None) -> list[tuple]:
-        """Batches of whole sequences: (store, writer, r0, r1, index, k0, k1)."""
+                       runs: Sequence[tuple[int, str, int, int]] | None = None) -> list[_SequenceRead]:
+        """Batches of whole sequences."""
         plan = []
         for s, w, n, lo, hi in self._selected(runs):
             idx = self._group_index(s, w)
@@ -237,7 +268,7 @@ class StoreReader:
                                      f"rows; the memory bound allows {cap} per batch — raise max_bytes/max_rows")
                 # the last sequence that still ends within r0 + cap
                 k1 = min(int(np.searchsorted(first + length, r0 + cap, side="right")), end)
-                plan.append((s, w, r0, int(first[k1 - 1] + length[k1 - 1]), idx, k, k1))
+                plan.append(_SequenceRead(_Read(s, w, r0, int(first[k1 - 1] + length[k1 - 1])), idx, k, k1))
                 k = k1
         return plan
 
@@ -253,19 +284,21 @@ class StoreReader:
         prefetch = int(prefetch)
         plan = self._plan(max_rows, max_bytes, held=2 + prefetch + int(shuffle), runs=runs)
         rng = np.random.default_rng(seed)
+        seeds: list[int | None] = [None] * len(plan)
         if shuffle:  # per-batch seeds drawn here: batches may be read out of order
-            plan = [plan[i] + (int(x),) for i, x in zip(rng.permutation(len(plan)),
-                                                        rng.integers(0, 2**63, len(plan)))]
+            order, draws = rng.permutation(len(plan)), rng.integers(0, 2**63, len(plan))
+            plan, seeds = [plan[i] for i in order], [int(x) for x in draws]
 
-        def load(p: tuple) -> Batch:
-            b = self._read(*p[:4])
-            if shuffle:
-                perm = np.random.default_rng(p[4]).permutation(len(b))
+        def load(p: tuple[_Read, int | None]) -> Batch:
+            read, batch_seed = p
+            b = self._read(*read)
+            if batch_seed is not None:
+                perm = np.random.default_rng(batch_seed).permutation(len(b))
                 b = Batch(b.hidden[perm], b.next_token[perm], b.position[perm], b.seq[perm], b.store, b.writer,
                           b.first_row)
             return b
 
-        yield from self._stream(plan, load, prefetch)
+        yield from self._stream(list(zip(plan, seeds)), load, prefetch)
 
     def sequences(self, max_rows: int | None = None, max_bytes: int | None = None,
                   prefetch: int = 1, runs: Sequence[tuple[int, str, int, int]] | None = None
@@ -276,14 +309,15 @@ class StoreReader:
         prefetch = int(prefetch)
         plan = self._sequence_plan(max_rows, max_bytes, held=2 + prefetch, runs=runs)
 
-        def load(p: tuple) -> tuple[Batch, tuple]:
-            return self._read(*p[:4]), p
+        def load(p: _SequenceRead) -> tuple[Batch, _SequenceRead]:
+            return self._read(*p.read), p
 
-        for b, (s, w, r0, _, idx, k0, k1) in self._stream(plan, load, prefetch):
-            for k in range(k0, k1):
-                o, ln = int(idx["first_row"][k]) - r0, int(idx["length"][k])
-                yield SequenceRows(int(idx["seq"][k]), str(idx["prompt_id"][k]), int(idx["replica"][k]), w,
-                                   b.hidden[o:o + ln], b.next_token[o:o + ln], b.position[o:o + ln])
+        for b, p in self._stream(plan, load, prefetch):
+            idx = p.index
+            for k in range(p.k0, p.k1):
+                o, ln = int(idx["first_row"][k]) - p.read.r0, int(idx["length"][k])
+                yield SequenceRows(int(idx["seq"][k]), str(idx["prompt_id"][k]), int(idx["replica"][k]),
+                                   p.read.writer, b.hidden[o:o + ln], b.next_token[o:o + ln], b.position[o:o + ln])
 
     def _stream(self, plan: list, load: Callable, prefetch: int) -> Iterator:
         if prefetch <= 0:
@@ -310,11 +344,11 @@ class StoreReader:
         fast = self._fast(s)
         slots = self._slots
         starts = [r0] + list(range(r0 - r0 % chunk + chunk, r1, chunk))
-        shards: dict[int, _ShardFile] = {}
+        shards: dict[int, ShardFile] = {}
         try:
             if fast:
                 for k in {c0 // per_shard for c0 in starts}:
-                    shards[k] = _ShardFile(s, w, k)
+                    shards[k] = s.hidden_shard(w, k)
                     self._count(shards[k].index_bytes)
 
             def fill(a: str, c0: int) -> None:
@@ -378,7 +412,7 @@ class StoreReader:
             raise StoreError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
 
     def _fast(self, s: CaptureStore) -> bool:
-        return self.direct is not False and _ShardFile.usable(s)
+        return self.direct is not False and s.direct_io
 
     def close(self) -> None:
         if self._ahead is not None:
@@ -390,75 +424,3 @@ class StoreReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class _ShardFile:
-    """Direct reads of one local ``hidden`` shard, bypassing zarr-python's single event-loop
-    thread (which caps a process at ~0.7 GB/s): each chunk is pread, crc32c-checked and
-    zstd-decoded straight into the batch on a pool thread (all three release the GIL). The
-    bytes are the Zarr v3 sharding layout — chunks, then an index of (offset, nbytes) uint64
-    pairs + crc32c — and tests read every store both ways."""
-
-    def __init__(self, s: CaptureStore, w: str, k: int):
-        lay = s.layout
-        self.k = k
-        self.rows_per_chunk, self.first_row = lay.rows_per_chunk, k * lay.rows_per_shard
-        self.width = s.meta.row_width
-        self.path = f"{s.group_dir(w)}/hidden/c/{k}/0"
-        self.compressed = lay.compressor == "zstd"
-        self.index = shard_index(self.path, lay.chunks_per_shard)
-        self.index_bytes = 16 * lay.chunks_per_shard + 4
-
-    @staticmethod
-    def usable(s: CaptureStore) -> bool:
-        return s.is_local and s.layout.compressor in ("zstd", "none")
-
-    def read_rows(self, r0: int, r1: int, out: np.ndarray) -> int:
-        """Rows [r0, r1) of one chunk of this shard into ``out``; returns the bytes read."""
-        j = (r0 - self.first_row) // self.rows_per_chunk
-        off, nbytes = (int(v) for v in self.index[j])
-        if off == 2**64 - 1:
-            raise StoreError(f"{self.path}: chunk {j} missing")
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            blob = os.pread(fd, nbytes, off)
-        finally:
-            os.close(fd)
-        body = memoryview(blob)[:-4]
-        if len(blob) != nbytes or not _crc_ok(body, blob[-4:]):
-            raise StoreError(f"{self.path}: chunk {j} checksum mismatch (corrupted or truncated)")
-        c0 = self.first_row + j * self.rows_per_chunk
-        whole = r0 == c0 and r1 - r0 == self.rows_per_chunk and out.flags.c_contiguous
-        if not self.compressed:
-            chunk = np.frombuffer(body, dtype="<u2").reshape(self.rows_per_chunk, self.width)
-            out[...] = chunk[r0 - c0:r1 - c0]
-        elif whole:
-            nzstd.decompress(body, out)  # straight into the batch
-        else:  # an edge chunk (stored padded) or a batch starting mid-chunk
-            chunk = np.empty((self.rows_per_chunk, self.width), dtype=np.uint16)
-            nzstd.decompress(body, chunk)
-            out[...] = chunk[r0 - c0:r1 - c0]
-        return nbytes
-
-
-def shard_index(path: str, n: int) -> np.ndarray:
-    """The (offset, nbytes) index of a Zarr v3 shard file of ``n`` chunks (index at the end,
-    crc32c-checked), its entries within the file: a cut or damaged shard is a ``StoreError``."""
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(max(0, size - (16 * n + 4)))
-            tail = f.read()
-    except FileNotFoundError:
-        raise StoreError(f"{path}: shard file missing") from None
-    if len(tail) != 16 * n + 4 or not _crc_ok(tail[:-4], tail[-4:]):
-        raise StoreError(f"{path}: shard index damaged (truncated file or checksum mismatch)")
-    index = np.frombuffer(tail[:-4], dtype="<u8").reshape(n, 2)
-    stored = index[:, 0] != np.uint64(2**64 - 1)
-    if np.any(index[stored, 0] + index[stored, 1] > size - len(tail)):
-        raise StoreError(f"{path}: shard index points past the end of the file (truncated or damaged)")
-    return index
-
-
-def _crc_ok(data, stored: bytes) -> bool:
-    return crc32c.crc32c(data).to_bytes(4, "little") == bytes(stored)

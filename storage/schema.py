@@ -12,11 +12,11 @@ Layout (Zarr v3)::
         index/crc    uint32 [M, 4]  per sequence: crc32c of its hidden, next_token and position
                      bytes, and of its index entry (format 3; see checksum.py)
 
-bf16: zarr-python has no bfloat16 data type — 3.1.6 (the newest for Python 3.11) and 3.4.2
-(Python ≥ 3.12) both answer "No Zarr data type found that matches dtype bfloat16", also
-for ml_dtypes' bfloat16 (benchmarks/storage_bench.py --probe-bf16, run on both) — so rows
-are stored as their uint16 bit patterns with ``attrs["dtype"] = "bfloat16"``: bit-exact,
-readable by any Zarr v3 reader; ``Batch.hidden_torch()`` views them back without a copy. Rows of one sequence are contiguous and in position order.
+bf16: zarr-python has no bfloat16 data type (not even ml_dtypes' one; benchmarks/storage_bench.py
+--probe-bf16 asks the installed zarr), so rows are stored as their uint16 bit patterns with
+``attrs["dtype"] = "bfloat16"``: bit-exact, readable by any Zarr v3 reader;
+``Batch.hidden_torch()`` views them back without a copy. The ``hidden`` shards' bytes are
+shard.py's. Rows of one sequence are contiguous and in position order.
 Only rows below the committed count are part of the store; a writer commits whole
 sequences after their data and index are written.
 
@@ -32,8 +32,8 @@ import uuid
 from dataclasses import asdict, dataclass, field
 
 FORMAT_VERSION = 3
-# Format 1 (requant before chunk-existence checks) skipped chunks equal to the fill value;
-# it reads the same, only `verify` cannot tell a missing chunk file from an empty one there.
+# Format 1 skips chunks equal to the fill value: it reads the same, only `verify` cannot
+# tell a missing chunk file from an empty one there.
 # Format 2 has no checksums beyond the chunks' own: a swapped file or edited metadata reads.
 READABLE_FORMATS = (1, 2, 3)
 CHECKSUMMED = 3  # first format with the store uid and metadata/sequence checksums
@@ -128,8 +128,8 @@ class StoreMeta:
 class Layout:
     """Chunking and compression (defaults chosen by benchmarks/storage_bench.py)."""
 
-    rows_per_chunk: int = 1024     # 32 MiB chunks of DSV4 rows (4×4096 bf16): measured 2.7× the
-    chunks_per_shard: int = 1      # reads of 256-row chunks, same writes; 100 GB ≈ 3,900 files
+    rows_per_chunk: int = 1024     # 32 MiB chunks of DSV4 rows (4×4096 bf16): few files,
+    chunks_per_shard: int = 1      # large reads
     compressor: str = "zstd"       # zstd | blosc-lz4 | blosc-zstd | none
     level: int = 1
     shuffle: str = "shuffle"       # for blosc: noshuffle | shuffle | bitshuffle

@@ -3,20 +3,29 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import functools
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import zarr
 
+from . import shard
 from .checksum import SequenceCheck, bad_entries, commit_problem, commit_record, meta_crc
 from .schema import (CHECKSUMMED, COMMIT_ATTR, CRC_ARRAY, ROOT_ATTR, ROOT_CRC_ATTR, ROW_ARRAYS, WRITERS,
                      CorruptStoreError, IncompatibleStoreError, Layout, NotAStoreError, StoreError, StoreMeta,
                      index_arrays)
+
+
+class Commit(NamedTuple):
+    """What a writer group has committed: rows and the sequences they make up."""
+    rows: int
+    sequences: int
 
 
 def _is_url(path: str) -> bool:
@@ -88,6 +97,40 @@ def _make_arrays(g, layout: Layout, meta: StoreMeta) -> None:
                          compressors=codecs, fill_value=0)
 
 
+class GroupLock:
+    """flock on a writer group's directory: one writer per group, across threads and
+    processes; the kernel drops it when the process dies."""
+
+    def __init__(self, directory: Path, where: str):
+        self.fd = os.open(directory, os.O_RDONLY)
+        if not _try_flock(self.fd):
+            os.close(self.fd)
+            raise StoreError(f"{where}: another writer has this group open (one writer per group; "
+                             f"give each process its own writer name)")
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+    @staticmethod
+    def held(directory: Path) -> bool:
+        """Whether some writer holds the group in ``directory`` now."""
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            return not _try_flock(fd)
+        finally:
+            os.close(fd)  # closing drops our probe's lock
+
+
+def _try_flock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
 # Zarr v3 metadata documents: (keys allowed, keys required)
 _DOC_KEYS = {"group": ({"zarr_format", "node_type", "attributes", "consolidated_metadata"},
                        {"zarr_format", "node_type"}),
@@ -129,6 +172,12 @@ class CaptureStore:
     @property
     def is_local(self) -> bool:
         return _local(self.path) is not None
+
+    @property
+    def direct_io(self) -> bool:
+        """Whether hidden shards are written and read by shard.py (local stores of its codecs)
+        rather than through zarr-python."""
+        return self.is_local and shard.direct(self.layout)
 
     # -- creation / opening -------------------------------------------------------------
     @classmethod
@@ -289,12 +338,16 @@ class CaptureStore:
     def group_path(self, name: str) -> str:
         return f"{self.path.rstrip('/')}/{WRITERS}/{name}"
 
+    def hidden_shard(self, name: str, k: int) -> shard.ShardFile:
+        """Direct reads of hidden shard ``k`` of writer group ``name`` (``direct_io`` stores)."""
+        return shard.ShardFile(shard.shard_path(self.group_dir(name), k), self.layout, self.meta.row_width, k)
+
     def group_dir(self, name: str) -> Path | None:
         """The directory of a writer group of a local store; None for remote stores."""
         local = _local(self.path)
         return None if local is None else local / WRITERS / name
 
-    def committed(self, name: str) -> tuple[int, int]:
+    def committed(self, name: str) -> Commit:
         """(rows, sequences) committed in a writer group."""
         c = self.group(name).attrs.get(COMMIT_ATTR)
         if c is None:
@@ -302,10 +355,23 @@ class CaptureStore:
         problem = commit_problem(c, self.meta.uid if self.checksummed else None)
         if problem:
             raise CorruptStoreError(f"{self.group_path(name)}/zarr.json: {problem}")
-        return c["rows"], c["sequences"]
+        return Commit(c["rows"], c["sequences"])
 
     def initial_commit(self) -> dict:
         return commit_record(self.meta.uid, 0, 0) if self.checksummed else {"rows": 0, "sequences": 0}
+
+    def lock_group(self, name: str) -> GroupLock | None:
+        """Hold writer group ``name`` (an existing group of a local store) for one writer;
+        None for object stores, which cannot be locked."""
+        d = self.group_dir(name)
+        return None if d is None else GroupLock(d, self.group_path(name))
+
+    def held_writers(self) -> list[str]:
+        """Writer groups some process holds open for writing now (local stores; an object
+        store's writers cannot be seen: [])."""
+        if not self.is_local:
+            return []
+        return [name for name in self.writer_names() if GroupLock.held(self.group_dir(name))]
 
     def writer(self, name: str, **kwargs):
         from .writer import GroupWriter
@@ -314,8 +380,9 @@ class CaptureStore:
             raise StoreError(f"{self.path}: opened read-only")
         return GroupWriter(self, name, **kwargs)
 
-    def _create_group(self, name: str):
-        """Create (or validate and return) the arrays of a writer group."""
+    def create_group(self, name: str):
+        """The zarr group of writer group ``name``: created with its arrays and an empty
+        commit, or, if it exists, checked (metadata, array lengths against its commit)."""
         if "/" in name or not name:
             raise ValueError(f"invalid writer name {name!r}")
         if name in self.writer_names():  # (which also checks the writers group's metadata)
@@ -340,7 +407,22 @@ class CaptureStore:
     def index(self, name: str, start: int = 0) -> dict[str, np.ndarray]:
         """The committed per-sequence index of a writer group (entries from ``start``),
         checked against its entry checksums (format 3)."""
-        rows, n = self.committed(name)
+        return self._read_index(name, start)[1]
+
+    def prompt_ids(self, name: str, start: int = 0) -> tuple[Commit, list[str]]:
+        """The group's commit and the prompt ids of its committed sequences from entry
+        ``start`` on (checked like ``index``): the next call's ``start`` is the commit's
+        ``sequences``."""
+        commit = self.committed(name)
+        if start >= commit.sequences:  # nothing new: the index is not read
+            return commit, []
+        commit, idx = self._read_index(name, start, commit)
+        return commit, [str(p) for p in idx["prompt_id"].tolist()]
+
+    def _read_index(self, name: str, start: int, commit: Commit | None = None
+                    ) -> tuple[Commit, dict[str, np.ndarray]]:
+        commit = self.committed(name) if commit is None else commit
+        n = commit.sequences
         g = self.group(name)
         gp = self.group_path(name)
         self._index_group(name, g)
@@ -361,7 +443,7 @@ class CaptureStore:
                     f"{gp}/index: {len(bad)} entr{'y' if len(bad) == 1 else 'ies'} (first: entry {start + k}, "
                     f"sequence {int(out['seq'][k])}) do not match their checksum — an index file "
                     f"(index/{{seq,first_row,length,replica,prompt_id,crc}}/c/…) is damaged or from another store")
-        return out
+        return commit, out
 
     def _index_group(self, name: str, g) -> None:
         """The index group's own metadata must parse (arrays below it open without it)."""
@@ -391,7 +473,7 @@ class CaptureStore:
         for name in self.writer_names():
             writers[name] = self.committed(name)
         rows = sum(r for r, _ in writers.values())
-        raw = rows * (self.meta.row_width * 2 + 4 + 4 + 8)
+        raw = rows * shard.row_bytes(self.meta.row_width)
         return StoreInfo(path=self.path, meta=self.meta, writers=writers, rows=rows,
                          sequences=sum(s for _, s in writers.values()), raw_bytes=raw,
                          stored_bytes=self.stored_bytes())
@@ -461,14 +543,12 @@ class CaptureStore:
         problems += self._missing_files(name, rows, nseq)
         if not read_rows:
             return problems
-        from .reader import _ShardFile  # direct reads: they also catch a missing shard
-
         lay, step = self.layout, self.layout.rows_per_chunk
-        direct = _ShardFile.usable(self)
+        direct = self.direct_io  # direct reads: they also catch a missing shard
         check = self.sequence_check(name, idx) if idx is not None else None
         seq_col = np.empty(rows, dtype=np.int64)
         mismatches: list[str] = []
-        shard = None
+        hidden = None  # the shard file being read
         for r0 in range(0, rows, step):
             r1 = min(r0 + step, rows)
             cols = {}
@@ -476,17 +556,17 @@ class CaptureStore:
                 try:
                     if direct and a == "hidden":
                         k = r0 // lay.rows_per_shard
-                        if shard is None or shard.k != k:
-                            shard = _ShardFile(self, name, k)
+                        if hidden is None or hidden.k != k:
+                            hidden = self.hidden_shard(name, k)
                         cols[a] = np.empty((r1 - r0, self.meta.row_width), np.uint16)
-                        shard.read_rows(r0, r1, cols[a])
+                        hidden.read_rows(r0, r1, cols[a])
                     else:
                         cols[a] = arrays[a][r0:r1]
                 except Exception as e:  # noqa: BLE001 — codec errors differ by codec
                     problems.append(str(e) if isinstance(e, StoreError) else  # (names its file already)
                                     f"{gp}/{a}: rows {r0}–{r1} unreadable (chunk {r0 // step}): {type(e).__name__}: {e}")
                     if a == "hidden":
-                        shard = None
+                        hidden = None
             if "seq" in cols:
                 seq_col[r0:r1] = cols["seq"]
             if check is not None and len(cols) == len(ROW_ARRAYS):
@@ -517,11 +597,9 @@ class CaptureStore:
         d = self.group_dir(name)
         if d is None or self.meta.format < 2:
             return []
-        from .reader import shard_index
-
         lay, gp = self.layout, self.group_path(name)
         shards = -(-rows // lay.rows_per_shard)
-        want = [(f"hidden/c/{k}/0", k * lay.rows_per_shard) for k in range(shards)]
+        want = [(shard.shard_key(k), k * lay.rows_per_shard) for k in range(shards)]
         want += [(f"{a}/c/{k}", k * lay.rows_per_shard) for a in ROW_ARRAYS[1:] for k in range(shards)]
         missing = []
         for rel, r0 in want:
@@ -529,7 +607,7 @@ class CaptureStore:
                 missing.append(f"{gp}/{rel}: missing chunk file (rows from {r0})")
                 continue
             try:  # every row array is sharded alike: its shard index at the end of the file
-                shard_index(str(d / rel), lay.chunks_per_shard)
+                shard.shard_index(d / rel, lay.chunks_per_shard)
             except StoreError as e:
                 missing.append(f"{e} (rows from {r0})")
         ichunks = -(-nseq // lay.index_rows_per_chunk)
@@ -544,7 +622,7 @@ class CaptureStore:
 class StoreInfo:
     path: str
     meta: StoreMeta
-    writers: dict[str, tuple[int, int]]
+    writers: dict[str, Commit]
     rows: int
     sequences: int
     raw_bytes: int

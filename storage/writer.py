@@ -22,27 +22,23 @@ own writer name.
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import NamedTuple
 
-import crc32c
-import numcodecs.zstd as nzstd
 import numpy as np
 
 from .checksum import commit_record, entry_crc, row_crcs
 from .schema import COMMIT_ATTR, CRC_ARRAY, ROW_ARRAYS, CorruptStoreError, StoreError, index_arrays
 from .durable import fsync_paths
+from .shard import row_bytes, shard_key, shard_path, write_shard
 from .store import CaptureStore
 
-_FLUSH = object()
-_STOP = object()
-_EMPTY = 2**64 - 1  # sharding index entry of a chunk that is not stored
+_STOP = object()  # queue entry: commit what is queued, then end
 
 
 @dataclass
@@ -55,6 +51,25 @@ class WriterStats:
     dropped: int = 0            # always 0: appends block rather than drop
 
 
+class _Sequence(NamedTuple):
+    """One appended sequence, as queued."""
+    seq_id: int
+    hidden: np.ndarray       # uint16 [T, width]
+    next_token: np.ndarray   # int32 [T]
+    position: np.ndarray     # int32 [T]
+    prompt_id: str
+    replica: int
+
+    @property
+    def rows(self) -> int:
+        return self.hidden.shape[0]
+
+
+class _Flush(NamedTuple):
+    """Queue entry: commit what is queued, then set ``done``."""
+    done: threading.Event
+
+
 @dataclass
 class _Sealed:
     """A batch of whole sequences with its rows [r0, r1) and index entries [m0, m1)."""
@@ -62,9 +77,13 @@ class _Sealed:
     r1: int
     m0: int
     m1: int
-    items: list
-    shard_futs: list = field(default_factory=list)
-    events: list = field(default_factory=list)
+    items: list[_Sequence]
+    shard_futs: list[Future] = field(default_factory=list)
+    events: list[threading.Event] = field(default_factory=list)  # flushes this commit answers
+
+    @property
+    def rows(self) -> int:
+        return self.r1 - self.r0
 
 
 def _as_uint16_rows(hidden, width: int, where: str) -> np.ndarray:
@@ -86,31 +105,13 @@ def _as_uint16_rows(hidden, width: int, where: str) -> np.ndarray:
     return np.array(hidden, copy=True)  # the caller may reuse its (pinned) buffer
 
 
-class _GroupLock:
-    """flock on the group directory: one writer per group, across threads and processes."""
-
-    def __init__(self, directory: Path, where: str):
-        self.fd = os.open(directory, os.O_RDONLY)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise StoreError(f"{where}: another writer has this group open (one writer per group; "
-                             f"give each process its own writer name)") from None
-
-    def release(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)  # closing drops the flock
-            self.fd = -1
-
-
 class GroupWriter:
     """Writes whole sequences into ``writers/<name>``; resumes after the last commit.
 
     ``durable``: fsync before every commit (local stores). ``flush_bytes``: raw bytes per
     commit batch (rounded to whole shards, at least one). ``threads``: encode/write pool.
-    ``direct``: None (default) writes hidden shards itself where it can (local, zstd or no
-    compression); False forces zarr-python's own path (benchmarks compare the two).
+    ``direct``: None (default) writes hidden shards with shard.py where it can (local, zstd or
+    no compression); False forces zarr-python's own path (benchmarks compare the two).
     """
 
     def __init__(self, store: CaptureStore, name: str, queue_size: int = 16, durable: bool = True,
@@ -119,13 +120,12 @@ class GroupWriter:
         self.store, self.name = store, name
         self.path = store.group_path(name)
         try:
-            self.g = store._create_group(name)
+            self.g = store.create_group(name)
         except OSError as e:  # zarr writes several documents concurrently: name the group, not one of them
             raise OSError(e.errno, f"{self.path}: cannot create the writer group ({e.strerror or e})") from e
-        self._lock = None
+        self._lock = store.lock_group(name)
         local = store.group_dir(name)
         if local is not None:
-            self._lock = _GroupLock(local, self.path)
             for p in local.rglob("*.partial"):  # leftovers of writes a crash interrupted
                 p.unlink(missing_ok=True)
         try:
@@ -134,15 +134,13 @@ class GroupWriter:
             self.width = store.meta.row_width
             self.durable = durable and local is not None
             self.layout = lay = store.layout
-            # Whole hidden shards are encoded and written by this module (same bytes as zarr's
-            # sharding codec; tests read them back with zarr): zarr-python 3.1 funnels all chunk
-            # I/O of a process through one event-loop thread (0.51 GB/s on 16 cores, measured).
-            self.direct = local is not None and lay.compressor in ("zstd", "none") and direct is not False
+            # Whole hidden shards are encoded and written on the pool (shard.py), not through
+            # zarr-python's one event-loop thread per process.
+            self.direct = store.direct_io and direct is not False
             self.threads = threads or min(16, os.cpu_count() or 1)
             shard = lay.rows_per_shard
-            row_bytes = self.width * 2 + 16
             self.flush_rows = flush_rows or max(shard, min(self.threads * shard,
-                                                           flush_bytes // row_bytes // shard * shard))
+                                                           flush_bytes // row_bytes(self.width) // shard * shard))
             self._arrays = {a: store.array(name, a, self.g).with_config({"write_empty_chunks": True})
                             for a in ROW_ARRAYS}
             self._index = {a: store.array(name, f"index/{a}", self.g).with_config({"write_empty_chunks": True})
@@ -161,7 +159,7 @@ class GroupWriter:
         self._fsyncs = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"requant-fsync-{name}")
         self._q: queue.Queue = queue.Queue(maxsize=queue_size)
         self._cq: queue.Queue = queue.Queue(maxsize=1)
-        self._buf: list[tuple] = []
+        self._buf: list[_Sequence] = []
         self._buf_rows = 0
         self._error: BaseException | None = None
         self._closed = False
@@ -192,7 +190,7 @@ class GroupWriter:
         for label, arr in (("next_token", nt), ("position", pos)):
             if arr.shape != (t,) or not np.issubdtype(arr.dtype, np.integer):
                 raise ValueError(f"{where}: {label} must be {t} integers, got {arr.dtype} {tuple(arr.shape)}")
-        item = (int(seq_id), h, nt.astype(np.int32), pos.astype(np.int32), str(prompt_id), int(replica))
+        item = _Sequence(int(seq_id), h, nt.astype(np.int32), pos.astype(np.int32), str(prompt_id), int(replica))
         self._put(self._q, item)
         self.stats.queued = self._q.qsize()
 
@@ -200,7 +198,7 @@ class GroupWriter:
         """Commit everything queued so far; returns once committed, or at once with
         ``wait=False`` (the pipeline commits in the background)."""
         done = threading.Event()
-        self._put(self._q, (_FLUSH, done))
+        self._put(self._q, _Flush(done))
         while wait and not done.wait(0.05):
             self._check()
         self._check()
@@ -211,11 +209,11 @@ class GroupWriter:
             return
         self._closed = True
         try:
-            self._put(self._q, (_STOP, None))
+            self._put(self._q, _STOP)
         except StoreError:  # the pipeline died (the error is raised below): still wake the writer
             while self._thread.is_alive():  # thread if it waits for work, or it never ends
                 try:
-                    self._q.put((_STOP, None), timeout=0.1)
+                    self._q.put(_STOP, timeout=0.1)
                     break
                 except queue.Full:
                     continue
@@ -260,17 +258,17 @@ class GroupWriter:
         events: list = []
         while True:
             item = self._q.get()
-            if item[0] is _STOP:
+            if item is _STOP:
                 self._seal(events)
                 self._put(self._cq, _STOP)
                 return
-            if item[0] is _FLUSH:
-                events.append(item[1])
+            if isinstance(item, _Flush):
+                events.append(item.done)
                 self._seal(events)
                 events = []
                 continue
             self._buf.append(item)
-            self._buf_rows += item[1].shape[0]
+            self._buf_rows += item.rows
             if self._buf_rows >= self.flush_rows:
                 self._seal([])
 
@@ -299,10 +297,10 @@ class GroupWriter:
         while row < b.r1:
             end = min(start + shard, b.r1)
             while row < end:  # gather views of the items' rows up to the shard's end
-                take = min(end - row, it[1].shape[0] - off)
-                pieces.append(it[1][off:off + take])
+                take = min(end - row, it.rows - off)
+                pieces.append(it.hidden[off:off + take])
                 row, off = row + take, off + take
-                if off == it[1].shape[0] and row < b.r1:
+                if off == it.rows and row < b.r1:
                     it, off = next(items), 0
             k = start // shard
             prev = self._tail_fut if start < b.r0 else None
@@ -327,55 +325,12 @@ class GroupWriter:
                                     f"{rows - rows % shard}–{rows}) is unreadable: {type(e).__name__}: {e}") from e
 
     def _write_shard(self, k: int, pieces: list, nrows: int, prev: Future | None) -> dict:
-        """Write hidden shard ``k`` (its first ``nrows`` rows) in the Zarr v3 sharding layout
-        the array declares — chunks bytes → zstd → crc32c, then the index of (offset,
-        nbytes) uint64 pairs + crc32c — as one atomic replace. Returns the encoded complete
-        chunks, which the next write of a partial shard reuses."""
+        """Write hidden shard ``k`` (its first ``nrows`` rows); returns its complete chunks'
+        encodings, which the next write of a partial shard reuses."""
         cached = prev.result() if prev is not None else {}
-        lay, rpc = self.layout, self.layout.rows_per_chunk
         rows = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-        index = np.full((lay.chunks_per_shard, 2), _EMPTY, dtype="<u8")
-        blobs, complete, off = [], {}, 0
-        for j in range(lay.chunks_per_shard):
-            a, b = j * rpc, min((j + 1) * rpc, nrows)
-            if a >= nrows:
-                break  # not stored: reads as the fill value
-            if b - a == rpc and j in cached:
-                blob = cached[j]
-            else:
-                chunk = rows[a:b]
-                if b - a < rpc:  # zarr stores edge chunks whole, padded with the fill value
-                    chunk = np.zeros((rpc, self.width), dtype=np.uint16)
-                    chunk[:b - a] = rows[a:b]
-                chunk = np.ascontiguousarray(chunk, dtype="<u2")
-                body = (nzstd.compress(chunk, lay.level) if lay.compressor == "zstd"
-                        else memoryview(chunk.reshape(-1).view(np.uint8)))
-                blob = (body, crc32c.crc32c(body).to_bytes(4, "little"))
-            if b - a == rpc:
-                complete[j] = blob
-            blobs.append(blob)
-            n = memoryview(blob[0]).nbytes + 4
-            index[j] = (off, n)
-            off += n
-        ib = index.tobytes()
-        path = Path(self.store.group_dir(self.name)) / "hidden" / "c" / str(k) / "0"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"0.{threading.get_ident()}.partial")
-        try:
-            with open(tmp, "wb") as f:
-                for body, crc in blobs:
-                    f.write(body)
-                    f.write(crc)
-                f.write(ib)
-                f.write(crc32c.crc32c(ib).to_bytes(4, "little"))
-                if self.durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except OSError as e:  # disk full, I/O error: the committed shard stays as it was
-            tmp.unlink(missing_ok=True)
-            raise OSError(e.errno, f"writing {path}: {e.strerror or e}") from e
-        return complete
+        return write_shard(shard_path(self.store.group_dir(self.name), k), rows, nrows, self.layout, self.width,
+                           cached, self.durable)
 
     # -- committer thread ---------------------------------------------------------------
     def _commit_loop(self) -> None:
@@ -398,25 +353,25 @@ class GroupWriter:
         for f in b.shard_futs:  # hidden data first (direct shards)
             f.result()
         cols = {
-            "next_token": np.concatenate([it[2] for it in items]),
-            "position": np.concatenate([it[3] for it in items]),
-            "seq": np.concatenate([np.full(it[1].shape[0], it[0], dtype=np.int64) for it in items]),
+            "next_token": np.concatenate([it.next_token for it in items]),
+            "position": np.concatenate([it.position for it in items]),
+            "seq": np.concatenate([np.full(it.rows, it.seq_id, dtype=np.int64) for it in items]),
         }
         if not self.direct:
-            cols["hidden"] = np.concatenate([it[1] for it in items])
+            cols["hidden"] = np.concatenate([it.hidden for it in items])
         for a in ROW_ARRAYS:  # past the committed count
             arr = self._arrays[a]
             if arr.shape[0] < b.r1:
                 arr.resize((b.r1,) + arr.shape[1:])  # in place: metadata only
             if a in cols:
                 self._write(a, arr, slice(b.r0, b.r1), cols[a])
-        lengths = np.array([it[1].shape[0] for it in items], dtype=np.int64)
+        lengths = np.array([it.rows for it in items], dtype=np.int64)
         index = {
-            "seq": np.array([it[0] for it in items], dtype=np.int64),
+            "seq": np.array([it.seq_id for it in items], dtype=np.int64),
             "first_row": b.r0 + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
             "length": lengths,
-            "replica": np.array([it[5] for it in items], dtype=np.int32),
-            "prompt_id": np.array([it[4] for it in items], dtype=object).astype(str),
+            "replica": np.array([it.replica for it in items], dtype=np.int32),
+            "prompt_id": np.array([it.prompt_id for it in items], dtype=object).astype(str),
         }
         if CRC_ARRAY in self._index:
             index[CRC_ARRAY] = self._checksums(items, index)
@@ -433,7 +388,7 @@ class GroupWriter:
         if self.durable:
             fsync_paths(self.store.group_dir(self.name), ["zarr.json"])
         st.rows, st.sequences = b.r1, b.m1
-        st.bytes += sum(it[1].nbytes + 16 * it[1].shape[0] for it in items)
+        st.bytes += b.rows * row_bytes(self.width)
 
     def _write(self, rel: str, arr, where: slice, values) -> None:
         """A zarr write past the commit; it rewrites the chunk it lands in (read back first)."""
@@ -445,15 +400,15 @@ class GroupWriter:
             raise CorruptStoreError(f"{self.path}/{rel}: the chunk holding rows {where.start}–{where.stop} is "
                                     f"unreadable ({type(e).__name__}: {e})") from e
 
-    def _checksums(self, items: list, index: dict) -> np.ndarray:
+    def _checksums(self, items: list[_Sequence], index: dict) -> np.ndarray:
         """index/crc rows: each sequence's row checksums and its entry checksum (checksum.py)."""
         out = np.empty((len(items), 4), dtype=np.uint32)
         uid = self.store.meta.uid
         for j, it in enumerate(items):
-            rows = row_crcs(it[1], it[2], it[3])
+            rows = row_crcs(it.hidden, it.next_token, it.position)
             out[j, :3] = rows
-            out[j, 3] = entry_crc(uid, it[0], index["first_row"][j], index["length"][j], it[5], index["prompt_id"][j],
-                                  rows)
+            out[j, 3] = entry_crc(uid, it.seq_id, index["first_row"][j], index["length"][j], it.replica,
+                                  index["prompt_id"][j], rows)
         return out
 
     def _touched(self, b: _Sealed) -> list[str]:
@@ -462,7 +417,7 @@ class GroupWriter:
         shards = range(b.r0 // lay.rows_per_shard, (b.r1 - 1) // lay.rows_per_shard + 1)
         ichunks = range(b.m0 // lay.index_rows_per_chunk, (b.m1 - 1) // lay.index_rows_per_chunk + 1)
         names = [f"{a}/c/{s}" for a in ROW_ARRAYS[1:] for s in shards]
-        names += [f"hidden/c/{s}/0" for s in shards]  # direct shards: fsynced already, dirs not
+        names += [shard_key(s) for s in shards]  # direct shards: fsynced already, dirs not
         idx = index_arrays(self.store.meta.format)
         names += [f"index/{a}/c/{c}" + ("/0" if a == CRC_ARRAY else "") for a in idx for c in ichunks]
         names += [f"{a}/zarr.json" for a in ROW_ARRAYS] + [f"index/{a}/zarr.json" for a in idx]

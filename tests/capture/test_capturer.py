@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from requant.capture import Capturer, IncompleteSequence, SequenceAssembler
+from requant.capture import Capturer, IncompleteSequence, SequenceAssembler, open_capturer
 from requant.storage import CaptureStore, StoreMeta, StoreReader
 
 W = 8
@@ -119,3 +119,16 @@ def test_wrong_row_width_is_refused(tmp_path):
     with pytest.raises(ValueError, match="rows are 4 wide, the store expects 8"):
         cap.add_step(["a"], [1], torch.zeros(1, 4, dtype=torch.bfloat16), torch.tensor([1]), torch.tensor([0]))
     cap.close()
+
+
+def test_open_capturer_resumes_the_group_and_refuses_another_point(tmp_path):
+    path, meta = str(tmp_path / "cap"), StoreMeta(hidden_size=W, capture_point="mtp_input")
+    for session in range(2):  # the second numbers its sequences on from the first's commit
+        cap = open_capturer(path, meta, "w", rows_per_step=4)
+        cap.add_step(["a"], [2], _rows([0, 1]), torch.tensor([1, 2]), torch.tensor([0, 1]))
+        cap.finish("a", [1, 2, 3])
+        cap.close()
+    assert [q.seq for q in StoreReader(path).sequences()] == [0, 1]
+    with pytest.raises(ValueError, match="store holds capture point 'mtp_input', not 'target_pre_head'"):
+        open_capturer(path, StoreMeta(hidden_size=W), "w2", rows_per_step=4)
+    assert CaptureStore.open(path).writer_names() == ["w"]  # refused before a writer group was made

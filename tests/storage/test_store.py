@@ -120,7 +120,7 @@ def test_reading_under_a_memory_cap_stays_under_it(tmp_path, threads):
             tracemalloc.stop()
             assert n == 24 * 128
             assert peak <= cap, (cap, peak)
-    assert reader._decoders == min(threads, 6)  # prefetch=3 holds 5 batches: (5 MiB − 5 chunks) // 2.2 chunks
+    assert reader.decoders == min(threads, 6)  # prefetch=3 holds 5 batches: (5 MiB − 5 chunks) // 2.2 chunks
     with pytest.raises(ValueError, match="below one chunk"):
         next(reader.batches(max_bytes=1 << 20))
     with pytest.raises(ValueError, match=r"writers/a: sequence 0 has 128 rows; the memory bound allows 100"):
@@ -251,14 +251,17 @@ def test_directly_written_shards_read_back_through_zarr(tmp_path, monkeypatch):
 def test_one_writer_per_group(tmp_path):
     store = make(tmp_path)
     w = store.writer("r0")
+    assert store.held_writers() == ["r0"]  # what a capture job waits on before it reconciles
     with pytest.raises(StoreError, match=r"writers/r0: another writer has this group open"):
         CaptureStore.open(store.path, mode="r+").writer("r0")
     with store.writer("r1") as other:  # other groups are free
-        other.append_sequence(0, np.ones((2, 256), np.uint16), np.arange(2), np.arange(2))
+        other.append_sequence(0, np.ones((2, 256), np.uint16), np.arange(2), np.arange(2), prompt_id="p")
     w.close()
+    assert store.held_writers() == []
     with store.writer("r0") as w:  # released on close
         w.append_sequence(0, np.ones((2, 256), np.uint16), np.arange(2), np.arange(2))
     assert store.info().writers == {"r0": (2, 1), "r1": (2, 1)}
+    assert store.prompt_ids("r1") == ((2, 1), ["p"]) and store.prompt_ids("r1", start=1) == ((2, 1), [])
 
 
 @pytest.mark.parametrize("direct", [None, False])
