@@ -14,7 +14,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     || exit 1
 # `requant.*` onto this checkout's folders, as pyproject maps them (nothing is installed here)
 mkdir -p /tmp/rq/requant
-for d in capture hooks storage orchestrator quantizer; do ln -sfn "$PWD/$d" "/tmp/rq/requant/$d"; done
+python3 -c "import sys; sys.path.insert(0, 'benchmarks'); import _path
+for name, folder in _path.package_dirs().items(): print(name, folder)" |
+    while read -r name folder; do ln -sfn "$PWD/$folder" "/tmp/rq/requant/$name"; done
 export PYTHONPATH=/tmp/rq:/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cores', __import__('os').cpu_count())" \
