@@ -1,8 +1,9 @@
 """Shard regression: this tree's quantize stage against an earlier commit's, same inputs, same
 device. The inputs are quantize_stage.py's (FAKE DeepSeek-V4-Flash master and base, synthetic
 store; ``--small``: its reduced shapes); the earlier stage runs in a subprocess from a plain
-export of that commit (``git archive <commit> | tar -x -C DIR``). No held-out split here (the
-earlier stage had none), so both calibrate on the same rows. Reports the two shards' sha256 and,
+export of that commit (``git archive <commit> | tar -x -C DIR``), this tree's in another, with
+the same job (``--holdout 0`` against a tree without a held-out split, so both calibrate on the
+same rows). Reports the two shards' sha256 and,
 tensor by tensor, which are byte-identical, which differ (and how far, dequantised where packed)
 and which exist in one only — so a changed sha256 is explained by name. Writes JSON.
 
@@ -39,7 +40,7 @@ ensure_requant()
 from quantize_stage import dsv4_config, fake_base, fake_master  # noqa: E402
 
 from requant.quantizer.stage.provenance import file_sha256  # noqa: E402
-from requant.quantizer.stage.run import MANIFEST, QuantizeJob, run_quantize  # noqa: E402
+from requant.quantizer.stage.run import MANIFEST  # noqa: E402
 from requant.quantizer.mtp.weights import dequant_fp8_block  # noqa: E402
 
 SHARD = "model-mtp-w4a16.safetensors"
@@ -157,7 +158,7 @@ def compare_outputs(new: Path, old: Path) -> dict:
                                                     enumerate(zip(rn + [""] * len(ro), ro + [""] * len(rn))) if a != b)}
 
 
-def run_inputs(old: str, inputs: Path, replays: list[str], keep: bool) -> bool:
+def run_inputs(old: str, inputs: Path, replays: list[str], keep: bool, results: list | None = None) -> bool:
     """Both trees on each fixture of ``inputs`` (``fixture_inputs.py``), one line per run; this
     tree runs from the files beside this script (an export of a commit runs that commit)."""
     fixtures = sorted(p.parent for p in inputs.glob("*/job.json"))
@@ -180,6 +181,14 @@ def run_inputs(old: str, inputs: Path, replays: list[str], keep: bool) -> bool:
                 same = (res["shard_sha256_new"] == res["shard_sha256_old"] and not res["files_differ"]
                         and res["manifest"] == res["report"] == "same")
                 ok &= same
+                if not same and res["shard_sha256_new"] != res["shard_sha256_old"]:
+                    res["tensors"] = compare(outs["new"] / SHARD, outs["old"] / SHARD)
+                    t = res["tensors"]
+                    print(f"  tensors identical {t['identical']}, differing {len(t['differ'])} "
+                          f"(first {list(t['differ'])[:3]}), only new {t['only_new'][:3]}, only old {t['only_old'][:3]}")
+                if results is not None:
+                    results.append({"fixture": fx.name, "replay": replay, "identical": same,
+                                    "wall_new_s": walls["new"], "wall_old_s": walls["old"], **res})
                 print(f"{fx.name} replay {replay}: {'IDENTICAL' if same else 'DIFFERENT'} — shard sha256 new "
                       f"{res['shard_sha256_new'][:16]} old {res['shard_sha256_old'][:16]}; {res['files']} files, "
                       f"differing {res['files_differ'] or 'none'}; manifest {res['manifest']}; report "
@@ -201,6 +210,8 @@ def main() -> None:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--rows", type=int, default=None, help="store rows (default 473,000; --small 4,096)")
     ap.add_argument("--replay", choices=["identity", "full"], default="identity")
+    ap.add_argument("--holdout", type=float, default=None,
+                    help="held-out fraction for both trees (default: each tree's own; 0 against a tree without one)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.inputs:
@@ -209,42 +220,26 @@ def main() -> None:
     c = dsv4_config(args.small)
     rows = args.rows or (4096 if args.small else 473_000)
     scratch = Path(tempfile.mkdtemp(prefix="requant-shard-regression-"))
+    results: list = []
     try:
-        master, base = fake_master(scratch / "master", c, dev, False), fake_base(scratch / "base", c, dev)
+        fx = scratch / "synthetic"
+        fake_master(fx / "master", c, dev, False), fake_base(fx / "base", c, dev)
         if dev.type == "cuda":
             torch.cuda.empty_cache()  # the fake master was drawn on the device: give it back
-        store = str(scratch / "store")
-        in_tree(args.old, "store", path=store, small=args.small, rows=rows, seqs=16 if args.small else 256)
-        # the earlier tree first, in its own process: this process then holds no device memory of it
-        t = time.perf_counter()
-        in_tree(args.old, "quantize", stores=[store], master=str(master), base=str(base), out=str(scratch / "old"),
-                 replay=args.replay)
-        t_old = time.perf_counter() - t
-        t = time.perf_counter()
-        run_quantize(QuantizeJob(stores=[store], master=str(master), base=str(base), out=str(scratch / "new"),
-                                 replay=args.replay, holdout=0.0), progress=False)
-        t_new = time.perf_counter() - t
-        res = compare(scratch / "new" / SHARD, scratch / "old" / SHARD)
-        res.update(sha256_new=file_sha256(scratch / "new" / SHARD), sha256_old=file_sha256(scratch / "old" / SHARD),
-                   wall_new_s=t_new, wall_old_s=t_old, rows=rows, replay=args.replay, small=args.small,
-                   device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-                   commit=os.environ.get("REQUANT_COMMIT"), old=os.environ.get("REQUANT_OLD_COMMIT"),
-                   date=time.strftime("%Y-%m-%d", time.gmtime()))
+        in_tree(args.old, "store", path=str(fx / "store"), small=args.small, rows=rows, seqs=16 if args.small else 256)
+        # both trees with the same job (each tree's own defaults for what is not given), each in its own process
+        (fx / "job.json").write_text(json.dumps({} if args.holdout is None else {"holdout": args.holdout}))
+        ok = run_inputs(args.old, scratch, [args.replay], keep=False, results=results)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"shard sha256 new {res['sha256_new'][:16]}… old {res['sha256_old'][:16]}… "
-          f"({'equal' if res['sha256_new'] == res['sha256_old'] else 'different'}); tensors identical "
-          f"{res['identical']}, differing {len(res['differ'])}, only in new {len(res['only_new'])}, "
-          f"only in old {len(res['only_old'])}; stage wall new {t_new:.1f} s, old {t_old:.1f} s")
-    for k, v in list(res["differ"].items())[:40]:
-        print(f"  differs: {k} {v}")
-    for k in res["only_new"][:20]:
-        print(f"  only new: {k}")
-    for k in res["only_old"][:20]:
-        print(f"  only old: {k}")
+    res = results[0]
+    res.update(rows=rows, small=args.small, device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+               commit=os.environ.get("REQUANT_COMMIT"), old=os.environ.get("REQUANT_OLD_COMMIT"),
+               date=time.strftime("%Y-%m-%d", time.gmtime()))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
