@@ -11,7 +11,7 @@ import torch
 from requant.quantizer.mtp.arch import load_block
 from requant.quantizer.stage.worker import _weights_for_gptq
 from requant.quantizer.core.hessian import HessianSet
-from requant.quantizer.core.experts import ExpertQuantConfig, quantize_experts
+from requant.quantizer.core.experts import ExpertQuantConfig, pooled_hessian, quantize_experts
 from requant.quantizer.stage.replay import ReplayConfig, accumulate_hessians
 from requant.quantizer.stage.run import QuantizeJob, run_quantize
 
@@ -54,7 +54,9 @@ def test_cuda_expert_slice_selected_on_the_gpu_quantises_as_the_whole_stack(env)
     assert w1.is_cuda and w1.shape[0] == len(mine) and rows == {e: i for i, e in enumerate(mine)}
     assert torch.equal(w1.cpu(), block.expert_weights()[0][mine].cpu())
     whole, _ = quantize_experts(*block.expert_weights(), full.h_in, full.h_mid, cfg)
-    sliced, records = quantize_experts(w1, w2, w3, *part, cfg, rows=rows)
+    # a slice's shrink policy pools over all experts: the pooled Hessians of the whole sets, as the stage passes
+    sliced, records = quantize_experts(w1, w2, w3, *part, cfg, rows=rows,
+                                       pooled=(pooled_hessian(full.h_in), pooled_hessian(full.h_mid)))
     assert sorted({r.expert for r in records}) == mine
     assert sliced and set(sliced) <= set(whole)
     for k, t in sliced.items():
