@@ -147,6 +147,25 @@ def open_tensors(path: Path):
         raise DamagedInputError(f"{path}: unreadable safetensors file ({e})") from None
 
 
+def read_index(index: Path) -> tuple[dict, dict[str, dict]]:
+    """A checkpoint's ``model.safetensors.index.json`` and the headers of the shards it names,
+    checked: a weight_map of names → files, every file there, every listed tensor in its file."""
+    doc = read_json(index, "checkpoint index")
+    wm = doc.get("weight_map")
+    if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+        raise DamagedInputError(f"{index}: no weight_map of tensor names → shard files")
+    missing = sorted({f for f in wm.values() if not (index.parent / f).is_file()})
+    if missing:
+        raise DamagedInputError(f"{index} names shards that are not there: {', '.join(missing[:3])}")
+    heads = {f: read_header(index.parent / f) for f in sorted(set(wm.values()))}
+    wrong = sorted(k for k, f in wm.items() if k not in heads[f])
+    if wrong:
+        raise DamagedInputError(f"{index} maps {wrong[0]} to {wm[wrong[0]]}, which does not hold it "
+                                f"({len(wrong)} such entries): the index or the shard is damaged or from "
+                                "another checkpoint")
+    return doc, heads
+
+
 def tensor_files(path: Path) -> dict[str, Path]:
     """tensor name → file, from a checkpoint directory (index or every shard) or one shard;
     every shard's header checked, and the index against the shards."""
@@ -154,17 +173,7 @@ def tensor_files(path: Path) -> dict[str, Path]:
         return {k: path for k in read_header(path)}
     index = path / "model.safetensors.index.json"
     if index.exists():
-        wm = read_json(index, "checkpoint index").get("weight_map")
-        if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
-            raise DamagedInputError(f"{index}: no weight_map of tensor names → shard files")
-        missing = sorted({f for f in wm.values() if not (path / f).is_file()})
-        if missing:
-            raise DamagedInputError(f"{index} names shards that are not there: {', '.join(missing[:3])}")
-        heads = {f: read_header(path / f) for f in sorted(set(wm.values()))}
-        wrong = sorted(k for k, f in wm.items() if k not in heads[f])
-        if wrong:
-            raise DamagedInputError(f"{index} maps {wrong[0]} to {wm[wrong[0]]}, which does not hold it "
-                                    f"({len(wrong)} such entries)")
+        wm = read_index(index)[0]["weight_map"]
         return {k: path / v for k, v in wm.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from requant.quantizer.mtp.arch import MTPSpec, check_config
-from requant.quantizer.mtp.weights import open_tensors, read_header, read_json
+from requant.quantizer.mtp.weights import open_tensors, read_index, read_json
 from requant.quantizer.stage.safetensors_io import tensor_bytes, write_safetensors
 from requant.storage.schema import DamagedInputError
 
@@ -28,21 +28,10 @@ def read_base(base: Path) -> tuple[dict, dict]:
     if not index_file.exists():
         raise FileNotFoundError(f"base checkpoint {base} has no {INDEX}: the MTP shard is added through the "
                                 "index; re-save the base sharded (safetensors with an index)")
-    index = read_json(index_file, "checkpoint index")
-    wm = index.get("weight_map")
-    if not isinstance(wm, dict) or not wm or not all(isinstance(f, str) for f in wm.values()):
-        raise ValueError(f"{index_file}: no weight_map")
-    missing = sorted({f for f in wm.values() if not (base / f).is_file()})
-    if missing:
-        raise FileNotFoundError(f"{index_file} names shards that are not there: {', '.join(missing[:3])}")
     # Index and shards must agree both ways: the shards are linked into the output as they are,
     # and vLLM loads every tensor of every listed file.
-    heads = {f: read_header(base / f) for f in sorted(set(wm.values()))}
-    wrong = sorted(n for n, f in wm.items() if n not in heads[f])
-    if wrong:
-        raise DamagedInputError(f"{index_file} maps {wrong[0]} to {wm[wrong[0]]}, which does not hold it "
-                                f"({len(wrong)} such entries): the index or the shard is damaged or from "
-                                "another checkpoint")
+    index, heads = read_index(index_file)
+    wm = index["weight_map"]
     for f, head in heads.items():
         extra = sorted(n for n in head if wm.get(n) != f)
         if extra:

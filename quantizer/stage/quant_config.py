@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from requant.quantizer.core.pack import w4a16_config_group
+from requant.quantizer.core.quant import QuantSpec
 from requant.quantizer.mtp.arch import MTPSpec
 
-if TYPE_CHECKING:
-    from requant.quantizer.stage.assemble import AssembleConfig
+
+class GroupSettings(Protocol):
+    """What the W4A16 config group takes from the assembly's settings (``assemble.AssembleConfig``)."""
+    spec: QuantSpec
+    actorder: str | None
+    group_name: str
 
 
 def expert_modules(spec: MTPSpec) -> set[str]:
@@ -131,7 +136,7 @@ def check_mtp_view(qc: dict, spec: MTPSpec, master_config: dict, mtp_linears: li
 
 
 def merge_quant_config(base_qc: dict | None, spec: MTPSpec, master_config: dict, mtp_linears: list[str],
-                       fp8_modules: list[str], base_modules: list[str], cfg: AssembleConfig) -> tuple[dict, list[str]]:
+                       fp8_modules: list[str], base_modules: list[str], cfg: GroupSettings) -> tuple[dict, list[str]]:
     """Base ``quantization_config`` (or none) + the MTP experts' W4A16 group + MTP ignores for
     every linear of ``mtp_linears`` but ``fp8_modules`` (those the shard holds FP8, for a base
     FP8 block group). Returns (config, notes). Refuses a base whose config cannot take the MTP
