@@ -23,7 +23,7 @@ demo: venv
 	$(BIN)/requant demo
 
 test: venv
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 clean:
 	rm -rf $(VENV)
